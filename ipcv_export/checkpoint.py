@@ -1,0 +1,91 @@
+"""Load the vision tower of a Hugging Face checkpoint folder: safetensors only, vision keys only.
+
+Only the tensors under the tower's prefix are read (safetensors maps each file and reads tensors
+on demand), so a multimodal LLM's language weights never enter memory. Pickle files are never
+opened: a folder with only `.bin` weights is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import UsageError
+from .models import ARCHITECTURES, LoadedEncoder
+
+
+class CheckpointError(UsageError):
+    """The folder is not a usable checkpoint; the message says why in one line."""
+
+
+def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
+    config = _read_config(folder)
+    model_type = config.get("model_type")
+    description = next((d for d in ARCHITECTURES.values() if model_type in d.model_types), None)
+    if description is None:
+        raise CheckpointError(f"{folder}: unsupported architecture {model_type!r} "
+                              f"(supported: {', '.join(t for d in ARCHITECTURES.values() for t in d.model_types)})")
+    vision_config = config.get("vision_config")
+    if not isinstance(vision_config, dict):
+        raise CheckpointError(f"{folder}/config.json has no vision_config")
+    files = _weight_files(folder)
+    state = _read_vision_tensors(folder, files, description.weight_prefixes)
+    module = description.build(vision_config)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "inv_freq" not in k]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: vision weights do not match the config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return LoadedEncoder(module, description, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        if not any(folder.iterdir()):
+            raise CheckpointError(f"model folder {folder} is empty")
+        raise CheckpointError(f"model folder {folder} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise CheckpointError(f"{folder} has only pickle (.bin/.pt) weights; convert them to safetensors "
+                                  "(pickle files are never loaded: they can run code)")
+        raise CheckpointError(f"{folder} has no *.safetensors weight files")
+    return files
+
+
+def _read_vision_tensors(folder: Path, files: list[Path], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors under the first prefix that any file uses, with the prefix removed."""
+    for prefix in prefixes:
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        if key.startswith(prefix):
+                            state[key[len(prefix):]] = f.get_tensor(key)
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+        if state:
+            return state
+    raise CheckpointError(f"{folder}: no vision tower tensors (keys starting with {' or '.join(prefixes)})")
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

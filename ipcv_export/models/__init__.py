@@ -1,0 +1,68 @@
+"""Built-in encoders (shipped configs, seeded random weights) and checkpoint folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import UsageError
+from .description import ModelDescription
+from .qwen2_vl import QWEN2_VL
+
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL,)}
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class LoadedEncoder:
+    """A stock vision module in eval mode, with what is known about where it came from."""
+
+    module: torch.nn.Module
+    description: ModelDescription
+    source: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return self.module.config.depth
+
+    @property
+    def merge_size(self) -> int:
+        return self.module.config.spatial_merge_size
+
+    @property
+    def input_width(self) -> int:
+        c = self.module.config
+        return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+
+
+def builtin_models() -> dict[str, str]:
+    """Built-in name -> one-line description."""
+    return {p.stem: json.loads(p.read_text())["description"] for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def load_encoder(model: str) -> LoadedEncoder:
+    """A built-in name or a local checkpoint folder -> LoadedEncoder. Never downloads anything."""
+    path = Path(model)
+    if path.is_dir():
+        from ..checkpoint import load_checkpoint_encoder
+
+        return load_checkpoint_encoder(path)
+    if model in builtin_models():
+        return _build_builtin(model)
+    if path.exists():
+        raise UsageError(f"model {model!r} is a file, not a checkpoint folder")
+    if "/" in model or model.startswith("."):
+        raise UsageError(f"model folder {model!r} does not exist")
+    raise UsageError(f"unknown model {model!r}; built-in models: {', '.join(builtin_models())}")
+
+
+def _build_builtin(name: str) -> LoadedEncoder:
+    spec = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    description = ARCHITECTURES[spec["architecture"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"])
+        module = description.build(spec["vision_config"])
+    return LoadedEncoder(module, description, {"builtin": name, "seed": spec["seed"], "random_weights": True})

@@ -1,0 +1,31 @@
+"""The declarative description of an encoder family: everything passes must not hard-code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the pipeline needs to know about one encoder family.
+
+    architecture: the name used in manifests and error messages.
+    model_types: `model_type` values of checkpoint config.json files this family loads.
+    weight_prefixes: key prefixes of the vision tower in full-model checkpoints, tried in order.
+    block_path: regex matched against module paths in `nn_module_stack`; group 1 is the block index.
+    build: vision-config dict -> the stock module with freshly initialised weights.
+    exportable: stock module -> module with the engine's signature (tensors in, embeddings out).
+    attention_context: stock module -> context manager that routes attention through `ipcv::segment_attention`.
+    """
+
+    architecture: str
+    model_types: tuple[str, ...]
+    weight_prefixes: tuple[str, ...]
+    block_path: str
+    build: Callable[[dict], torch.nn.Module]
+    exportable: Callable[[torch.nn.Module], torch.nn.Module]
+    attention_context: Callable[[torch.nn.Module], Any]

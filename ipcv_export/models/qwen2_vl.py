@@ -1,0 +1,62 @@
+"""Qwen2-VL's vision tower: where its parts are, and how to call the stock module for export.
+
+Capture path: the stock `transformers` module, unmodified. Its forward accepts precomputed
+`position_ids` and `cu_seqlens` (transformers' `vision_utils` pops them from the keyword
+arguments), and its attention calls whatever function is registered under the configured name.
+Segment ids travel as one more keyword argument down to that function (see `ipcv_export.ops`), so
+the engine's inputs are pixel_values, position_ids and segment_ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from .. import ops
+from .description import ModelDescription
+
+
+class ExportableQwen2VLVision(torch.nn.Module):
+    """(pixel_values, position_ids, segment_ids) -> merged embeddings, through the stock module."""
+
+    def __init__(self, visual: Qwen2VisionTransformerPretrainedModel) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        # cu_seqlens is required by the stock forward but unused by the registered attention,
+        # which reads segment_ids instead; max_seqlen is likewise only read by flash kernels.
+        return self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids,
+                           max_seqlen=0, segment_ids=segment_ids).pooler_output
+
+
+@contextlib.contextmanager
+def segment_attention(visual: Qwen2VisionTransformerPretrainedModel) -> Iterator[None]:
+    """Route the module's attention through `ipcv::segment_attention` while inside the block."""
+    previous = visual.config._attn_implementation
+    visual.config._attn_implementation = ops.ATTENTION_NAME
+    try:
+        yield
+    finally:
+        visual.config._attn_implementation = previous
+
+
+def build(vision_config: dict) -> Qwen2VisionTransformerPretrainedModel:
+    config = Qwen2VLVisionConfig(**vision_config)
+    config._attn_implementation = "sdpa"
+    return Qwen2VisionTransformerPretrainedModel(config).eval()
+
+
+QWEN2_VL = ModelDescription(
+    architecture="qwen2_vl",
+    model_types=("qwen2_vl",),
+    weight_prefixes=("visual.", "model.visual."),
+    block_path=r"blocks\.(\d+)$",
+    build=build,
+    exportable=ExportableQwen2VLVision,
+    attention_context=segment_attention,
+)

@@ -1,0 +1,58 @@
+"""The attention core as one graph node: `ipcv::segment_attention`.
+
+transformers lets a model use an attention function registered with `AttentionInterface`. The one
+registered here calls a custom op, so every block's attention core is a single node in the captured
+graph whose arguments a pass can edit: queries from kept rows, keys and values from the rebuilt
+sequence, and the segment ids of each side. Lowering replaces the node by its decomposition (a
+masked scaled-dot-product attention), which ONNX and AOTInductor both understand.
+
+The registered name contains "flash" on purpose: transformers' vision attention takes its packed
+(varlen) code path only for such names (`is_flash_attention_requested`), and the other path splits
+the sequence with `.tolist()`, which cannot be exported.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "ipcv_flash_segments"
+
+
+@torch.library.custom_op("ipcv::segment_attention", mutates_args=())
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      segment_q: torch.Tensor, segment_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention in which query i sees key j only when segment_q[i] == segment_k[j].
+
+    query [1, H, Nq, d], key/value [1, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [1, Nq, H, d]
+    (the layout transformers' packed attention functions return).
+    """
+    return _masked_attention(query, key, value, segment_q, segment_k, scale)
+
+
+@segment_attention.register_fake
+def _segment_attention_fake(query, key, value, segment_q, segment_k, scale):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
+
+
+def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      segment_q: torch.Tensor, segment_k: torch.Tensor, scale: float) -> torch.Tensor:
+    mask = segment_q[:, None] == segment_k[None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def decompositions() -> dict:
+    """Decomposition table for `ExportedProgram.run_decompositions` before lowering."""
+    return {torch.ops.ipcv.segment_attention.default: _masked_attention}
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        segment_ids=None, **kwargs):
+    """transformers attention function: one segment_attention node, segments from the caller."""
+    if segment_ids is None:
+        raise ValueError(f"attention '{ATTENTION_NAME}' needs segment_ids passed to the encoder's forward")
+    return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention_function)

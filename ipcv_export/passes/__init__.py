@@ -1,0 +1,43 @@
+"""IPCV as graph passes over a captured encoder, in the order they run.
+
+Each pass edits the unlifted module of an ExportedProgram; `compress` then re-exports it with the
+same dynamic shapes, so the exporter (not hand code) recomputes every fake value, the graph
+signature and the range constraints, and traces the token functions the passes inserted.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..config import IpcvConfig
+from .annotate_blocks import AnnotateBlocksPass
+from .prune_tokens import PruneTokensPass
+from .reconstruct_tokens import ReconstructTokensPass
+from .reintegrate_tokens import ReintegrateTokensPass
+from .stabilize_attention import StabilizeAttentionPass
+
+__all__ = ["ipcv_passes", "run_passes"]
+
+
+def ipcv_passes(config: IpcvConfig, block_path: str, depth: int) -> list:
+    """The ordered pass list for one configuration."""
+    return [
+        AnnotateBlocksPass(block_path, depth),
+        PruneTokensPass(config.retention_e4, config.prune_layer, depth),
+        ReconstructTokensPass(config.neighbors),
+        StabilizeAttentionPass(config.prune_layer, config.as_depth, depth),
+        ReintegrateTokensPass(depth),
+    ]
+
+
+def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
+    """Run each pass (requires, call, ensures), naming the failing pass and the ones before it."""
+    for position, pass_ in enumerate(passes):
+        try:
+            gm = pass_(gm).graph_module
+        except Exception as err:
+            before = ", ".join(type(p).__name__ for p in passes[:position]) or "none"
+            raise RuntimeError(f"{type(pass_).__name__} failed (after: {before}): {err}") from err
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

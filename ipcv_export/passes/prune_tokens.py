@@ -1,0 +1,96 @@
+"""PruneTokensPass: select tokens before block l_p and run blocks l_p.. on the kept stream (ipcv.md 1, 4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import tokens
+from . import _graph
+
+NAME = "prune_tokens"
+
+
+class PruneTokensPass(PassBase):
+    """Rewrites, with x = input of block l_p-1 and x' = its output:
+        score = importance_score(x, x');  K = (N * rho_e4) // 10^4
+        keep, rem, slot = select_tokens(score, K)
+        A = x'[keep];  B = x'[rem]                      (roles kept_state, removed_state)
+        blocks l_p..depth-1 read the kept stream (block l_p reads A), and every full-sequence
+        table they read (rotary cos/sin, segment ids: tensors whose first dim is N) is replaced by
+        its rows at `keep`, every read of N by K.
+    The last block's output then has K rows: ReintegrateTokensPass must follow.
+    Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
+    """
+
+    def __init__(self, retention_e4: int, prune_layer: int, depth: int) -> None:
+        super().__init__()
+        self.retention_e4, self.prune_layer, self.depth = retention_e4, prune_layer, depth
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if not _graph.with_role(gm.graph, "block_input"):
+            raise RuntimeError("PruneTokensPass needs AnnotateBlocksPass first")
+        if not 1 <= self.prune_layer < self.depth:
+            raise ValueError(f"prune layer {self.prune_layer} outside [1, {self.depth - 1}]")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        if _graph.with_role(graph, "keep"):
+            return PassResult(gm, False)
+        before = _graph.block_marker(graph, self.prune_layer - 1).args[0]
+        after = _graph.block_output(graph, self.prune_layer - 1)
+        n_tokens = _graph.block_marker(graph, 0).meta["val"].shape[0]
+
+        def add(target, args, role=None, **meta):
+            nonlocal cursor
+            cursor = _graph.insert(graph, target, args, pass_name=NAME, role=role, after=cursor, **meta)
+            return cursor
+
+        cursor = after
+        score = add(tokens.importance_score, (before, after), "score")
+        n = add(torch.ops.aten.sym_size.int, (after, 0))
+        k = add(tokens.kept_count, (n, self.retention_e4))
+        plan = add(tokens.select_tokens, (score, k))
+        keep = add(_item, (plan, 0), "keep")
+        add(_item, (plan, 1), "rem")
+        add(_item, (plan, 2), "slot")
+        stream = add(torch.ops.aten.index_select.default, (after, 0, keep), "kept_state")
+        add(torch.ops.aten.index_select.default, (after, 0, _graph.one_with_role(graph, "rem")), "removed_state")
+        kept_views: dict[fx.Node, fx.Node] = {}
+        for index in range(self.prune_layer, self.depth):
+            nodes = _graph.block_nodes(graph, index)
+            for ext in _graph.external_inputs(nodes):
+                if ext.meta.get(_graph.ROLE) == "block_input":
+                    continue
+                if ext not in kept_views and _is_per_token(ext, n_tokens):
+                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _is_tensor(ext) else (stream, 0),
+                                          "kept_view", **{_graph.FULL: ext})
+                if ext in kept_views:
+                    for node in nodes:
+                        node.replace_input_with(ext, kept_views[ext])
+            _graph.block_marker(graph, index).args = (stream,)
+            stream = _graph.block_output(graph, index)
+        _graph.finish(gm)
+        return PassResult(gm, True)
+
+
+def _item(values: tuple, index: int):
+    return values[index]
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _is_per_token(node: fx.Node, n_tokens) -> bool:
+    """A tensor whose first dimension is N, or the size N itself."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.ndim >= 1 and _graph.same_size(val.shape[0], n_tokens)
+    return isinstance(val, torch.SymInt) and _graph.same_size(val, n_tokens)
+
+
+def _kept_view_target(node: fx.Node):
+    """Rows at `keep` for a per-token tensor; K (the kept stream's length) for the size N."""
+    return torch.ops.aten.index_select.default if _is_tensor(node) else torch.ops.aten.sym_size.int

@@ -1,0 +1,49 @@
+"""ReconstructTokensPass: Neighbour-Guided Reconstruction of removed tokens (ipcv.md 2)."""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import tokens
+from . import _graph
+
+NAME = "reconstruct_tokens"
+
+
+class ReconstructTokensPass(PassBase):
+    """Rewrites: after the pruning point, once,
+        nbr = nearest_kept(A, B, k)                       (role neighbors)
+    so that `removed_states(y)` below becomes rec(y) = B + mean_{n in nbr}(y_n - A_n) instead of
+    the plain pruning fill B. Consumers (AS blocks, reintegration) call `removed_states`.
+    Requires: PruneTokensPass ran. Ensures: the neighbour search is computed exactly once.
+    """
+
+    def __init__(self, neighbors: int) -> None:
+        super().__init__()
+        self.neighbors = neighbors
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        _graph.one_with_role(gm.graph, "removed_state")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        if _graph.with_role(graph, "neighbors"):
+            return PassResult(gm, False)
+        kept, removed = _graph.one_with_role(graph, "kept_state"), _graph.one_with_role(graph, "removed_state")
+        _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors), pass_name=NAME,
+                      role="neighbors", after=removed)
+        _graph.finish(gm)
+        return PassResult(gm, True)
+
+
+def removed_states(graph: fx.Graph, kept_now: fx.Node, *, pass_name: str) -> fx.Node:
+    """States of the removed tokens given the kept stream `kept_now`: rec(kept_now) when NGR ran,
+    else their pruning-point states B (plain pruning)."""
+    removed = _graph.one_with_role(graph, "removed_state")
+    neighbors = _graph.with_role(graph, "neighbors")
+    if not neighbors:
+        return removed
+    args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0])
+    return _graph.insert(graph, tokens.reconstruct, args, pass_name=pass_name, role="reconstruction",
+                         after=_graph.latest(graph, args))

@@ -1,0 +1,111 @@
+"""The token-level mathematics of IPCV as pure tensor functions.
+
+Graph passes insert calls to these functions; re-exporting the rewritten module traces them into
+the graph. They are written for deployment: shapes follow from N alone, no TopK or sort with a K
+that grows with N (TensorRT caps TopK at 3840), no NonZero, and every result is exact.
+
+Shapes: N tokens, K kept, R = N - K removed, D channels, k' = min(neighbors, K).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RETENTION_SCALE = 10_000
+"""Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
+
+BISECTION_STEPS = 64
+"""Halvings of the threshold interval [0, 2 max(score)]: after 64 the interval is narrower than any
+gap between two distinct fp32 scores unless the K-th largest score is below max * 2**-40."""
+
+
+def kept_count(n: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
+    """K = (N * retention_e4) // 10^4, in integer arithmetic (ipcv.md, step 1).
+
+    ipcv.md clamps K to [1, N]; the upper clamp never binds for retention <= 1, and the lower one
+    is kept out of the graph (a piecewise size defeats symbolic shape reasoning): an exported file
+    instead accepts only N >= `min_tokens(retention_e4)`, where K >= 1 holds without it.
+    """
+    return (n * retention_e4) // RETENTION_SCALE
+
+
+def min_tokens(retention_e4: int) -> int:
+    """Smallest N for which K = (N * retention_e4) // 10^4 is at least 1."""
+    return -(-RETENTION_SCALE // retention_e4)
+
+
+def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """[N] fp32 squared change of each token across one block: ||after_i - before_i||^2."""
+    delta = after.float() - before.float()
+    return (delta * delta).sum(-1)
+
+
+def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
+    """The K-th largest value of a non-negative [N] score, found by bisection on its value.
+
+    Each step counts the scores at or above the midpoint: O(N) work and memory, no sort.
+    The invariant count(score >= lo) >= K holds throughout, so the answer is the smallest
+    score at or above the final lower bound.
+    """
+    k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
+    lo = torch.zeros((), dtype=score.dtype, device=score.device)
+    hi = score.max() * 2 + torch.finfo(score.dtype).tiny
+    for _ in range(BISECTION_STEPS):
+        mid = lo + (hi - lo) * 0.5
+        enough = (score >= mid).sum() >= k_t
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(enough, hi, mid)
+    inf = torch.full_like(score, float("inf"))
+    return torch.where(score >= lo, score, inf).min()
+
+
+def select_tokens(score: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-K of `score` with ties to the lower index, as (keep [K], rem [R], slot [N]).
+
+    keep and rem are ascending token indices; slot[i] is token i's row in cat([kept, removed]),
+    so `cat([kept_rows, removed_rows])[slot]` puts every token back in its original place.
+    """
+    n = score.shape[0]
+    k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
+    threshold = kth_largest(score, k)
+    above = score > threshold
+    tied = score == threshold
+    room_for_ties = k_t - above.sum()
+    keep_mask = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= room_for_ties))
+    kept_before = torch.cumsum(keep_mask.to(torch.int64), 0) - 1
+    removed_before = torch.cumsum((~keep_mask).to(torch.int64), 0) - 1
+    slot = torch.where(keep_mask, kept_before, removed_before + k_t)
+    order = torch.zeros_like(slot).scatter(0, slot, torch.arange(n, device=score.device))
+    return order[:k], order[k:], slot
+
+
+def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
+    """[R, k] indices into `kept` ([K, D]) of each removed token's nearest kept tokens (fp32 L2).
+
+    When K < k only the first K columns are real neighbours; the others hold the index K, one past
+    the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
+    """
+    kept, removed = kept.float(), removed.float()
+    dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.T + (kept * kept).sum(-1)[None, :]
+    padding = torch.full((dist.shape[0], neighbors), float("inf"), device=dist.device)
+    index = torch.topk(torch.cat([dist, padding], 1), neighbors, dim=-1, largest=False, sorted=True).indices
+    return torch.clamp(index, max=kept.shape[0])
+
+
+def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,
+                neighbor_index: torch.Tensor) -> torch.Tensor:
+    """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [R, D].
+
+    Index K in `neighbor_index` is padding (see `nearest_kept`): it reads a zero row and is not counted.
+    """
+    drift = kept_now - kept_then
+    drift = torch.cat([drift, torch.zeros_like(drift[:1])], 0)
+    r, k = neighbor_index.shape
+    gathered = drift.index_select(0, neighbor_index.reshape(-1)).reshape(r, k, drift.shape[-1])
+    count = (neighbor_index < kept_now.shape[0]).sum(-1, keepdim=True).to(drift.dtype)
+    return removed_then + gathered.sum(1) / count
+
+
+def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """[N, D] sequence in original order from kept rows ([K, D]) and removed rows ([R, D])."""
+    return torch.cat([kept_rows, removed_rows], 0).index_select(0, slot)
