@@ -9,6 +9,24 @@ from .capture import dynamic_shapes, example_inputs, export_symbolic
 from .config import IpcvConfig
 from .models import LoadedEncoder
 from .passes import ipcv_passes, run_passes
+from .passes._graph import one_with_role
+
+OUTPUT_NAMES = ["embeddings", "kept_index", "neighbor_index"]
+
+
+def expose_selection(gm: torch.fx.GraphModule) -> None:
+    """Add the kept indices [K] and neighbour indices [R, k] as outputs after the embeddings.
+
+    They let a runtime or the parity gate see which patches were computed in full and what each
+    removed patch was rebuilt from; a runtime that only wants embeddings ignores them.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    (embeddings,) = output.args[0]
+    selection = (one_with_role(gm.graph, "keep"), one_with_role(gm.graph, "neighbors"))
+    output.args = ((embeddings, *selection),)
+    codegen = gm.graph._codegen
+    codegen.pytree_info = codegen.pytree_info._replace(out_spec=torch.utils._pytree.tree_structure((0, 0, 0)))
+    gm.recompile()
 
 
 def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
@@ -20,5 +38,6 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     config.check(encoder.depth)
     gm = program.module()
     gm = run_passes(gm, ipcv_passes(config, encoder.description.block_path, encoder.depth))
+    expose_selection(gm)
     shapes = dynamic_shapes(encoder, tokens.min_tokens(config.retention_e4))
     return export_symbolic(gm, example_inputs(encoder), shapes)

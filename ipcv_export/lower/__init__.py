@@ -1,0 +1,1 @@
+"""Lowering of a (rewritten) ExportedProgram to deployable files."""

@@ -1,0 +1,114 @@
+"""The eager reference of IPCV (ipcv.md), in plain PyTorch on the model's own modules.
+
+This is the oracle every exported file is checked against. It is written for reading, not for
+speed or export: a stable sort for the selection, `torch.cdist` for neighbours, boolean-free
+index assignment for reintegration, and the stock block's own forward (with transformers' SDPA
+attention, one segment at a time) wherever a block runs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+from .config import IpcvConfig
+from .inputs import check_grid, cu_seqlens, position_ids, segment_ids
+
+
+@dataclass
+class ReferenceResult:
+    embeddings: torch.Tensor  # [N / merge^2, hidden], the merger's output
+    keep: torch.Tensor  # [K] ascending indices of the kept tokens
+    neighbors: torch.Tensor  # [R, k'] indices into keep of each removed token's neighbours
+    distances: torch.Tensor  # [R, K] fp32 distances between removed and kept tokens at l_p
+
+
+@torch.no_grad()
+def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                   config: IpcvConfig, neighbors: torch.Tensor | None = None) -> ReferenceResult:
+    """Run the encoder `visual` (stock Qwen2-VL vision module) with IPCV.
+
+    `neighbors` replaces the neighbour search's result, so that a file whose neighbours differ
+    from ours only among equally distant tokens can be compared value by value (see verify.py).
+    """
+    grid = check_grid(grid_thw, visual.spatial_merge_size)
+    seg = segment_ids(grid)
+    x = visual.patch_embed(pixel_values)
+    cos, sin = visual.rotary_pos_emb(x, position_ids(grid, visual.spatial_merge_size))
+    blocks = list(visual.blocks)
+    n = x.shape[0]
+
+    # Blocks before the pruning point run unchanged.
+    for block in blocks[:config.prune_layer - 1]:
+        x = _stock_block(block, x, cos, sin, seg)
+    x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, seg)
+
+    # 1. Prune: keep the K tokens that block l_p-1 changed most (ties to the lower index).
+    score = (x_after.float() - x.float()).pow(2).sum(-1)
+    k = min(max((n * config.retention_e4) // 10_000, 1), n)
+    ranked = torch.sort(score, descending=True, stable=True).indices
+    keep, rem = ranked[:k].sort().values, ranked[k:].sort().values
+    kept_then, removed_then = x_after[keep], x_after[rem]
+
+    # 2. NGR: neighbours once, at the pruning point; reconstruction from their drift.
+    k_prime = min(config.neighbors, k)
+    distances = torch.cdist(removed_then.float(), kept_then.float())
+    if neighbors is None:
+        neighbors = distances.topk(k_prime, largest=False).indices
+
+    def reconstruct(kept_now: torch.Tensor) -> torch.Tensor:
+        return removed_then + (kept_now - kept_then)[neighbors].mean(1)
+
+    def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
+        z = torch.empty(n, kept_now.shape[1], dtype=kept_now.dtype)
+        z[keep] = kept_now
+        z[rem] = reconstruct(kept_now)
+        return z
+
+    # 3. Attention stabilisation, then 4. kept-only blocks.
+    y = kept_then
+    stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(blocks)))
+    for index in range(config.prune_layer, len(blocks)):
+        if index in stabilized:
+            y = _stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, seg)
+        else:
+            y = _stock_block(blocks[index], y, cos[keep], sin[keep], seg[keep])
+
+    # 5. Reintegrate every token in its place, then the merger as it is.
+    return ReferenceResult(visual.merger(full_sequence(y)), keep, neighbors, distances)
+
+
+def _stock_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 seg: torch.Tensor) -> torch.Tensor:
+    """The block's own forward; segments are contiguous runs, so cu_seqlens describes them."""
+    counts = torch.bincount(seg)
+    counts = counts[counts > 0]
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return block(x, cu_seqlens=cu, position_embeddings=(cos, sin))
+
+
+def _stabilized_block(block: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """AS block: keys and values from all N rows of z, queries and outputs for kept rows only."""
+    attn = block.attn
+    n, heads = z.shape[0], attn.num_heads
+    q, k, v = attn.qkv(block.norm1(z)).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q = q[keep]
+    mask = seg[keep][:, None] == seg[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=attn.scaling)
+    y = y + attn.proj(out.transpose(0, 1).reshape(len(keep), -1))
+    return y + block.mlp(block.norm2(y))
+
+
+def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The unmodified encoder's output (transformers' own forward)."""
+    with torch.no_grad():
+        return visual(pixel_values, grid_thw=check_grid(grid_thw, visual.spatial_merge_size)).pooler_output
+
+
+__all__ = ["ReferenceResult", "ipcv_reference", "stock_reference", "cu_seqlens"]

@@ -1,0 +1,67 @@
+"""Parity of an encoder's outputs with the eager reference, with typed failures.
+
+Discrete choices are compared first, exactly: the kept set must be the reference's. Neighbour
+sets may differ only where the reference's own distances tie within `NEIGHBOR_RTOL` (two runtimes
+compute the states at l_p with different rounding, ~1e-7, so a near tie can resolve either way);
+any other difference fails. The embeddings are then compared with the reference run on the
+file's neighbour choice, so that value tolerances measure numerics, not tie-breaking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import IpcvConfig
+from .reference import ipcv_reference
+
+NEIGHBOR_RTOL = 1e-5
+
+
+class ParityError(ValueError):
+    """An exported file disagrees with the reference; the message names the grid and the worst diff."""
+
+
+@dataclass
+class ParityCheck:
+    grid: list[list[int]]
+    max_abs_diff: float
+    tied_neighbor_rows: int
+
+
+def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], visual: torch.nn.Module,
+                 config: IpcvConfig, grid_thw: torch.Tensor, pixel_values: torch.Tensor, atol: float) -> ParityCheck:
+    """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare."""
+    grid = grid_thw.tolist()
+    embeddings, kept, neighbors = (torch.as_tensor(t) for t in run(pixel_values, grid_thw))
+    reference = ipcv_reference(visual, pixel_values, grid_thw, config)
+    if not torch.equal(kept.sort().values, reference.keep):
+        missing = len(set(reference.keep.tolist()) - set(kept.tolist()))
+        raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {len(reference.keep)} tokens")
+    k_prime = reference.neighbors.shape[1]
+    neighbors = neighbors[:, :k_prime].long()
+    tied = _tied_rows(neighbors, reference)
+    if len(tied):
+        reference = ipcv_reference(visual, pixel_values, grid_thw, config, neighbors=neighbors)
+    diff = (embeddings - reference.embeddings).abs().max().item() if embeddings.numel() else 0.0
+    if not diff <= atol:
+        raise ParityError(f"grid {grid}: max abs diff {diff:.3g} > {atol:g} against the eager reference")
+    return ParityCheck(grid, diff, len(tied))
+
+
+def _tied_rows(neighbors: torch.Tensor, reference) -> torch.Tensor:
+    """Rows whose neighbour set differs from the reference's but only among tied distances."""
+    if neighbors.shape != reference.neighbors.shape:
+        raise ParityError(f"neighbour index shape {list(neighbors.shape)} != reference {list(reference.neighbors.shape)}")
+    same = (neighbors.sort(-1).values == reference.neighbors.sort(-1).values).all(-1)
+    rows = (~same).nonzero().flatten()
+    if len(rows) == 0:
+        return rows
+    chosen = reference.distances[rows].gather(1, neighbors[rows])
+    kth = reference.distances[rows].gather(1, reference.neighbors[rows]).max(-1, keepdim=True).values
+    distinct = (neighbors[rows].sort(-1).values.diff(dim=-1) != 0).all(-1)
+    if not ((chosen <= kth * (1 + NEIGHBOR_RTOL)).all(-1) & distinct).all():
+        raise ParityError(f"{len(rows)} removed tokens have neighbours that are not among their nearest kept tokens")
+    return rows
