@@ -1,0 +1,9 @@
+"""ipcv-export: compile IPCV token compression into a vision encoder and ship it as one file."""
+
+__version__ = "0.1.0"
+
+from .config import IpcvConfig, UsageError  # noqa: E402
+from .export import ExportResult, export  # noqa: E402
+from .runtime import load  # noqa: E402
+
+__all__ = ["IpcvConfig", "UsageError", "ExportResult", "export", "load", "__version__"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import tokens
@@ -9,20 +11,27 @@ from .capture import dynamic_shapes, example_inputs, export_symbolic
 from .config import IpcvConfig
 from .models import LoadedEncoder
 from .passes import ipcv_passes, run_passes
-from .passes._graph import one_with_role
+from .passes import _graph
 
 OUTPUT_NAMES = ["embeddings", "kept_index", "neighbor_index"]
 
 
-def expose_selection(gm: torch.fx.GraphModule) -> None:
+def expose_selection(gm: torch.fx.GraphModule, neighbors: int) -> None:
     """Add the kept indices [K] and neighbour indices [R, k] as outputs after the embeddings.
 
     They let a runtime or the parity gate see which patches were computed in full and what each
     removed patch was rebuilt from; a runtime that only wants embeddings ignores them.
     """
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    graph = gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
     (embeddings,) = output.args[0]
-    selection = (one_with_role(gm.graph, "keep"), one_with_role(gm.graph, "neighbors"))
+    if _graph.with_role(graph, "keep"):
+        selection = (_graph.one_with_role(graph, "keep"), _graph.one_with_role(graph, "neighbors"))
+    else:
+        pixels = next(n for n in graph.nodes if n.op == "placeholder")
+        both = _graph.insert(graph, tokens.no_selection, (pixels, neighbors), pass_name="compress", before=output)
+        selection = tuple(_graph.insert(graph, operator.getitem, (both, i), pass_name="compress", before=output)
+                          for i in range(2))
     output.args = ((embeddings, *selection),)
     codegen = gm.graph._codegen
     codegen.pytree_info = codegen.pytree_info._replace(out_spec=torch.utils._pytree.tree_structure((0, 0, 0)))
@@ -33,11 +42,13 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
              config: IpcvConfig) -> torch.export.ExportedProgram:
     """Run the IPCV passes on the captured program and re-export it with N still dynamic.
 
-    The file accepts N >= min_tokens(rho), where K >= 1 (see `tokens.kept_count`).
+    The file accepts N >= min_tokens(rho), where K >= 1 (see `tokens.kept_count`). rho = 1 runs
+    no pass at all: nothing is pruned, so the program is the original one.
     """
     config.check(encoder.depth)
     gm = program.module()
-    gm = run_passes(gm, ipcv_passes(config, encoder.description.block_path, encoder.depth))
-    expose_selection(gm)
+    if config.retention_e4 < tokens.RETENTION_SCALE:
+        gm = run_passes(gm, ipcv_passes(config, encoder.description.block_path, encoder.depth))
+    expose_selection(gm, config.neighbors)
     shapes = dynamic_shapes(encoder, tokens.min_tokens(config.retention_e4))
     return export_symbolic(gm, example_inputs(encoder), shapes)

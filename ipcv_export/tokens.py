@@ -14,9 +14,10 @@ import torch
 RETENTION_SCALE = 10_000
 """Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
 
-BISECTION_STEPS = 64
-"""Halvings of the threshold interval [0, 2 max(score)]: after 64 the interval is narrower than any
-gap between two distinct fp32 scores unless the K-th largest score is below max * 2**-40."""
+BISECTION_STEPS = 96
+"""Steps of the threshold search. While the interval [lo, hi] spans more than 2^16 the step tries
+hi * 2^-16 (at most ~18 such steps cover the fp32 range), then it halves (~40 steps reach one ulp):
+96 leaves a margin, and the search is exact for every finite non-negative fp32 score."""
 
 
 def kept_count(n: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
@@ -43,7 +44,7 @@ def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
     """The K-th largest value of a non-negative [N] score, found by bisection on its value.
 
-    Each step counts the scores at or above the midpoint: O(N) work and memory, no sort.
+    Each step counts the scores at or above a candidate: O(N) work and memory, no sort.
     The invariant count(score >= lo) >= K holds throughout, so the answer is the smallest
     score at or above the final lower bound.
     """
@@ -51,7 +52,8 @@ def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
     lo = torch.zeros((), dtype=score.dtype, device=score.device)
     hi = score.max() * 2 + torch.finfo(score.dtype).tiny
     for _ in range(BISECTION_STEPS):
-        mid = lo + (hi - lo) * 0.5
+        geometric = hi * 2.0**-16
+        mid = torch.where(lo < geometric, geometric, lo + (hi - lo) * 0.5)
         enough = (score >= mid).sum() >= k_t
         lo = torch.where(enough, mid, lo)
         hi = torch.where(enough, hi, mid)
@@ -109,3 +111,9 @@ def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: t
 def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """[N, D] sequence in original order from kept rows ([K, D]) and removed rows ([R, D])."""
     return torch.cat([kept_rows, removed_rows], 0).index_select(0, slot)
+
+
+def no_selection(tokens_in: torch.Tensor, neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours."""
+    n = tokens_in.shape[0]
+    return torch.arange(n, device=tokens_in.device), torch.zeros((0, neighbors), dtype=torch.int64, device=tokens_in.device)

@@ -41,7 +41,7 @@ def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor,
         missing = len(set(reference.keep.tolist()) - set(kept.tolist()))
         raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {len(reference.keep)} tokens")
     k_prime = reference.neighbors.shape[1]
-    neighbors = neighbors[:, :k_prime].long()
+    neighbors = neighbors[:, :k_prime].long().reshape(-1, k_prime)
     tied = _tied_rows(neighbors, reference)
     if len(tied):
         reference = ipcv_reference(visual, pixel_values, grid_thw, config, neighbors=neighbors)

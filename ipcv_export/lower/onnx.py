@@ -19,11 +19,13 @@ TWO_GB = 2 * 1024**3
 
 
 def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str],
-            opset: int = DEFAULT_OPSET) -> Path:
-    """Write `program` as an ONNX model at `path` (the caller makes the write atomic)."""
+            opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+    """Write `program` as an ONNX model at `path` (the caller makes the write atomic), with
+    `metadata` as the model's metadata properties (what a runtime needs to prepare inputs)."""
     program = program.run_decompositions(ops.decompositions())
     large = sum(p.numel() * p.element_size() for p in program.state_dict.values()) > TWO_GB
     onnx_program = torch.onnx.export(program, input_names=INPUT_NAMES, output_names=output_names,
                                      opset_version=opset, dynamo=True, verbose=False, optimize=True)
+    onnx_program.model.metadata_props.update(metadata or {})
     onnx_program.save(str(path), external_data=large)
     return path

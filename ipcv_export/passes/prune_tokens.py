@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -52,9 +54,9 @@ class PruneTokensPass(PassBase):
         n = add(torch.ops.aten.sym_size.int, (after, 0))
         k = add(tokens.kept_count, (n, self.retention_e4))
         plan = add(tokens.select_tokens, (score, k))
-        keep = add(_item, (plan, 0), "keep")
-        add(_item, (plan, 1), "rem")
-        add(_item, (plan, 2), "slot")
+        keep = add(operator.getitem, (plan, 0), "keep")
+        add(operator.getitem, (plan, 1), "rem")
+        add(operator.getitem, (plan, 2), "slot")
         stream = add(torch.ops.aten.index_select.default, (after, 0, keep), "kept_state")
         add(torch.ops.aten.index_select.default, (after, 0, _graph.one_with_role(graph, "rem")), "removed_state")
         kept_views: dict[fx.Node, fx.Node] = {}
@@ -73,10 +75,6 @@ class PruneTokensPass(PassBase):
             stream = _graph.block_output(graph, index)
         _graph.finish(gm)
         return PassResult(gm, True)
-
-
-def _item(values: tuple, index: int):
-    return values[index]
 
 
 def _is_tensor(node: fx.Node) -> bool:

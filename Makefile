@@ -1,0 +1,23 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+
+install: $(PY)
+
+# Export the built-in tiny Qwen2-VL encoder with IPCV at rho = 0.5, verified against the reference.
+demo: install
+	mkdir -p out
+	$(VENV)/bin/ipcv-export --model tiny-qwen2-vl --retention 0.5 -o out/encoder.onnx
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf out build *.egg-info

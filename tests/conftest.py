@@ -1,0 +1,33 @@
+"""Shared fixtures: the built-in tiny encoder and its captured program, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipcv_export.capture import capture
+from ipcv_export.inputs import engine_inputs
+from ipcv_export.models import load_encoder
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_encoder("tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def captured(tiny):
+    return capture(tiny)
+
+
+def grid_inputs(encoder, grid: list[list[int]], seed: int = 0):
+    """(grid_thw, pixel_values, position_ids, segment_ids) for a grid, seeded pixels."""
+    grid_thw = torch.tensor(grid)
+    positions, segments = engine_inputs(grid_thw, encoder.merge_size)
+    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(seed))
+    return grid_thw, pixels, positions, segments
+
+
+# The grids every parity test runs: single images of 8x8, 16x24 and 64x64 patches, two images of
+# different sizes in one call, and a video of 3 temporal slices.
+PARITY_GRIDS = [[[1, 8, 8]], [[1, 16, 24]], [[1, 64, 64]], [[1, 8, 8], [1, 12, 16]], [[3, 8, 12]]]

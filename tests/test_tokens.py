@@ -1,0 +1,70 @@
+"""The token functions the passes insert, against plain formulations of ipcv.md."""
+
+import pytest
+import torch
+
+from ipcv_export import tokens
+
+
+def _reference_keep(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(score, descending=True, stable=True).indices[:k].sort().values
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 64, 333, 1024, 5000])
+@pytest.mark.parametrize("ties", ["none", "some", "all"])
+def test_select_tokens_is_exact_top_k_with_ties_to_lower_index(n, ties):
+    score = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    if ties == "some":
+        score[::3] = score[0]
+    elif ties == "all":
+        score[:] = 0.25
+    for k in sorted({1, max(1, n // 3), n // 2 or 1, n}):
+        keep, rem, slot = tokens.select_tokens(score, k)
+        expected = _reference_keep(score, k)
+        assert torch.equal(keep, expected)
+        assert torch.equal(torch.sort(torch.cat([keep, rem])).values, torch.arange(n))
+        assert torch.equal(rem, rem.sort().values)
+        rows = torch.arange(n).float()[:, None]
+        assert torch.equal(tokens.scatter_back(rows[keep], rows[rem], slot), rows)
+
+
+def test_select_tokens_with_zero_scores_and_huge_range():
+    score = torch.tensor([0.0, 1e30, 0.0, 3.0, 1e-20, 3.0, 0.0])
+    for k in range(1, 8):
+        assert torch.equal(tokens.select_tokens(score, k)[0], _reference_keep(score, k))
+
+
+def test_kept_count_uses_integer_arithmetic():
+    assert tokens.kept_count(5220, 3500) == 1827  # float truncation of 5220 * 0.35 gives 1826
+    assert tokens.kept_count(100, 10_000) == 100
+    assert tokens.min_tokens(3500) == 3 and tokens.kept_count(3, 3500) == 1 and tokens.kept_count(2, 3500) == 0
+
+
+def test_nearest_kept_matches_cdist_and_pads_when_k_exceeds_kept():
+    g = torch.Generator().manual_seed(0)
+    kept, removed = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    index = tokens.nearest_kept(kept, removed, 10)
+    expected = torch.cdist(removed, kept).topk(10, largest=False).indices
+    assert torch.equal(index.sort(-1).values, expected.sort(-1).values)
+    few = tokens.nearest_kept(kept[:3], removed, 10)
+    assert (few[:, 3:] == 3).all() and torch.equal(few[:, :3].sort(-1).values, torch.arange(3).expand(30, 3))
+
+
+def test_reconstruct_is_mean_neighbour_drift_and_ignores_padding():
+    g = torch.Generator().manual_seed(1)
+    then, now, removed = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(2, 5, generator=g)
+    index = torch.tensor([[0, 2, 4, 4], [3, 4, 4, 4]])  # 4 == K: padding
+    rec = tokens.reconstruct(now, then, removed, index)
+    drift = now - then
+    torch.testing.assert_close(rec[0], removed[0] + (drift[0] + drift[2]) / 2)
+    torch.testing.assert_close(rec[1], removed[1] + drift[3])
+
+
+def test_select_tokens_over_the_whole_fp32_range():
+    g = torch.Generator().manual_seed(3)
+    exponents = torch.empty(4000).uniform_(-44, 38, generator=g)
+    score = torch.pow(10.0, exponents)
+    score[::97] = 0.0
+    score[1::89] = score[1]
+    for k in (1, 7, 500, 1999, 2000, 3999, 4000):
+        assert torch.equal(tokens.select_tokens(score, k)[0], _reference_keep(score, k))
