@@ -17,7 +17,7 @@ demo: install
 	$(VENV)/bin/ipcv-export --model tiny-qwen2-vl --retention 0.5 -o out/encoder.onnx
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider --durations=5
 
 clean:
 	rm -rf out build *.egg-info

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from ipcv_export.capture import capture
 from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one core per worker: oversubscribing two cores slows both
 
 
 @pytest.fixture(scope="session")

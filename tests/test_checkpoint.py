@@ -1,0 +1,78 @@
+"""Checkpoint folders: safetensors only, vision tensors only, both key layouts; clear refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ipcv_export.checkpoint import CheckpointError
+from ipcv_export.config import UsageError
+from ipcv_export.models import load_encoder
+
+TINY_VISION = json.loads(
+    (__import__("ipcv_export.models", fromlist=["CONFIG_DIR"]).CONFIG_DIR / "tiny-qwen2-vl.json").read_text()
+)["vision_config"]
+
+
+def _write_checkpoint(folder, visual, prefix, shards=2):
+    """A full-model-like folder: config.json, sharded safetensors with an index, and LLM weights."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION}))
+    state = {prefix + k: v.contiguous() for k, v in visual.state_dict().items() if "inv_freq" not in k}
+    state["model.language_model.embed_tokens.weight"] = torch.zeros(10, 4)
+    keys = sorted(state)
+    weight_map = {}
+    for shard in range(shards):
+        name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[shard::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("prefix", ["visual.", "model.visual."])
+def test_checkpoint_round_trip(prefix, tiny, tmp_path):
+    folder = _write_checkpoint(tmp_path / "ckpt", tiny.module, prefix)
+    loaded = load_encoder(str(folder))
+    for key, value in tiny.module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+    assert loaded.source["path"] == str(folder.resolve()) and len(loaded.source["weights_sha256"]) == 64
+
+
+def test_bin_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_encoder(str(tmp_path))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "empty"), ("no_config", "no config.json"), ("unsupported", "unsupported architecture"),
+    ("corrupt", "not a readable safetensors"), ("no_vision", "no vision tower tensors"),
+])
+def test_bad_folders_are_refused_with_one_line(case, message, tiny, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if case == "no_config":
+        (folder / "weights.safetensors").write_bytes(b"")
+    elif case == "unsupported":
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    elif case == "corrupt":
+        _write_checkpoint(folder, tiny.module, "visual.", shards=1)
+        shard = next(folder.glob("*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif case == "no_vision":
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION}))
+        save_file({"lm_head.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_encoder(str(folder))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_names_and_missing_folders_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="unknown model 'qwen9'.*tiny-qwen2-vl"):
+        load_encoder("qwen9")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_encoder(str(tmp_path / "missing"))

@@ -1,0 +1,99 @@
+"""The command line: the main job, one-line refusals, exit codes, nothing written on failure."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ipcv_export.export as export_module
+from ipcv_export import IpcvConfig, export, load
+from ipcv_export.cli import EXIT_PARITY, EXIT_USAGE, main
+from ipcv_export.verify import ParityError
+
+
+def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
+    out = tmp_path / "encoder.onnx"
+    result = export(tiny, out, IpcvConfig(retention=0.5), report=lambda _line: None)
+    manifest = json.loads((tmp_path / "encoder.onnx.json").read_text())
+    assert result.path == out and manifest["verification"]["verified"]
+    assert all(c["max_abs_diff"] <= 1e-4 for c in manifest["verification"]["checks"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.json"]
+    assert oct(out.stat().st_mode & 0o044) == oct(0o044)
+    encoder = load(out)
+    grid = torch.tensor([[1, 16, 16]])
+    assert encoder(torch.randn(256, tiny.input_width), grid).shape == (64, 48)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--retention", "0"], "retention must be in (0, 1]"),
+    (["--retention", "-0.5"], "retention must be in (0, 1]"),
+    (["--retention", "1.5"], "retention must be in (0, 1]"),
+    (["--retention", "half"], "'half' is not a number"),
+    (["--prune-layer", "6"], "prune layer must be in [1, 5]"),
+    (["--prune-layer", "0"], "prune layer must be in [1, 5]"),
+    (["--as-depth", "-1"], "AS depth must be >= 0"),
+    (["--neighbors", "0"], "neighbors must be >= 1"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["-o", "{tmp}/missing/encoder.onnx"], "does not exist"),
+    (["-o", "{tmp}/encoder.xyz"], "unsupported output format"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
+    base = {"--model": "tiny-qwen2-vl", "-o": str(tmp_path / "encoder.onnx")}
+    args = dict(zip(argv[::2], (a.replace("{tmp}", str(tmp_path)) for a in argv[1::2])))
+    full = [x for kv in {**base, **args}.items() for x in kv]
+    assert main(full) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    if subprocess.run(["test", "-w", str(folder)]).returncode == 0:
+        pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+    assert main(["--model", "tiny-qwen2-vl", "-o", str(folder / "e.onnx")]) == EXIT_USAGE
+
+
+def test_parity_failure_leaves_nothing_and_exits_3(tiny, tmp_path, monkeypatch, capsys):
+    """A wrong weight injected into the rewritten program must be caught by the gate."""
+    compress = export_module.compress
+
+    def corrupted(program, encoder, config):
+        program = compress(program, encoder, config)
+        weight = next(v for k, v in program.state_dict.items() if "blocks.4.mlp.fc1.weight" in k)
+        weight.add_(0.5)
+        return program
+
+    monkeypatch.setattr(export_module, "compress", corrupted)
+    monkeypatch.setattr(export_module, "load_encoder", lambda _name: tiny)
+    out = tmp_path / "encoder.onnx"
+    out.write_bytes(b"previous file")
+    assert main(["--model", "tiny-qwen2-vl", "-o", str(out), "-q"]) == EXIT_PARITY
+    assert "max abs diff" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous file" and sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx"]
+
+
+def test_runtime_refuses_bad_calls(tiny, tmp_path):
+    out = tmp_path / "encoder.onnx"
+    export(tiny, out, IpcvConfig(), verify=False, report=lambda _line: None)
+    encoder = load(out)
+    good = torch.randn(64, tiny.input_width)
+    grid = torch.tensor([[1, 8, 8]])
+    for pixels, grid_thw, message in [
+        (good[:60], grid, "60 rows but grid_thw describes 64"),
+        (good[:, :10], grid, "must have shape"),
+        (good.double(), grid, "must be float32"),
+        (good, torch.tensor([[1, 8, 7]]), "multiples of the merge size"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            encoder(pixels, grid_thw)
+
+
+def test_cli_entry_point_help_and_list():
+    run = subprocess.run([sys.executable, "-m", "ipcv_export.cli", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "examples:" in run.stdout and "exit codes" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "ipcv_export.cli", "--list-models"], capture_output=True, text=True)
+    assert "qwen2-vl-7b-shape" in run.stdout and "RANDOM weights" in run.stdout
