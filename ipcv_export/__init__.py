@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import IpcvConfig, UsageError  # noqa: E402
-from .export import ExportResult, export  # noqa: E402
+from .pipeline import ExportResult, export  # noqa: E402
 from .runtime import load  # noqa: E402
 
 __all__ = ["IpcvConfig", "UsageError", "ExportResult", "export", "load", "__version__"]

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a one-line usage error already printed
+        return int(stop.code or 0)
     if args.list_models:
         from .models import builtin_models
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USAGE, "--model and -o/--output are required (see --help)")
     config = IpcvConfig(args.retention, args.prune_layer, args.as_depth, args.neighbors)
     report = (lambda _line: None) if args.quiet else print
-    from .export import export
+    from .pipeline import export
 
     try:
         export(args.model, args.output, config, opset=args.opset, verify=not args.skip_verify, report=report)
