@@ -44,8 +44,3 @@ def engine_inputs(grid_thw: torch.Tensor, merge_size: int) -> tuple[torch.Tensor
     grid = check_grid(grid_thw, merge_size)
     return position_ids(grid, merge_size), segment_ids(grid)
 
-
-def cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
-    """int32 [S+1] cumulative patch counts per segment (the stock module's convention)."""
-    sizes = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])
-    return torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)

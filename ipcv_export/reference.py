@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from .config import IpcvConfig
-from .inputs import check_grid, cu_seqlens, position_ids, segment_ids
+from .inputs import check_grid, position_ids, segment_ids
 
 
 @dataclass
@@ -110,5 +110,3 @@ def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_th
     with torch.no_grad():
         return visual(pixel_values, grid_thw=check_grid(grid_thw, visual.spatial_merge_size)).pooler_output
 
-
-__all__ = ["ReferenceResult", "ipcv_reference", "stock_reference", "cu_seqlens"]

@@ -42,10 +42,6 @@ def _is_shape_read(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, int))
 
 
-def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
-
-
 def find_blocks(gm: fx.GraphModule, block_path: str, depth: int) -> list[Block]:
     """Blocks 0..depth-1 of the graph, or RuntimeError saying what does not match."""
     pattern = re.compile(block_path)
@@ -69,7 +65,7 @@ def _describe(index: int, nodes: list[fx.Node]) -> Block:
         raise RuntimeError(f"block {index}: expected one output, found {[n.name for n in outputs]}")
     output = outputs[0]
     shape = output.meta["val"].shape
-    inputs = [n for n in _graph.external_inputs(nodes) if _is_tensor(n) and len(n.meta["val"].shape) == len(shape)
+    inputs = [n for n in _graph.external_inputs(nodes) if _graph.is_tensor(n) and len(n.meta["val"].shape) == len(shape)
               and all(_graph.same_size(a, b) for a, b in zip(n.meta["val"].shape, shape))]
     if len(inputs) != 1:
         raise RuntimeError(f"block {index}: expected one hidden-state input of shape {tuple(shape)}, "

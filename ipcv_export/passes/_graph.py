@@ -79,6 +79,11 @@ def external_inputs(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return list(seen)
 
 
+def is_tensor(node: fx.Node) -> bool:
+    """True when the node's fake value is a tensor (not a size, a tuple or missing)."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def same_size(a, b) -> bool:
     """True when two (possibly symbolic) sizes are the same expression."""
     if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):

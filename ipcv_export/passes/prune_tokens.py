@@ -66,7 +66,7 @@ class PruneTokensPass(PassBase):
                 if ext.meta.get(_graph.ROLE) == "block_input":
                     continue
                 if ext not in kept_views and _is_per_token(ext, n_tokens):
-                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _is_tensor(ext) else (stream, 0),
+                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _graph.is_tensor(ext) else (stream, 0),
                                           "kept_view", **{_graph.FULL: ext})
                 if ext in kept_views:
                     for node in nodes:
@@ -75,10 +75,6 @@ class PruneTokensPass(PassBase):
             stream = _graph.block_output(graph, index)
         _graph.finish(gm)
         return PassResult(gm, True)
-
-
-def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _is_per_token(node: fx.Node, n_tokens) -> bool:
@@ -91,4 +87,4 @@ def _is_per_token(node: fx.Node, n_tokens) -> bool:
 
 def _kept_view_target(node: fx.Node):
     """Rows at `keep` for a per-token tensor; K (the kept stream's length) for the size N."""
-    return torch.ops.aten.index_select.default if _is_tensor(node) else torch.ops.aten.sym_size.int
+    return torch.ops.aten.index_select.default if _graph.is_tensor(node) else torch.ops.aten.sym_size.int
