@@ -40,7 +40,26 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
     if missing or unexpected:
         raise CheckpointError(f"{folder}: vision weights do not match the config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return LoadedEncoder(module, description, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})
+    return LoadedEncoder(module, description, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)},
+                         _processor_overrides(folder))
+
+
+PROCESSOR_KEYS = ("image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size")
+
+
+def _processor_overrides(folder: Path) -> dict:
+    """The image processor settings the checkpoint ships (min/max pixels become `size`)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    overrides = {key: saved[key] for key in PROCESSOR_KEYS if key in saved}
+    if "min_pixels" in saved and "max_pixels" in saved:
+        overrides["size"] = {"shortest_edge": saved["min_pixels"], "longest_edge": saved["max_pixels"]}
+    return overrides
 
 
 def _read_config(folder: Path) -> dict:

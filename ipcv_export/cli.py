@@ -6,18 +6,29 @@ import argparse
 import sys
 
 from . import __version__
-from .config import IpcvConfig, UsageError
+from .config import PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .lower.onnx import DEFAULT_OPSET
-from .verify import ParityError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
 
 EPILOG = f"""examples:
   ipcv-export --model tiny-qwen2-vl --retention 0.5 -o encoder.onnx
-  ipcv-export --model ./Qwen2-VL-7B-Instruct --retention 0.35 --prune-layer 3 --as-depth 7 -o qwen2vl.onnx
+  ipcv-export --model ./Qwen2-VL-7B-Instruct --retention 0.35 --precision fp16 \\
+      --min-patches 256 --opt-patches 5120 --max-patches 16384 -o qwen2vl.engine
 
-exit codes: {EXIT_OK} written and verified; {EXIT_USAGE} bad option or input (nothing written);
-  {EXIT_PARITY} the file disagreed with the eager reference (nothing written); {EXIT_FAILED} other failure.
+formats (from the suffix, or --format):
+  .onnx            ONNX, opset {DEFAULT_OPSET}, checked in ONNX Runtime (CPU)
+  .engine / .plan  TensorRT engine built from the checked ONNX file (needs the tensorrt package)
+  .pt2             AOTInductor package (torch._inductor.aoti_load_package); with
+                   --format exported-program, the ExportedProgram (torch.export.load)
+  Beside each file, <file>.json: the manifest (inputs, settings, verification, timings).
+
+exit codes:
+  {EXIT_OK}  written and verified            {EXIT_PARITY}  the file disagreed with the reference (nothing written)
+  {EXIT_USAGE}  bad option or input (nothing)   {EXIT_INCOMPATIBLE}  graph fails the TensorRT check (no engine built)
+  {EXIT_FAILED}  other failure (nothing)        {EXIT_NO_TENSORRT}  tensorrt missing: the checked .onnx was written instead
+  {EXIT_INTERRUPTED}  interrupted (nothing written)
 """
 
 
@@ -36,25 +47,44 @@ def _number(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = IpcvConfig()
+    d, shape = IpcvConfig(), ShapeProfile()
     p = _Parser(prog="ipcv-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                description="Compile IPCV token compression into a vision encoder and write it as an ONNX file "
-                            "whose output stands in for the original encoder's (same tokens, same order).")
-    p.add_argument("--model", help="built-in model name (see --list-models) or a local Hugging Face checkpoint folder")
-    p.add_argument("-o", "--output", help="output file; format from the suffix: .onnx")
-    p.add_argument("--retention", type=_number(float), default=d.retention,
-                   help=f"fraction rho of tokens computed in full after the pruning block, in (0, 1] (default {d.retention})")
-    p.add_argument("--prune-layer", type=_number(int), default=d.prune_layer,
-                   help=f"block l_p before which tokens are pruned, in [1, depth-1] (default {d.prune_layer})")
-    p.add_argument("--as-depth", type=_number(int), default=d.as_depth,
-                   help=f"number of attention-stabilised blocks Delta, >= 0 (default {d.as_depth})")
-    p.add_argument("--neighbors", type=_number(int), default=d.neighbors,
-                   help=f"neighbours k used to reconstruct each pruned token, >= 1 (default {d.neighbors})")
-    p.add_argument("--opset", type=_number(int), default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--skip-verify", action="store_true",
-                   help="do not check the file against the eager reference (recorded in the manifest)")
+                description="Compile IPCV token compression into a vision encoder and write it as a file (ONNX, "
+                            "TensorRT engine or AOTInductor package) whose output stands in for the original "
+                            "encoder's: same tokens, same order, less compute. Every file is checked against an "
+                            "eager PyTorch reference before it is kept.")
+    p.add_argument("--model", help="built-in model name (see --list-models) or a local Hugging Face checkpoint "
+                                   "folder (safetensors; nothing is downloaded)")
+    p.add_argument("-o", "--output", help="output file; the format follows the suffix (see below)")
+    p.add_argument("--format", choices=("onnx", "engine", "aoti", "exported-program"),
+                   help="output format when the suffix is not enough (default: from the suffix)")
+    method = p.add_argument_group("IPCV method (ipcv.md)")
+    method.add_argument("--retention", type=_number(float), default=d.retention,
+                        help=f"fraction rho of tokens computed in full after the pruning block, in (0, 1]; "
+                             f"1 exports the original encoder (default {d.retention})")
+    method.add_argument("--prune-layer", type=_number(int), default=d.prune_layer,
+                        help=f"block l_p before which tokens are pruned, in [1, depth-1] (default {d.prune_layer})")
+    method.add_argument("--as-depth", type=_number(int), default=d.as_depth,
+                        help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth})")
+    method.add_argument("--neighbors", type=_number(int), default=d.neighbors,
+                        help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors})")
+    target = p.add_argument_group("target")
+    target.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="TensorRT engine precision; other formats are fp32 (default fp32)")
+    target.add_argument("--min-patches", type=_number(int), default=shape.min_tokens,
+                        help=f"smallest N (patches per call) of the engine's profile (default {shape.min_tokens})")
+    target.add_argument("--opt-patches", type=_number(int), default=shape.opt_tokens,
+                        help=f"N the engine is tuned for, and where the compute ratio is counted (default {shape.opt_tokens})")
+    target.add_argument("--max-patches", type=_number(int), default=shape.max_tokens,
+                        help=f"largest N of the profile; the TensorRT check evaluates TopK sizes there (default {shape.max_tokens})")
+    target.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache, read and updated across builds")
+    target.add_argument("--opset", type=_number(int), default=DEFAULT_OPSET,
+                        help=f"ONNX opset, 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET})")
+    target.add_argument("--skip-verify", action="store_true",
+                        help="do not check the file against the eager reference (loud, and recorded in the manifest)")
     p.add_argument("--list-models", action="store_true", help="list the built-in models and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print per-grid diffs and every compatibility finding")
     p.add_argument("--version", action="version", version=f"ipcv-export {__version__}")
     return p
 
@@ -72,19 +102,41 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not args.model or not args.output:
         return _fail(EXIT_USAGE, "--model and -o/--output are required (see --help)")
-    config = IpcvConfig(args.retention, args.prune_layer, args.as_depth, args.neighbors)
     report = (lambda _line: None) if args.quiet else print
-    from .pipeline import export
+    if not args.verbose:
+        _quiet_libraries()
+    from .lower.tensorrt import TensorRTMissing
+    from .pipeline import IncompatibleGraph, export
+    from .verify import ParityError
 
     try:
-        export(args.model, args.output, config, opset=args.opset, verify=not args.skip_verify, report=report)
+        export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
+               as_depth=args.as_depth, neighbors=args.neighbors, format=args.format, precision=args.precision,
+               min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
+               opset=args.opset, verify=not args.skip_verify, timing_cache=args.timing_cache,
+               report=report, verbose=args.verbose)
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")
+    except IncompatibleGraph as err:
+        return _fail(EXIT_INCOMPATIBLE, f"not TensorRT-compatible, no engine built: {err}")
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))
+    except TensorRTMissing as err:
+        return _fail(EXIT_NO_TENSORRT, str(err))
     except KeyboardInterrupt:
-        return _fail(130, "interrupted, nothing written")
+        return _fail(EXIT_INTERRUPTED, "interrupted, nothing written")
     return EXIT_OK
+
+
+def _quiet_libraries() -> None:
+    """Hide library chatter that says nothing about this export (deprecations inside torch and
+    transformers, the ONNX exporter listing torchvision ops it skips); -v shows it."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _fail(code: int, message: str) -> int:

@@ -38,3 +38,27 @@ class IpcvConfig:
         if self.neighbors < 1:
             raise UsageError(f"neighbors must be >= 1, got {self.neighbors}")
         return self
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The range of N (patches per call) a file is built and checked for: TensorRT's optimisation
+    profile (min / opt / max) and the N at which TopK sizes and FLOPs are evaluated."""
+
+    min_tokens: int = 64
+    opt_tokens: int = 5120
+    max_tokens: int = 16384
+
+    def check(self, merge_size: int, smallest: int, largest: int) -> "ShapeProfile":
+        """Raise UsageError unless smallest <= min <= opt <= max <= largest, all multiples of merge^2."""
+        group = merge_size ** 2
+        for name, value in (("min", self.min_tokens), ("opt", self.opt_tokens), ("max", self.max_tokens)):
+            if value % group:
+                raise UsageError(f"--{name}-patches must be a multiple of {group} (merge size squared), got {value}")
+        if not smallest <= self.min_tokens <= self.opt_tokens <= self.max_tokens <= largest:
+            raise UsageError(f"patch profile must satisfy {smallest} <= min <= opt <= max <= {largest}, got "
+                             f"{self.min_tokens} / {self.opt_tokens} / {self.max_tokens}")
+        return self

@@ -1,8 +1,9 @@
-"""The pipeline, top to bottom: load -> capture -> passes -> lower -> verify -> write.
+"""The pipeline, top to bottom: load -> capture -> passes -> lower -> check -> verify -> write.
 
-Each stage reports one line with its time. The file is written under a temporary name in the
-output folder and renamed only after verification passes, so a failure or Ctrl-C never leaves a
-half-written or unverified file under the requested name.
+Each stage reports one line with its time. Every file is first written into a private staging
+folder inside the output folder, checked, and only then renamed onto the requested name (with its
+external data and manifest), so a failure or Ctrl-C never leaves a half-written or unchecked file
+under that name, and an existing output is replaced only on success.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,20 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
-from .capture import capture
+from .capture import MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
-from .config import IpcvConfig, UsageError
-from .lower.onnx import DEFAULT_OPSET, to_onnx
+from .config import PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .flops import program_flops
+from .lower import pt2, tensorrt
+from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
+from .lower.tensorrt_compat import CompatReport, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
-from .runtime import OnnxEncoder
+from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
 from .tokens import min_tokens
-from .verify import ParityCheck, check_parity
+from .verify import TOLERANCES, ParityCheck, check_parity
 
+FORMATS = ("onnx", "engine", "aoti", "exported-program")
+SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
+FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
 VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
-FP32_ATOL = 1e-4
+
+
+class IncompatibleGraph(UsageError):
+    """The ONNX graph fails the TensorRT compatibility check; nothing was built."""
 
 
 @dataclass
@@ -39,125 +52,235 @@ class ExportResult:
     manifest: dict = field(default_factory=dict)
 
 
-def export(model: str | LoadedEncoder, output: str | Path, config: IpcvConfig = IpcvConfig(), *,
-           opset: int = DEFAULT_OPSET, verify: bool = True,
-           report: Callable[[str], None] = print) -> ExportResult:
-    """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output` (.onnx)."""
+def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int = 3,
+           as_depth: int = 7, neighbors: int = 10, format: str | None = None, precision: str = "fp32",
+           min_patches: int = 64, opt_patches: int = 5120, max_patches: int = 16384,
+           opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
+           report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
+    """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
+
+    The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
+    `format` names one of FORMATS. Raises UsageError (bad input), ParityError (the file disagrees
+    with the reference), IncompatibleGraph, or
+    tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
+    """
+    config = IpcvConfig(retention, prune_layer, as_depth, neighbors)
     output = Path(output)
-    _check_output(output)
+    format = _check_output(output, format, precision)
     timings: dict[str, float] = {}
 
     with _stage("load", timings, report):
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
         config.check(encoder.depth)
+        profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
+            encoder.merge_size, min_tokens(config.retention_e4), MAX_TOKENS)
     with _stage("capture", timings, report):
-        program = capture(encoder)
+        original = capture(encoder)
     with _stage("passes", timings, report):
-        program = compress(program, encoder, config)
-    with _atomic_path(output) as partial:
-        with _stage("lower", timings, report):
-            metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
-                        "ipcv_export_version": __version__}
-            to_onnx(program, partial, OUTPUT_NAMES, opset, metadata)
-        checks: list[ParityCheck] = []
-        if verify:
-            with _stage("verify", timings, report):
-                checks = _verify(partial, encoder, config)
-        else:
-            report("verify: SKIPPED (--skip-verify): this file was not checked against the reference")
-    manifest = _manifest(encoder, config, opset, checks, verify, timings)
-    _atomic_write_text(Path(f"{output}.json"), json.dumps(manifest, indent=2))
-    report(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {output}.json")
+        program = compress(original, encoder, config)
+        compute = _compute(original, program, encoder, profile.opt_tokens)
+    manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
+
+    with _staging(output.parent) as staging:
+        staged = staging / output.name
+        lower_format = "onnx" if format == "engine" else format
+        onnx_path = staged.with_suffix(".onnx") if format == "engine" else staged
+        with _stage("lower", timings, report, f"({lower_format})"):
+            _lower(program, onnx_path, lower_format, opset, encoder, config)
+        if lower_format == "onnx":
+            with _stage("check", timings, report):
+                compat = check_tensorrt_compat(onnx_path, profile.max_tokens)
+                manifest["tensorrt_compat"] = compat.as_dict()
+                report(f"  {compat.summary()}")
+                if verbose:
+                    for finding in compat.findings:
+                        report(f"  {finding}")
+            if format == "engine" and not compat.ok:
+                raise IncompatibleGraph(compat.summary())
+        first_runtime = "onnx" if format == "engine" else format
+        manifest["verification"] = _verify_stage(onnx_path, first_runtime, "fp32", manifest, encoder, config,
+                                                 verify, timings, report, verbose)
+        if format == "engine":
+            if not tensorrt.tensorrt_available():
+                _missing_tensorrt(onnx_path, output, profile, encoder, precision, timing_cache, manifest, timings)
+            with _stage("build", timings, report, "(TensorRT)"):
+                tensorrt.build_engine(onnx_path, staged, profile, encoder.input_width, precision,
+                                      Path(timing_cache) if timing_cache else None)
+            onnx_path.unlink()
+            manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
+                                                     verify, timings, report, verbose)
+        with _stage("write", timings, report):
+            manifest["timings_s"] = timings
+            _write_manifest(staged, manifest)
+            _commit(staged, output)
+    report(f"wrote {output} ({_size(output) / 1e6:.1f} MB) and {output.name}.json; expected compute "
+           f"{compute['ratio']:.3f} of the original encoder at N={profile.opt_tokens} (FLOP count)")
     return ExportResult(output, manifest)
 
 
-def _check_output(output: Path) -> None:
-    if output.suffix != ".onnx":
-        raise UsageError(f"unsupported output format {output.suffix or '(none)'!r} for {output}: use .onnx")
+def _check_output(output: Path, format: str | None, precision: str) -> str:
+    """The output format, or UsageError for an unknown suffix/format/precision or an unusable folder."""
+    if format is None:
+        format = SUFFIX_FORMATS.get(output.suffix)
+        if format is None:
+            raise UsageError(f"unsupported output format {output.suffix or '(none)'!r} for {output}: "
+                             f"use .onnx, .engine or .pt2, or name one with --format")
+    elif format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if output.suffix not in FORMAT_SUFFIXES[format]:
+        raise UsageError(f"format {format} writes {' or '.join(FORMAT_SUFFIXES[format])} files, not {output.name}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision != "fp32" and format != "engine":
+        raise UsageError(f"--precision {precision} applies to TensorRT engines; {format} files are written in fp32")
     folder = output.parent
+    if output.is_dir():
+        raise UsageError(f"output {output} is a folder; give a file name")
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder} is not writable")
+    return format
+
+
+def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset: int,
+           encoder: LoadedEncoder, config: IpcvConfig) -> None:
+    if format == "onnx":
+        metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
+                    "ipcv_export_version": __version__}
+        to_onnx(program, path, OUTPUT_NAMES, opset, metadata)
+    elif format == "aoti":
+        pt2.to_aoti(program, path)
+    else:
+        pt2.to_exported_program(program, path)
+
+
+def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, encoder: LoadedEncoder,
+                  config: IpcvConfig, verify: bool, timings: dict[str, float], report: Callable[[str], None],
+                  verbose: bool) -> dict:
+    """Run the file on VERIFY_GRIDS against the eager reference; ParityError on a mismatch."""
+    tolerance = TOLERANCES[precision]
+    if not verify:
+        report("verify: SKIPPED (--skip-verify): this file was NOT checked against the reference")
+        return {"verified": False, "skipped_by_user": True}
+    with _stage("verify", timings, report, f"({runtime}, {precision})"):
+        runner = _open(path, runtime, manifest)
+        generator = torch.Generator().manual_seed(1)
+        checks: list[ParityCheck] = []
+        for grid in tqdm(VERIFY_GRIDS, desc="verify", leave=False, disable=not sys.stderr.isatty()):
+            grid_thw = torch.tensor(grid)
+            pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
+            checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance))
+            if verbose:
+                report(f"  grid {grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
+    return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),
+            "checks": [vars(c) for c in checks], "worst_abs_diff": max(c.max_abs_diff for c in checks)}
+
+
+def _open(path: Path, runtime: str, manifest: dict) -> EncoderFile:
+    if runtime == "onnx":
+        return OnnxEncoder(path, manifest)
+    if runtime == "engine":
+        return TensorRTEncoder(path, manifest)
+    return TorchEncoder(path, manifest)
+
+
+def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, encoder: LoadedEncoder,
+                      precision: str, timing_cache: str | Path | None, manifest: dict,
+                      timings: dict[str, float]) -> None:
+    """Keep the checked ONNX file beside the requested engine path, then raise TensorRTMissing."""
+    kept = output.with_suffix(".onnx")
+    manifest["format"] = "onnx"
+    manifest["timings_s"] = timings
+    manifest["tensorrt_build"] = {"built": False, "reason": "tensorrt is not importable",
+                                  "command": tensorrt.trtexec_command(kept, output, profile, encoder.input_width,
+                                                                     precision, Path(timing_cache) if timing_cache else None)}
+    _write_manifest(onnx_path, manifest)
+    _commit(onnx_path, kept)
+    raise tensorrt.TensorRTMissing(f"TensorRT is not installed here ({tensorrt.INSTALL_HINT}); wrote the checked ONNX file "
+                          f"{kept} instead. Build the engine with:\n  {manifest['tensorrt_build']['command']}")
+
+
+def _compute(original: torch.export.ExportedProgram, program: torch.export.ExportedProgram,
+             encoder: LoadedEncoder, tokens: int) -> dict:
+    """FLOPs of the original and the IPCV program at N = tokens, counted on their graphs."""
+    before = program_flops(original, encoder.input_width, tokens)
+    after = program_flops(program, encoder.input_width, tokens)
+    return {"tokens": tokens, "flops_original": before, "flops_ipcv": after, "ratio": round(after / before, 4)}
 
 
 @contextlib.contextmanager
-def _stage(name: str, timings: dict[str, float], report: Callable[[str], None]) -> Iterator[None]:
+def _stage(name: str, timings: dict[str, float], report: Callable[[str], None], detail: str = "") -> Iterator[None]:
     start = time.perf_counter()
     yield
-    timings[name] = round(time.perf_counter() - start, 3)
-    report(f"{name}: {timings[name]:.1f} s")
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+    report(f"{name}{' ' + detail if detail else ''}: {time.perf_counter() - start:.1f} s")
 
 
 @contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed onto it (with its external data) on success only."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial.onnx", dir=target.parent)
-    os.close(handle)
-    partial = Path(name)
-    data = Path(f"{partial}.data")
+def _staging(folder: Path) -> Iterator[Path]:
+    """A private folder beside the output; whatever is still in it at the end is deleted."""
+    staging = Path(tempfile.mkdtemp(prefix=".ipcv-export-", dir=folder))
     try:
-        yield partial
-        if data.exists():
-            raise UsageError("models over 2 GB (external data) are not supported by this version's atomic writer")
-        _make_readable(partial)
-        os.replace(partial, target)
+        yield staging
     finally:
-        for leftover in (partial, data):
-            leftover.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    _make_readable(Path(name))
-    os.replace(name, path)
+def _commit(staged: Path, target: Path) -> None:
+    """Rename a staged file onto `target`: external data first, the file next, its manifest last."""
+    for suffix in (".data", "", ".json"):
+        source = Path(f"{staged}{suffix}")
+        if source.exists():
+            os.replace(source, f"{target}{suffix}")
 
 
-def _make_readable(path: Path) -> None:
-    """mkstemp creates files private (0600); give them the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+def _write_manifest(staged: Path, manifest: dict) -> None:
+    Path(f"{staged}.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _verify(path: Path, encoder: LoadedEncoder, config: IpcvConfig) -> list[ParityCheck]:
-    runner = OnnxEncoder(path)
-    generator = torch.Generator().manual_seed(1)
-    checks = []
-    for grid in VERIFY_GRIDS:
-        grid_thw = torch.tensor(grid)
-        pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
-        checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, FP32_ATOL))
-    return checks
+def _size(path: Path) -> int:
+    data = Path(f"{path}.data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _manifest(encoder: LoadedEncoder, config: IpcvConfig, opset: int, checks: list[ParityCheck],
-              verified: bool, timings: dict[str, float]) -> dict:
+def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision: str, opset: int,
+              profile: ShapeProfile, compute: dict) -> dict:
+    """Everything a runtime or a reader needs to use and trust the file (see README, manifest)."""
     import onnx
     import onnxruntime
     import transformers
 
+    merge, smallest = encoder.merge_size, min_tokens(config.retention_e4)
     return {
         "tool": {"name": "ipcv-export", "version": __version__},
+        "format": format,
         "source": encoder.source,
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
                  "as_depth": config.as_depth, "neighbors": config.neighbors},
         "inputs": {
-            "pixel_values": "float32 [N, C*T*P*P]; N = sum over grid_thw rows of t*h*w",
-            "position_ids": "int64 [N, 2]: (row, column) of each patch, merge x merge blocks in order",
-            "segment_ids": "int64 [N]: index of the image or temporal slice of each patch",
-            "rules": f"N a multiple of {encoder.merge_size ** 2}, N >= {min_tokens(config.retention_e4)}; "
-                     "build position_ids/segment_ids with ipcv_export.inputs.engine_inputs(grid_thw, merge_size)",
+            "merge_size": merge, "input_width": encoder.input_width, "min_tokens": smallest, "max_tokens": MAX_TOKENS,
+            "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["N", encoder.input_width]},
+                        {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["N", 2]},
+                        {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["N"]}],
+            "rules": f"N = sum of t*h*w over grid_thw rows; N a multiple of {merge * merge}; "
+                     f"{smallest} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
+            "from_grid_thw": "tokens in processor order (slice by slice, merge x merge blocks in row-major "
+                             "order); position_ids[i] = (row, column) of patch i; segment_ids[i] = index of "
+                             "its image or temporal slice (0, 1, ...). Reference code: "
+                             "ipcv_export.inputs.engine_inputs(grid_thw, merge_size)",
         },
-        "outputs": {"embeddings": "float32 [N / merge^2, hidden]", "kept_index": "int64 [K]",
-                    "neighbor_index": f"int64 [N - K, {config.neighbors}]"},
-        "precision": "fp32", "opset": opset,
-        "verification": {"verified": verified, "atol": FP32_ATOL,
-                         "checks": [vars(c) for c in checks]},
-        "timings_s": timings,
+        "outputs": [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
+                     "meaning": "merged embeddings, the original encoder's output in count and order"},
+                    {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["K"],
+                     "meaning": f"ascending indices of the kept tokens, K = N*{config.retention_e4}//10000"},
+                    {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["N-K", config.neighbors],
+                     "meaning": "indices into kept_index of each removed token's neighbours; K means none"}],
+        "preprocessing": encoder.preprocessing,
+        "precision": precision, "opset": opset if format in ("onnx", "engine") else None,
+        "profile": vars(profile),
+        "compute": compute,
         "packages": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }

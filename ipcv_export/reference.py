@@ -28,11 +28,13 @@ class ReferenceResult:
 
 @torch.no_grad()
 def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                   config: IpcvConfig, neighbors: torch.Tensor | None = None) -> ReferenceResult:
+                   config: IpcvConfig, neighbors: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None) -> ReferenceResult:
     """Run the encoder `visual` (stock Qwen2-VL vision module) with IPCV.
 
-    `neighbors` replaces the neighbour search's result, so that a file whose neighbours differ
-    from ours only among equally distant tokens can be compared value by value (see verify.py).
+    `neighbors` and `keep` replace the neighbour search's and the selection's results, so that a
+    file whose discrete choices differ from ours (equally distant neighbours; or, in fp16/bf16,
+    scores computed from rounded states) can be compared value by value (see verify.py).
     """
     grid = check_grid(grid_thw, visual.spatial_merge_size)
     seg = segment_ids(grid)
@@ -49,8 +51,9 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     # 1. Prune: keep the K tokens that block l_p-1 changed most (ties to the lower index).
     score = (x_after.float() - x.float()).pow(2).sum(-1)
     k = min(max((n * config.retention_e4) // 10_000, 1), n)
-    ranked = torch.sort(score, descending=True, stable=True).indices
-    keep, rem = ranked[:k].sort().values, ranked[k:].sort().values
+    if keep is None:
+        keep = torch.sort(score, descending=True, stable=True).indices[:k].sort().values
+    rem = torch.ones(n, dtype=torch.bool).index_fill_(0, keep, False).nonzero().flatten()
     kept_then, removed_then = x_after[keep], x_after[rem]
 
     # 2. NGR: neighbours once, at the pruning point; reconstruction from their drift.

@@ -1,11 +1,17 @@
 """Run an exported encoder file with the call `encoder(pixel_values, grid_thw) -> embeddings`.
 
 Nothing here is needed at serving time: a runtime feeds the file the three inputs that
-`ipcv_export.inputs` documents. This module is the convenience and test harness in Python.
+`ipcv_export.inputs` documents. This module is the convenience and test harness in Python, one
+class per file format, all behind `load(path)`. What a file needs besides itself (merge size,
+smallest N, the image processor's settings) is in the manifest `<file>.json` written beside it;
+ONNX files also carry the first two as metadata, so they load without the manifest.
 """
 
 from __future__ import annotations
 
+import json
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +19,18 @@ import torch
 
 from .inputs import engine_inputs
 
+ONNX_PROVIDERS = ("CPUExecutionProvider",)
 
-class OnnxEncoder:
-    """An exported `.onnx` encoder in ONNX Runtime, prepared inputs and checks included."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
-        import onnxruntime
+class EncoderFile:
+    """Shared input preparation and checks; subclasses run the prepared tensors."""
 
-        self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
-        pixels = self.session.get_inputs()[0]
-        self.input_width = pixels.shape[1]
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.merge_size = int(metadata.get("merge_size", 2))
-        self.min_tokens = int(metadata.get("min_tokens", 1))
+    def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int) -> None:
+        self.path = path
+        self.manifest = manifest or {}
+        self.merge_size = merge_size
+        self.min_tokens = min_tokens
+        self.input_width = input_width
 
     def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor) -> torch.Tensor:
         """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them."""
@@ -44,15 +48,134 @@ class OnnxEncoder:
             raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {len(segments)} patches")
         if len(segments) < self.min_tokens:
             raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {len(segments)}")
+        return tuple(t.cpu() for t in self._run(pixels, positions, segments))
+
+    def _run(self, pixels: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, images: Sequence, min_pixels: int | None = None,
+                      max_pixels: int | None = None) -> list[torch.Tensor]:
+        """Embeddings of each PIL image, preprocessed by the model's own image processor.
+
+        The processor's settings come from the manifest (the checkpoint's preprocessor_config.json
+        or the built-in model's); min_pixels / max_pixels override its resize bounds. All images
+        go through one encoder call; the result is split back per image.
+        """
+        import transformers
+
+        settings = self.manifest.get("preprocessing")
+        if not settings:
+            raise ValueError(f"{self.path.name} has no manifest with preprocessing settings beside it")
+        kwargs = dict(settings["kwargs"])
+        size = dict(kwargs.pop("size", {}))
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        processor = getattr(transformers, settings["class"])(size=size, **kwargs)
+        batch = processor(images=list(images), return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        embeddings = self(batch["pixel_values"].float(), grid)
+        return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
+
+
+class OnnxEncoder(EncoderFile):
+    """An `.onnx` file in ONNX Runtime (CPU unless other execution providers are given)."""
+
+    def __init__(self, path: Path, manifest: dict | None = None, providers: Sequence[str] = ONNX_PROVIDERS) -> None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ValueError(f"ONNX Runtime here lacks {', '.join(missing)}; available: {', '.join(available)}")
+        self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        super().__init__(path, manifest, int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
+                         self.session.get_inputs()[0].shape[1])
+
+    def _run(self, pixels, positions, segments):
         feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
-        return tuple(torch.from_numpy(out) for out in self.session.run(None, feeds))
+        return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
 
 
-def load(path: str | Path) -> OnnxEncoder:
-    """Open an exported encoder file for `encoder(pixel_values, grid_thw)`."""
+class TorchEncoder(EncoderFile):
+    """A `.pt2` file: an AOTInductor package or a saved ExportedProgram, run on `device`."""
+
+    def __init__(self, path: Path, manifest: dict, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        if is_aoti_package(path):
+            self.module = torch._inductor.aoti_load_package(str(path))
+        else:
+            self.module = torch.export.load(str(path)).module().to(self.device)
+        inputs = manifest["inputs"]
+        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"])
+
+    def _run(self, pixels, positions, segments):
+        with torch.no_grad():
+            return self.module(*(t.to(self.device) for t in (pixels, positions, segments)))
+
+
+class TensorRTEncoder(EncoderFile):
+    """A serialized TensorRT engine, run on the current CUDA device with torch-allocated buffers."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        import tensorrt as trt
+
+        self._trt = trt
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        inputs = manifest["inputs"]
+        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"])
+
+    def _run(self, pixels, positions, segments):
+        trt = self._trt
+        feeds = {"pixel_values": pixels, "position_ids": positions, "segment_ids": segments}
+        feeds = {name: t.cuda().contiguous() for name, t in feeds.items()}
+        for name, tensor in feeds.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        results = []
+        for name in self.outputs:
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            results.append(torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda"))
+            self.context.set_tensor_address(name, results[-1].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return results
+
+
+def is_aoti_package(path: Path) -> bool:
+    """AOTInductor packages hold compiled code under data/aotinductor/; saved programs do not."""
+    with zipfile.ZipFile(path) as archive:
+        return any("/data/aotinductor/" in name for name in archive.namelist())
+
+
+def read_manifest(path: Path) -> dict | None:
+    manifest = Path(f"{path}.json")
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: str = "cpu") -> EncoderFile:
+    """Open an exported encoder file (.onnx, .pt2 or .engine) for `encoder(pixel_values, grid_thw)`.
+
+    providers: ONNX Runtime execution providers for .onnx files, in order of preference.
+    device: where a .pt2 program runs (an AOTInductor package runs where it was compiled for).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no encoder file at {path}")
+    manifest = read_manifest(path)
     if path.suffix == ".onnx":
-        return OnnxEncoder(path)
-    raise ValueError(f"cannot load {path.name}: supported formats are .onnx")
+        return OnnxEncoder(path, manifest, providers)
+    if path.suffix not in (".pt2", ".engine"):
+        raise ValueError(f"cannot load {path.name}: supported formats are .onnx, .pt2, .engine")
+    if manifest is None:
+        raise ValueError(f"{path.name} needs its manifest {path.name}.json beside it (merge size, input width)")
+    if path.suffix == ".pt2":
+        return TorchEncoder(path, manifest, device)
+    return TensorRTEncoder(path, manifest)

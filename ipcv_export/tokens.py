@@ -73,12 +73,18 @@ def select_tokens(score: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Ten
     above = score > threshold
     tied = score == threshold
     room_for_ties = k_t - above.sum()
-    keep_mask = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= room_for_ties))
-    kept_before = torch.cumsum(keep_mask.to(torch.int64), 0) - 1
-    removed_before = torch.cumsum((~keep_mask).to(torch.int64), 0) - 1
+    keep_mask = above | (tied & (_count_up_to(tied) <= room_for_ties))
+    kept_before = _count_up_to(keep_mask) - 1
+    removed_before = _count_up_to(~keep_mask) - 1
     slot = torch.where(keep_mask, kept_before, removed_before + k_t)
     order = torch.zeros_like(slot).scatter(0, slot, torch.arange(n, device=score.device))
     return order[:k], order[k:], slot
+
+
+def _count_up_to(mask: torch.Tensor) -> torch.Tensor:
+    """int64 running count of True values. The sum runs in fp32 (exact below 2^24 tokens) because
+    TensorRT's CumSum accepts only floating-point inputs."""
+    return torch.cumsum(mask.to(torch.float32), 0).to(torch.int64)
 
 
 def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
@@ -91,7 +97,7 @@ def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> t
     dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.T + (kept * kept).sum(-1)[None, :]
     padding = torch.full((dist.shape[0], neighbors), float("inf"), device=dist.device)
     index = torch.topk(torch.cat([dist, padding], 1), neighbors, dim=-1, largest=False, sorted=True).indices
-    return torch.clamp(index, max=kept.shape[0])
+    return torch.minimum(index, torch.scalar_tensor(kept.shape[0], dtype=index.dtype, device=index.device))
 
 
 def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,

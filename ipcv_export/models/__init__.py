@@ -23,10 +23,17 @@ class LoadedEncoder:
     module: torch.nn.Module
     description: ModelDescription
     source: dict = field(default_factory=dict)
+    processor_overrides: dict = field(default_factory=dict)  # from a checkpoint's preprocessor_config.json
 
     @property
     def depth(self) -> int:
         return self.module.config.depth
+
+    @property
+    def preprocessing(self) -> dict:
+        """The image processor class and settings that turn images into this encoder's inputs."""
+        processor = self.description.image_processor(self.module.config)
+        return {"class": processor["class"], "kwargs": processor["kwargs"] | self.processor_overrides}
 
     @property
     def merge_size(self) -> int:

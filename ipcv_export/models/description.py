@@ -20,6 +20,8 @@ class ModelDescription:
     build: vision-config dict -> the stock module with freshly initialised weights.
     exportable: stock module -> module with the engine's signature (tensors in, embeddings out).
     attention_context: stock module -> context manager that routes attention through `ipcv::segment_attention`.
+    image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
+        settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     """
 
     architecture: str
@@ -29,3 +31,4 @@ class ModelDescription:
     build: Callable[[dict], torch.nn.Module]
     exportable: Callable[[torch.nn.Module], torch.nn.Module]
     attention_context: Callable[[torch.nn.Module], Any]
+    image_processor: Callable[[Any], dict]

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -51,6 +52,14 @@ def build(vision_config: dict) -> Qwen2VisionTransformerPretrainedModel:
     return Qwen2VisionTransformerPretrainedModel(config).eval()
 
 
+def image_processor(config: Qwen2VLVisionConfig) -> dict:
+    """transformers' PIL-based Qwen2-VL processor with the released models' defaults."""
+    return {"class": "Qwen2VLImageProcessorPil",
+            "kwargs": {"patch_size": config.patch_size, "temporal_patch_size": config.temporal_patch_size,
+                       "merge_size": config.spatial_merge_size, "image_mean": list(OPENAI_CLIP_MEAN),
+                       "image_std": list(OPENAI_CLIP_STD), "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}}
+
+
 QWEN2_VL = ModelDescription(
     architecture="qwen2_vl",
     model_types=("qwen2_vl",),
@@ -59,4 +68,5 @@ QWEN2_VL = ModelDescription(
     build=build,
     exportable=ExportableQwen2VLVision,
     attention_context=segment_attention,
+    image_processor=image_processor,
 )

@@ -1,0 +1,35 @@
+"""FLOPs of an exported program, counted on its graph with fake tensors.
+
+`torch.utils.flop_counter` counts the matrix products (linear, conv, attention) that every
+operator of the graph performs for inputs of a given N; fake tensors make this take a fraction of
+a second at any N, with no memory for activations. Element-wise work is not counted (it is a small
+share of a ViT and is bandwidth-bound, not compute-bound). The attention core counts its dense
+[Nq, Nk] products, which is what the decomposed graph computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from . import ops  # noqa: F401  (registers ipcv::segment_attention)
+
+
+@register_flop_formula(torch.ops.ipcv.segment_attention)
+def _segment_attention_flops(query, key, value, *_args, out_shape=None, **_kwargs) -> int:
+    """Q K^T and (softmax) V: two products of Nq x Nk x d per head."""
+    batch, heads, n_query, depth = query
+    n_key = key[2]
+    return 2 * batch * heads * n_query * n_key * (depth + value[3])
+
+
+def program_flops(program: torch.export.ExportedProgram, input_width: int, tokens: int) -> int:
+    """Total FLOPs of one call of `program` on N = tokens patches (one segment)."""
+    module = program.module()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        inputs = (torch.empty(tokens, input_width), torch.zeros(tokens, 2, dtype=torch.int64),
+                  torch.zeros(tokens, dtype=torch.int64))
+        with FlopCounterMode(display=False) as counter:
+            module(*inputs)
+    return counter.get_total_flops()
