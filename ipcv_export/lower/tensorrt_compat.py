@@ -95,7 +95,7 @@ def check_tensorrt_compat(model: onnx.ModelProto | str | Path, max_tokens: int) 
         if dtype not in TYPE_NAMES:
             findings.append(Finding(value.name, "tensor", f"type {TensorProto.DataType.Name(dtype)} is not a TensorRT type"))
     topk = []
-    for node, k in zip(topk_nodes, _topk_sizes(model, folder, topk_nodes, max_tokens)):
+    for node, k in zip(topk_nodes, _topk_sizes(inferred, folder, topk_nodes, max_tokens)):
         topk.append({"node": node.name, "k": k})
         if k > TOPK_MAX_K:
             findings.append(Finding(node.name, "TopK", f"K = {k} at N = {max_tokens} exceeds TensorRT's limit {TOPK_MAX_K}"))
