@@ -48,7 +48,7 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     config.check(encoder.depth)
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
-        gm = run_passes(gm, ipcv_passes(config, encoder.description.block_path, encoder.depth))
+        gm = run_passes(gm, ipcv_passes(config, encoder.description, encoder.depth))
     expose_selection(gm, config.neighbors)
     shapes = dynamic_shapes(encoder, tokens.min_tokens(config.retention_e4))
     return export_symbolic(gm, example_inputs(encoder), shapes)

@@ -119,6 +119,20 @@ def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torc
     return torch.cat([kept_rows, removed_rows], 0).index_select(0, slot)
 
 
+def project_except_queries(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
+                           rem: torch.Tensor, slot: torch.Tensor, columns: tuple[int, int]) -> torch.Tensor:
+    """linear(x, weight, bias) [N, F] with output columns [start, stop) (the queries) computed for
+    kept rows only; removed rows hold zeros there, which nothing reads (an AS block's attention
+    takes queries from kept rows only). Saves (N - K) * (stop - start) * in_features MACs."""
+    start, stop = columns
+    kept = torch.nn.functional.linear(x.index_select(0, keep), weight, bias)
+    other_weight = torch.cat([weight[:start], weight[stop:]])
+    other_bias = None if bias is None else torch.cat([bias[:start], bias[stop:]])
+    other = torch.nn.functional.linear(x.index_select(0, rem), other_weight, other_bias)
+    removed = torch.cat([other[:, :start], other.new_zeros(other.shape[0], stop - start), other[:, start:]], 1)
+    return scatter_back(kept, removed, slot)
+
+
 def no_selection(tokens_in: torch.Tensor, neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours."""
     n = tokens_in.shape[0]

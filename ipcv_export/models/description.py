@@ -20,6 +20,11 @@ class ModelDescription:
     build: vision-config dict -> the stock module with freshly initialised weights.
     exportable: stock module -> module with the engine's signature (tensors in, embeddings out).
     attention_context: stock module -> context manager that routes attention through `ipcv::segment_attention`.
+    query_projection: (path regex, part, parts) of the linear layer whose output holds the attention
+        queries as part `part` of `parts` equal column slices (Qwen2-VL's fused qkv: 0 of 3), or
+        None; attention-stabilised blocks then compute queries for kept rows only.
+    flop_floor: (vision config, retention_e4, l_p, Delta, N) -> FLOPs of ipcv.md's cost model,
+        the figure benchmarks hold the counted graph against.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     """
@@ -32,3 +37,5 @@ class ModelDescription:
     exportable: Callable[[torch.nn.Module], torch.nn.Module]
     attention_context: Callable[[torch.nn.Module], Any]
     image_processor: Callable[[Any], dict]
+    query_projection: tuple[str, int, int] | None = None
+    flop_floor: Callable[..., int] | None = None

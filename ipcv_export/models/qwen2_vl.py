@@ -60,6 +60,27 @@ def image_processor(config: Qwen2VLVisionConfig) -> dict:
                        "image_std": list(OPENAI_CLIP_STD), "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}}
 
 
+def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+    """ipcv.md's cost model, counted as the FLOP counter does (2 per multiply-add, matrix products
+    only), for one segment of `tokens` patches: what an exact IPCV graph must cost at least."""
+    d, hidden, merged = config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.embed_dim * config.spatial_merge_size ** 2
+    width = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+
+    def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
+        return 2 * d * (queries * d + keys * 2 * d) + 4 * queries * keys * d + 2 * queries * d * d + 4 * queries * d * hidden
+
+    n = tokens
+    kept = n * retention_e4 // 10_000
+    embed = 2 * n * width * d
+    merger = 2 * (n // config.spatial_merge_size ** 2) * merged * (merged + config.hidden_size)
+    if kept == n:
+        return embed + config.depth * block(n, n) + merger
+    stabilized = min(as_depth, config.depth - prune_layer)
+    neighbour_search = 2 * (n - kept) * kept * d
+    return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
+            + (config.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + merger)
+
+
 QWEN2_VL = ModelDescription(
     architecture="qwen2_vl",
     model_types=("qwen2_vl",),
@@ -69,4 +90,6 @@ QWEN2_VL = ModelDescription(
     exportable=ExportableQwen2VLVision,
     attention_context=segment_attention,
     image_processor=image_processor,
+    query_projection=(r"attn\.qkv$", 0, 3),
+    flop_floor=flop_floor,
 )

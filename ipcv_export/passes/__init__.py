@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..config import IpcvConfig
+from ..models.description import ModelDescription
 from .annotate_blocks import AnnotateBlocksPass
 from .prune_tokens import PruneTokensPass
 from .reconstruct_tokens import ReconstructTokensPass
@@ -19,13 +20,13 @@ from .stabilize_attention import StabilizeAttentionPass
 __all__ = ["ipcv_passes", "run_passes"]
 
 
-def ipcv_passes(config: IpcvConfig, block_path: str, depth: int) -> list:
-    """The ordered pass list for one configuration."""
+def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int) -> list:
+    """The ordered pass list for one configuration of an encoder family."""
     return [
-        AnnotateBlocksPass(block_path, depth),
+        AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth),
         ReconstructTokensPass(config.neighbors),
-        StabilizeAttentionPass(config.prune_layer, config.as_depth, depth),
+        StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),
         ReintegrateTokensPass(depth),
     ]
 

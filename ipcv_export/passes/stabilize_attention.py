@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -20,14 +22,18 @@ class StabilizeAttentionPass(PassBase):
         the nodes feeding the attention core (norm1, qkv, rotary) read z, the full tables and N
         instead of their kept views; the core takes queries q[:, :, keep] with kept segment ids,
         keys and values from all N rows with full segment ids;
-        the residual adds and the MLP still read y and K: removed rows get no output of their own.
+        the residual adds and the MLP still read y and K: removed rows get no output of their own;
+        with `query_projection` given, the linear layer producing the queries computes them for
+        kept rows only (`tokens.project_except_queries`); its other columns still cover all N rows.
     Requires: PruneTokensPass and ReconstructTokensPass ran; nothing after the core reads the
     nodes before it except through the core. Ensures: Delta = 0 leaves the graph untouched.
     """
 
-    def __init__(self, prune_layer: int, as_depth: int, depth: int) -> None:
+    def __init__(self, prune_layer: int, as_depth: int, depth: int,
+                 query_projection: tuple[str, int, int] | None = None) -> None:
         super().__init__()
         self.blocks = range(prune_layer, min(prune_layer + as_depth, depth))
+        self.query_projection = query_projection
 
     def requires(self, gm: fx.GraphModule) -> None:
         if self.blocks:
@@ -65,6 +71,31 @@ class StabilizeAttentionPass(PassBase):
         kept_query = _graph.insert(graph, torch.ops.aten.index_select.default,
                                    (query, 2, _graph.one_with_role(graph, "keep")), pass_name=NAME, before=core)
         core.args = (kept_query, key, value, segment_q, segment_k.meta.get(_graph.FULL, segment_k), scale)
+        if self.query_projection is not None:
+            self._project_queries_for_kept_rows(graph, index, feeding)
+
+    def _project_queries_for_kept_rows(self, graph: fx.Graph, index: int, feeding: set[fx.Node]) -> None:
+        path, part, parts = self.query_projection
+        pattern = re.compile(path)
+        linear = [n for n in feeding if n.target == torch.ops.aten.linear.default
+                  and pattern.search(_innermost_module(n))]
+        if len(linear) != 1:
+            raise RuntimeError(f"block {index}: expected one query projection matching {path!r}, found {len(linear)}")
+        (node,) = linear
+        x, weight, bias = (list(node.args) + [None])[:3]
+        width = node.meta["val"].shape[-1] // parts
+        selection = tuple(_graph.one_with_role(graph, role) for role in ("keep", "rem", "slot"))
+        replacement = _graph.insert(graph, tokens.project_except_queries,
+                                    (x, weight, bias, *selection, (part * width, (part + 1) * width)),
+                                    pass_name=NAME, before=node)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+
+def _innermost_module(node: fx.Node) -> str:
+    """Path of the module that called the node's operation (last entry of nn_module_stack)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0] if stack else ""
 
 
 def _ancestors_within(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:

@@ -17,7 +17,7 @@ CONFIG = IpcvConfig(retention=0.5, prune_layer=2, as_depth=2, neighbors=4)
 
 
 def _passes(tiny, config=CONFIG):
-    return ipcv_passes(config, tiny.description.block_path, tiny.depth)
+    return ipcv_passes(config, tiny.description, tiny.depth)
 
 
 def _targets(gm) -> Counter:

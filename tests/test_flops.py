@@ -1,0 +1,23 @@
+"""FLOPs counted on the exported graphs equal ipcv.md's cost model exactly (deterministic counts)."""
+
+import pytest
+
+from ipcv_export.compress import compress
+from ipcv_export.config import IpcvConfig
+from ipcv_export.flops import program_flops
+
+
+@pytest.mark.parametrize("config", [IpcvConfig(0.5), IpcvConfig(0.35, 1, 2, 1), IpcvConfig(0.2, 3, 0, 10),
+                                    IpcvConfig(0.5, 2, 9, 3), IpcvConfig(1.0)], ids=str)
+def test_counted_flops_are_the_cost_model(config, tiny, captured):
+    """Queries for kept rows only in AS blocks included: the graph does no matrix work beyond the floor."""
+    program = compress(captured, tiny, config)
+    for tokens in (256, 1024, 4096):
+        floor = tiny.description.flop_floor(tiny.module.config, config.retention_e4, config.prune_layer,
+                                            config.as_depth, tokens)
+        assert program_flops(program, tiny.input_width, tokens) == floor, tokens
+
+
+def test_original_cost(tiny, captured):
+    assert program_flops(captured, tiny.input_width, 1024) == tiny.description.flop_floor(
+        tiny.module.config, 10_000, 1, 0, 1024)

@@ -1,0 +1,49 @@
+"""The Python runtime: images in through the model's own processor, embeddings out."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+
+from ipcv_export import export, load
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime") / "encoder.onnx"
+    export(tiny, out, report=lambda _line: None)
+    return out
+
+
+def _photo(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_encode_images_runs_the_processor_then_the_file(encoder_file, tiny):
+    encoder = load(encoder_file)
+    images = [_photo(300, 400, 0), _photo(200, 120, 1)]
+    embeddings = encoder.encode_images(images, max_pixels=224 * 224)
+
+    processor = Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2,
+                                         size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224})
+    batch = processor(images=images, return_tensors="pt")
+    expected = encoder(batch["pixel_values"], batch["image_grid_thw"])
+    sizes = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [len(e) for e in embeddings] == sizes and sum(sizes) == len(expected)
+    torch.testing.assert_close(torch.cat(embeddings), expected, rtol=0, atol=0)
+
+
+def test_pixel_bounds_change_the_token_count(encoder_file):
+    encoder = load(encoder_file)
+    photo = _photo(448, 448, 2)
+    small, large = encoder.encode_images([photo], max_pixels=112 * 112)[0], encoder.encode_images([photo])[0]
+    assert len(small) == 16 and len(large) == 256  # 112/14 = 8 -> 8x8/4; 448/14 = 32 -> 32x32/4
+
+
+def test_encode_images_needs_the_manifest(encoder_file, tmp_path):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(encoder_file.read_bytes())
+    with pytest.raises(ValueError, match="no manifest"):
+        load(lone).encode_images([_photo(56, 56, 3)])
