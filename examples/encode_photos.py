@@ -11,6 +11,7 @@ embeddings. The tiny model has random weights: the figures show the mechanics, n
 from __future__ import annotations
 
 import argparse
+import warnings
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/example"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch's exporter
 
     quiet = {"report": lambda _line: None}
     ipcv_export.export("tiny-qwen2-vl", args.out / "ipcv.onnx", retention=args.retention, **quiet)
