@@ -59,6 +59,18 @@ def test_topk_size_is_evaluated_at_the_profile_maximum():
     assert check_tensorrt_compat(model, max_tokens=8192).ok
 
 
+def test_check_reads_only_what_it_needs_from_external_data(tmp_path):
+    """Files over 2 GB keep weights in `<file>.data`; a constant K is read from there too."""
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [5])
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [1], [2.0])
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+             helper.make_node("TopK", ["scaled", "k"], ["values", "indices"])]
+    model = _graph_with(nodes, [("values", TensorProto.FLOAT), ("indices", TensorProto.INT64)], [k, scale])
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    report = check_tensorrt_compat(tmp_path / "m.onnx", max_tokens=65536)
+    assert report.ok and report.topk == [{"node": "", "k": 5}]
+
+
 def test_unsupported_ops_and_types_are_flagged():
     nodes = [helper.make_node("Unique", ["x"], ["unique"]),
              helper.make_node("NonZero", ["x"], ["nonzero"]),

@@ -125,9 +125,13 @@ def _value_types(graph: onnx.GraphProto) -> dict[str, int]:
 
 def _topk_sizes(model: onnx.ModelProto, folder: Path | None, nodes: list[onnx.NodeProto], max_tokens: int) -> list[int]:
     """K of each TopK node at N = max_tokens: constant when the graph says so, else evaluated."""
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    wanted = {node.input[1] for node in nodes}
+    constants = {}
+    for tensor in model.graph.initializer:  # only the K inputs: weights may live in external data
+        if tensor.name in wanted:
+            constants[tensor.name] = onnx.numpy_helper.to_array(tensor, base_dir=str(folder or ""))
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        if node.op_type == "Constant" and node.output[0] in wanted and node.attribute[0].name == "value":
             constants[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
     sizes, computed = {}, []
     for node in nodes:

@@ -1,0 +1,81 @@
+"""ONNX Runtime CPU latency of the IPCV file vs. the original file (issue 7, target 2).
+
+    .venv/bin/python benchmarks/cpu_latency.py --model qwen2-vl-7b-shape --tokens 1024 --retentions 0.5 0.35
+
+Exports the original encoder (--retention 1) and one IPCV file per retention with this tool
+(verified as usual), then times each file on the same single-image inputs: ORT with
+intra-op threads pinned to --threads, one warm-up run, median of --runs runs. Prints the time
+ratio next to the FLOP floor (ipcv.md's cost model) and their quotient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+import ipcv_export
+from ipcv_export.inputs import engine_inputs
+from ipcv_export.models import load_encoder
+
+
+def median_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2-vl-7b-shape")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024])
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.5, 0.35])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--folder", type=Path, help="where to write the files (default: a temporary folder)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
+    encoder = load_encoder(args.model)
+    files = {}
+    for retention in [1.0, *args.retentions]:
+        files[retention] = folder / f"rho{retention}.onnx"
+        start = time.perf_counter()
+        ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
+        print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
+
+    floor = encoder.description.flop_floor
+    print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; l_p=3, Delta=7, k=10")
+    print(f"{'rho':>5s} {'N':>6s} {'orig ms':>9s} {'IPCV ms':>9s} {'ratio':>6s} {'floor':>6s} {'ratio/floor':>11s}")
+    for tokens in args.tokens:
+        side = math.isqrt(tokens)
+        grid = torch.tensor([[1, side, tokens // side]])
+        positions, segments = engine_inputs(grid, encoder.merge_size)
+        pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(0))
+        feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+        original = median_ms(files[1.0], feeds, args.threads, args.runs)
+        for retention in args.retentions:
+            ipcv = median_ms(files[retention], feeds, args.threads, args.runs)
+            r_e4 = round(retention * 10_000)
+            floor_ratio = floor(encoder.module.config, r_e4, 3, 7, tokens) / floor(encoder.module.config, 10_000, 3, 7, tokens)
+            print(f"{retention:5.2f} {tokens:6d} {original:9.1f} {ipcv:9.1f} {ipcv / original:6.3f} "
+                  f"{floor_ratio:6.3f} {ipcv / original / floor_ratio:11.3f}")
+
+
+if __name__ == "__main__":
+    main()
