@@ -26,6 +26,14 @@ from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
 
 
+def image_shape(tokens: int, merge: int) -> tuple[int, int]:
+    """The most nearly square h x w patch grid with h * w = tokens and both multiples of merge."""
+    for h in range(math.isqrt(tokens), 0, -1):
+        if tokens % h == 0 and h % merge == 0 and (tokens // h) % merge == 0:
+            return h, tokens // h
+    raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {merge}")
+
+
 def median_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -63,8 +71,7 @@ def main() -> None:
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; l_p=3, Delta=7, k=10")
     print(f"{'rho':>5s} {'N':>6s} {'orig ms':>9s} {'IPCV ms':>9s} {'ratio':>6s} {'floor':>6s} {'ratio/floor':>11s}")
     for tokens in args.tokens:
-        side = math.isqrt(tokens)
-        grid = torch.tensor([[1, side, tokens // side]])
+        grid = torch.tensor([[1, *image_shape(tokens, encoder.merge_size)]])
         positions, segments = engine_inputs(grid, encoder.merge_size)
         pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(0))
         feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
