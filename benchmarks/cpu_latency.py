@@ -22,6 +22,8 @@ import onnxruntime
 import torch
 
 import ipcv_export
+from ipcv_export.config import IpcvConfig
+from ipcv_export.flops import floor_ratio
 from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
 
@@ -67,7 +69,6 @@ def main() -> None:
         ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
         print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
 
-    floor = encoder.description.flop_floor
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; l_p=3, Delta=7, k=10")
     print(f"{'rho':>5s} {'N':>6s} {'orig ms':>9s} {'IPCV ms':>9s} {'ratio':>6s} {'floor':>6s} {'ratio/floor':>11s}")
     for tokens in args.tokens:
@@ -78,10 +79,9 @@ def main() -> None:
         original = median_ms(files[1.0], feeds, args.threads, args.runs)
         for retention in args.retentions:
             ipcv = median_ms(files[retention], feeds, args.threads, args.runs)
-            r_e4 = round(retention * 10_000)
-            floor_ratio = floor(encoder.module.config, r_e4, 3, 7, tokens) / floor(encoder.module.config, 10_000, 3, 7, tokens)
+            floor = floor_ratio(encoder, IpcvConfig(retention), tokens)
             print(f"{retention:5.2f} {tokens:6d} {original:9.1f} {ipcv:9.1f} {ipcv / original:6.3f} "
-                  f"{floor_ratio:6.3f} {ipcv / original / floor_ratio:11.3f}")
+                  f"{floor:6.3f} {ipcv / original / floor:11.3f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import warnings
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig
-from ipcv_export.flops import program_flops
+from ipcv_export.flops import floor_ratio, program_flops
 from ipcv_export.models import load_encoder
 
 TOKENS = (1024, 5120, 16384)
@@ -31,7 +31,6 @@ def main() -> None:
     start = time.perf_counter()
     encoder = load_encoder(args.model)
     original = capture(encoder)
-    floor = encoder.description.flop_floor
     print(f"model {args.model}: loaded and captured in {time.perf_counter() - start:.0f} s; l_p=3, Delta=7, k=10")
     print(f"{'rho':>5s} {'N':>6s} {'orig GFLOP':>11s} {'IPCV GFLOP':>11s} {'ratio':>7s} {'floor':>7s} {'ratio/floor':>11s}")
     for retention in RETENTIONS:
@@ -40,10 +39,9 @@ def main() -> None:
         for tokens in TOKENS:
             before = program_flops(original, encoder.input_width, tokens)
             after = program_flops(program, encoder.input_width, tokens)
-            floor_ratio = floor(encoder.module.config, config.retention_e4, 3, 7, tokens) / floor(
-                encoder.module.config, 10_000, 3, 7, tokens)
+            floor = floor_ratio(encoder, config, tokens)
             print(f"{retention:5.2f} {tokens:6d} {before / 1e9:11.1f} {after / 1e9:11.1f} {after / before:7.4f} "
-                  f"{floor_ratio:7.4f} {after / before / floor_ratio:11.4f}")
+                  f"{floor:7.4f} {after / before / floor:11.4f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .lower.onnx import DEFAULT_OPSET
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="built-in model name (see --list-models) or a local Hugging Face checkpoint "
                                    "folder (safetensors; nothing is downloaded)")
     p.add_argument("-o", "--output", help="output file; the format follows the suffix (see below)")
-    p.add_argument("--format", choices=("onnx", "engine", "aoti", "exported-program"),
+    p.add_argument("--format", choices=FORMATS,
                    help="output format when the suffix is not enough (default: from the suffix)")
     method = p.add_argument_group("IPCV method (ipcv.md)")
     method.add_argument("--retention", type=_number(float), default=d.retention,

@@ -41,6 +41,9 @@ class IpcvConfig:
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
+"""Output formats and the file suffixes each may be written under."""
+FORMATS = tuple(FORMAT_SUFFIXES)
 
 
 @dataclass(frozen=True)

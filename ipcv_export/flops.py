@@ -14,6 +14,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import ops  # noqa: F401  (registers ipcv::segment_attention)
+from .config import IpcvConfig
+from .models import LoadedEncoder
+from .tokens import RETENTION_SCALE
 
 
 @register_flop_formula(torch.ops.ipcv.segment_attention)
@@ -33,3 +36,10 @@ def program_flops(program: torch.export.ExportedProgram, input_width: int, token
         with FlopCounterMode(display=False) as counter:
             module(*inputs)
     return counter.get_total_flops()
+
+
+def floor_ratio(encoder: LoadedEncoder, config: IpcvConfig, tokens: int) -> float:
+    """IPCV / original FLOPs by the family's cost model (`ModelDescription.flop_floor`), N = tokens."""
+    floor, vision = encoder.description.flop_floor, encoder.module.config
+    ipcv = floor(vision, config.retention_e4, config.prune_layer, config.as_depth, tokens)
+    return ipcv / floor(vision, RETENTION_SCALE, config.prune_layer, config.as_depth, tokens)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .capture import MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
-from .config import PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
@@ -35,9 +35,7 @@ from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
 from .tokens import min_tokens
 from .verify import TOLERANCES, ParityCheck, check_parity
 
-FORMATS = ("onnx", "engine", "aoti", "exported-program")
 SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
-FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
 VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
 
@@ -67,6 +65,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     config = IpcvConfig(retention, prune_layer, as_depth, neighbors)
     output = Path(output)
     format = _check_output(output, format, precision)
+    timing_cache = Path(timing_cache) if timing_cache else None
     timings: dict[str, float] = {}
 
     with _stage("load", timings, report):
@@ -83,13 +82,13 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
     with _staging(output.parent) as staging:
         staged = staging / output.name
-        lower_format = "onnx" if format == "engine" else format
-        onnx_path = staged.with_suffix(".onnx") if format == "engine" else staged
-        with _stage("lower", timings, report, f"({lower_format})"):
-            _lower(program, onnx_path, lower_format, opset, encoder, config)
-        if lower_format == "onnx":
+        lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
+        lowered_path = staged.with_suffix(".onnx") if format == "engine" else staged
+        with _stage("lower", timings, report, f"({lowered})"):
+            _lower(program, lowered_path, lowered, opset, encoder, config)
+        if lowered == "onnx":
             with _stage("check", timings, report):
-                compat = check_tensorrt_compat(onnx_path, profile.max_tokens)
+                compat = check_tensorrt_compat(lowered_path, profile.max_tokens)
                 manifest["tensorrt_compat"] = compat.as_dict()
                 report(f"  {compat.summary()}")
                 if verbose:
@@ -97,16 +96,14 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                         report(f"  {finding}")
             if format == "engine" and not compat.ok:
                 raise IncompatibleGraph(compat.summary())
-        first_runtime = "onnx" if format == "engine" else format
-        manifest["verification"] = _verify_stage(onnx_path, first_runtime, "fp32", manifest, encoder, config,
+        manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                  verify, timings, report, verbose)
         if format == "engine":
             if not tensorrt.tensorrt_available():
-                _missing_tensorrt(onnx_path, output, profile, encoder, precision, timing_cache, manifest, timings)
+                _missing_tensorrt(lowered_path, output, profile, encoder, precision, timing_cache, manifest, timings)
             with _stage("build", timings, report, "(TensorRT)"):
-                tensorrt.build_engine(onnx_path, staged, profile, encoder.input_width, precision,
-                                      Path(timing_cache) if timing_cache else None)
-            onnx_path.unlink()
+                tensorrt.build_engine(lowered_path, staged, profile, encoder.input_width, precision, timing_cache)
+            lowered_path.unlink()
             manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
                                                      verify, timings, report, verbose)
         with _stage("write", timings, report):
@@ -186,7 +183,7 @@ def _open(path: Path, runtime: str, manifest: dict) -> EncoderFile:
 
 
 def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, encoder: LoadedEncoder,
-                      precision: str, timing_cache: str | Path | None, manifest: dict,
+                      precision: str, timing_cache: Path | None, manifest: dict,
                       timings: dict[str, float]) -> None:
     """Keep the checked ONNX file beside the requested engine path, then raise TensorRTMissing."""
     kept = output.with_suffix(".onnx")
@@ -194,7 +191,7 @@ def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, enco
     manifest["timings_s"] = timings
     manifest["tensorrt_build"] = {"built": False, "reason": "tensorrt is not importable",
                                   "command": tensorrt.trtexec_command(kept, output, profile, encoder.input_width,
-                                                                     precision, Path(timing_cache) if timing_cache else None)}
+                                                                     precision, timing_cache)}
     _write_manifest(onnx_path, manifest)
     _commit(onnx_path, kept)
     raise tensorrt.TensorRTMissing(f"TensorRT is not installed here ({tensorrt.INSTALL_HINT}); wrote the checked ONNX file "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .inputs import engine_inputs
 ONNX_PROVIDERS = ("CPUExecutionProvider",)
 
 
-class EncoderFile:
+class EncoderFile(ABC):
     """Shared input preparation and checks; subclasses run the prepared tensors."""
 
     def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int) -> None:
@@ -50,8 +51,9 @@ class EncoderFile:
             raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {len(segments)}")
         return tuple(t.cpu() for t in self._run(pixels, positions, segments))
 
+    @abstractmethod
     def _run(self, pixels: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> Sequence[torch.Tensor]:
-        raise NotImplementedError
+        """The file's outputs for checked inputs (the format's own runtime call)."""
 
     def encode_images(self, images: Sequence, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .. import ops
+from ..tokens import kept_count
 from .description import ModelDescription
 
 
@@ -70,7 +71,7 @@ def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int,
         return 2 * d * (queries * d + keys * 2 * d) + 4 * queries * keys * d + 2 * queries * d * d + 4 * queries * d * hidden
 
     n = tokens
-    kept = n * retention_e4 // 10_000
+    kept = kept_count(n, retention_e4)
     embed = 2 * n * width * d
     merger = 2 * (n // config.spatial_merge_size ** 2) * merged * (merged + config.hidden_size)
     if kept == n:
