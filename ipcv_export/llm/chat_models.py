@@ -1,0 +1,111 @@
+"""Full Qwen2-VL / Qwen2.5-VL models (vision + LLM + tokenizer) for the generation pipeline.
+
+Built-ins live in `models/chat/<name>/` as a checkpoint folder without weights: config.json and
+tokenizer files, plus builtin.json (description, seed, and the built-in encoder whose weights the
+vision tower takes, so that an encoder file exported from that name fits the model). Checkpoint
+folders load the same way, with their safetensors weights; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
+
+from ..checkpoint import CheckpointError, _hash_files, _read_config, _weight_files
+from ..config import UsageError
+from ..models import load_encoder
+from ..models.qwen2_vl import image_processor
+
+CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
+CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass
+class ChatModel:
+    """A generation-ready model: the stock transformers module in eval mode and its tokenizer."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    encoder_source: str | None  # what `ipcv_export.export` takes to build this model's encoder file
+    source: dict = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> dict:
+        """Image processor settings (the Qwen2-VL processor serves both families)."""
+        return image_processor(self.model.config.vision_config)
+
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    def prompt_ids(self, question: str, grids: torch.Tensor) -> torch.Tensor:
+        """[1, S] ids of Qwen's chat template for images + question, with each image's pad token
+        repeated once per merged token (as the stock processor does), ending in the assistant prefix."""
+        pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in range(len(grids)))
+        text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{pads}{question}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        pad = self.model.config.image_token_id
+        counts = iter((grids.prod(-1) // self.merge_size ** 2).tolist())
+        pieces = [torch.full((next(counts),), pad) if int(token) == pad else token.reshape(1) for token in ids]
+        return torch.cat(pieces)[None]
+
+
+def builtin_chat_models() -> dict[str, str]:
+    return {p.name: json.loads((p / "builtin.json").read_text())["description"]
+            for p in sorted(CHAT_DIR.iterdir()) if (p / "builtin.json").is_file()}
+
+
+def load_chat_model(model: str) -> ChatModel:
+    """A built-in chat model name or a local checkpoint folder -> ChatModel."""
+    if model in builtin_chat_models():
+        return _build_builtin(model)
+    path = Path(model)
+    if path.is_dir():
+        return _load_folder(path)
+    raise UsageError(f"unknown chat model {model!r}; use a checkpoint folder or a built-in: "
+                     f"{', '.join(builtin_chat_models())}")
+
+
+def _build_builtin(name: str) -> ChatModel:
+    folder = CHAT_DIR / name
+    spec = json.loads((folder / "builtin.json").read_text())
+    config = AutoConfig.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"])
+        model = AutoModelForImageTextToText.from_config(config)
+        _spread_language_weights(model)
+    if spec["encoder"]:
+        model.model.visual.load_state_dict(load_encoder(spec["encoder"]).module.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return ChatModel(model.eval(), tokenizer, spec["encoder"], {"builtin": name, "seed": spec["seed"], "random_weights": True})
+
+
+def _spread_language_weights(model: PreTrainedModel) -> None:
+    """Redraw the random language weights with a larger spread. With the default 0.02 the tiny
+    model's next-token logits nearly tie, so float noise of 1e-6 (an exported encoder vs. eager)
+    could flip greedy choices; spread weights keep generated tokens a meaningful comparison."""
+    for name, parameter in model.named_parameters():
+        if parameter.ndim == 2 and not name.startswith("model.visual"):
+            torch.nn.init.normal_(parameter, std=0.3)
+
+
+def _load_folder(folder: Path) -> ChatModel:
+    config = _read_config(folder)
+    if config.get("model_type") not in CHAT_MODEL_TYPES:
+        raise CheckpointError(f"{folder}: generation supports {', '.join(CHAT_MODEL_TYPES)} models, "
+                              f"not {config.get('model_type')!r}")
+    files = _weight_files(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                        dtype=torch.float32)
+    encoder = str(folder) if config["model_type"] == "qwen2_vl" else None
+    return ChatModel(model.eval(), tokenizer, encoder, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})

@@ -1,0 +1,168 @@
+"""Image(s) + prompt -> generated text, with IPCV in the encoder file and IVC-Prune in the LLM.
+
+The stock transformers model runs the LLM; its vision tower is swapped for the exported encoder
+file (`EncoderFileTower`), so the embeddings the LLM reads are exactly what production would feed
+it. `IvcPrune` then prunes the visual span during prefill. Every stage is timed and counted.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import runtime
+from ..config import IpcvConfig
+from ..tokens import RETENTION_SCALE, kept_count
+from .chat_models import ChatModel, load_chat_model
+from .prune_hooks import IvcPrune
+
+
+class EncoderFileTower(torch.nn.Module):
+    """Stands in for the model's vision module: runs an exported encoder file."""
+
+    def __init__(self, encoder: runtime.EncoderFile) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.spatial_merge_size = encoder.merge_size
+        self.dtype = torch.float32
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **_) -> BaseModelOutputWithPooling:
+        embeddings = self.encoder(pixel_values.float(), grid_thw)
+        return BaseModelOutputWithPooling(last_hidden_state=embeddings, pooler_output=embeddings)
+
+
+@dataclass
+class GenerationReport:
+    """What one `Pipeline.generate` call produced and cost."""
+
+    text: str
+    new_token_ids: list[int]
+    patches: int  # encoder input tokens (all images)
+    encoder_kept: int  # tokens the encoder's pruned blocks ran on (IPCV's K; = patches at rho 1)
+    visual_tokens: int  # tokens the LLM received for the images (IPCV restores all of them)
+    llm_visual_kept: int  # visual tokens of the first image the LLM kept from layer k on
+    prompt_tokens: int  # S
+    prompt_tokens_after: int  # S'
+    encoder_ms: float
+    prefill_ms: float  # LLM prefill, encoder excluded
+    decode_tokens_per_s: float
+    kv_cache_bytes: int  # after the last step
+
+    def lines(self) -> list[str]:
+        return [f"visual tokens: {self.patches} patches -> encoder blocks on {self.encoder_kept} -> "
+                f"{self.visual_tokens} to the LLM -> {self.llm_visual_kept} kept from the pruning layer on",
+                f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_after} after pruning",
+                f"encoder {self.encoder_ms:.1f} ms, prefill {self.prefill_ms:.1f} ms, "
+                f"decode {self.decode_tokens_per_s:.1f} tokens/s, KV cache {self.kv_cache_bytes / 2**20:.2f} MiB"]
+
+
+class Pipeline:
+    """`Pipeline("tiny-qwen2-vl-chat", retention=0.5, llm_retention=0.5).generate(images, prompt)`.
+
+    model: a built-in chat model or a checkpoint folder. encoder: an exported encoder file; when
+    omitted, the model's vision tower is exported at `retention` (ONNX, verified) into a temporary
+    folder. Families without an exportable encoder yet (Qwen2.5-VL) run their stock tower and
+    accept only retention 1.
+    """
+
+    def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 1.0,
+                 llm_retention: float = 0.5, llm_layer: int | None = None,
+                 report: Callable[[str], None] = print) -> None:
+        self.chat = model if isinstance(model, ChatModel) else load_chat_model(model)
+        self._workdir = None
+        self.tower = None
+        if encoder is None and self.chat.encoder_source is None:
+            if retention != 1.0:
+                raise ValueError("this model family has no exportable encoder yet: use retention 1")
+        else:
+            if encoder is None:
+                encoder = self._export_encoder(retention, report)
+            self.tower = EncoderFileTower(runtime.load(encoder))
+            self.chat.model.model.visual = self.tower
+        self.pruner = IvcPrune(self.chat.model, retention=llm_retention, layer=llm_layer)
+
+    def _export_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
+        from ..pipeline import export
+
+        self._workdir = tempfile.TemporaryDirectory(prefix="ipcv-encoder-")
+        path = Path(self._workdir.name) / "encoder.onnx"
+        export(self.chat.encoder_source, path, retention=retention, report=report)
+        return path
+
+    @property
+    def encoder_retention_e4(self) -> int:
+        """The encoder's retention (from its manifest); 10^4 for a stock tower or a bare file."""
+        manifest = self.tower.encoder.manifest if self.tower is not None else None
+        return IpcvConfig(retention=manifest["ipcv"]["retention"]).retention_e4 if manifest else RETENTION_SCALE
+
+    def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values, grid_thw) from PIL images with the model's image processor."""
+        import transformers
+
+        settings = self.chat.preprocessing
+        batch = getattr(transformers, settings["class"])(**settings["kwargs"])(images=list(images), return_tensors="pt")
+        return batch["pixel_values"].float(), batch["image_grid_thw"]
+
+    def generate(self, images, prompt: str, max_new_tokens: int = 32) -> GenerationReport:
+        pixel_values, grid = self.preprocess(images)
+        input_ids = self.chat.prompt_ids(prompt, grid)
+        model = self.chat.model
+        image_id = model.config.image_token_id
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+                  "image_grid_thw": grid, "mm_token_type_ids": (input_ids == image_id).int()}
+        calls: list[tuple[float, float]] = []
+        encoder_calls: list[tuple[float, float]] = []
+        timer = _time_calls(model, calls) + _time_calls(model.model.visual, encoder_calls)
+        try:
+            with self.pruner, torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     return_dict_in_generate=True)
+                record = self.pruner.last
+        finally:
+            for handle in timer:
+                handle.remove()
+        new = out.sequences[0, input_ids.shape[1]:].tolist()
+        patches = int(grid.prod(-1).sum())
+        visual = int((input_ids == image_id).sum())
+        # transformers may run the vision tower before the first forward call or inside it
+        prefill_s = _seconds([calls[0]]) - _overlap(calls[0], encoder_calls)
+        decode_s = _seconds(calls[1:])
+        return GenerationReport(
+            text=self.chat.tokenizer.decode(new, skip_special_tokens=True), new_token_ids=new, patches=patches,
+            encoder_kept=kept_count(patches, self.encoder_retention_e4), visual_tokens=visual,
+            llm_visual_kept=record.kept_visual if record else visual, prompt_tokens=input_ids.shape[1],
+            prompt_tokens_after=record.sequence_after if record else input_ids.shape[1],
+            encoder_ms=1e3 * _seconds(encoder_calls), prefill_ms=1e3 * prefill_s,
+            decode_tokens_per_s=(len(calls) - 1) / decode_s if decode_s else 0.0,
+            kv_cache_bytes=_cache_bytes(out.past_key_values))
+
+
+def _time_calls(model: torch.nn.Module, intervals: list[tuple[float, float]]) -> list:
+    """Hooks that append the (start, end) wall times of every forward call of `model`."""
+    started: list[float] = []
+
+    def before(module, args):
+        started.append(time.perf_counter())
+
+    def after(module, args, output):
+        intervals.append((started.pop(), time.perf_counter()))
+
+    return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+
+
+def _seconds(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def _overlap(call: tuple[float, float], intervals: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(call[1], end) - max(call[0], start)) for start, end in intervals)
+
+
+def _cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) if cache is not None else 0
