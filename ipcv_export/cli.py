@@ -1,4 +1,5 @@
-"""`ipcv-export`: a thin command line over `ipcv_export.export`."""
+"""`ipcv-export`: a thin command line over `ipcv_export.export`, and `ipcv-export generate` over
+`ipcv_export.Pipeline` (IPCV encoder file + IVC-Prune in the LLM)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = f"""examples:
   ipcv-export --model tiny-qwen2-vl --retention 0.5 -o encoder.onnx
+  ipcv-export generate --model tiny-qwen2-vl-chat --image photo.jpg --prompt "Describe it." \
+      --retention 0.5 --llm-retention 0.5     (see ipcv-export generate --help)
   ipcv-export --model ./Qwen2-VL-7B-Instruct --retention 0.35 --precision fp16 \\
       --min-patches 256 --opt-patches 5120 --max-patches 16384 -o qwen2vl.engine
 
@@ -89,7 +92,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+GENERATE_EPILOG = """The encoder file is exported from the model's vision tower at --retention (ONNX, verified)
+into a temporary folder unless --encoder names one. The LLM prunes the first image's tokens
+before layer --llm-layer (ivc-prune.md). Built-in chat models have random weights and a byte
+tokenizer: their text is noise, their token counts and timings are real.
+
+exit codes: 0 ok, 1 other failure, 2 bad option or input, 130 interrupted
+"""
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ipcv-export generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=GENERATE_EPILOG,
+                description="Answer a prompt about images with IPCV in the vision encoder and IVC-Prune in the "
+                            "LLM, and report visual token counts, encoder and prefill time, KV-cache size and "
+                            "decode speed.")
+    p.add_argument("--model", required=True, help="built-in chat model (see ipcv-export --list-models) or a local "
+                                                   "Qwen2-VL / Qwen2.5-VL checkpoint folder with tokenizer files")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="image file; repeat for several (only the first image's tokens are pruned in the LLM)")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--retention", type=_number(float), default=IpcvConfig().retention,
+                   help=f"IPCV retention in the encoder, in (0, 1] (default {IpcvConfig().retention})")
+    p.add_argument("--llm-retention", type=_number(float), default=0.5,
+                   help="IVC-Prune retention of the first image's tokens in the LLM, in (0, 1] (default 0.5)")
+    p.add_argument("--llm-layer", type=_number(int),
+                   help="decoder layer k before which the LLM prunes (default: 16 for 28-layer models, "
+                        "else about 4/7 of the depth)")
+    p.add_argument("--encoder", metavar="FILE", help="an encoder file exported by ipcv-export for this model")
+    p.add_argument("--max-new-tokens", type=_number(int), default=32, help="tokens to generate (default 32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the generated text")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
+    return p
+
+
+def generate_main(argv: list[str]) -> int:
+    try:
+        args = build_generate_parser().parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    if args.max_new_tokens < 1:
+        return _fail(EXIT_USAGE, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.verbose:
+        _quiet_libraries()
+    report = (lambda _line: None) if args.quiet else print
+    from .llm.pipeline import Pipeline
+
+    try:
+        images = [_read_image(path) for path in args.image]
+        pipeline = Pipeline(args.model, encoder=args.encoder, retention=args.retention,
+                            llm_retention=args.llm_retention, llm_layer=args.llm_layer, report=report)
+        result = pipeline.generate(images, args.prompt, max_new_tokens=args.max_new_tokens)
+    except UsageError as err:
+        return _fail(EXIT_USAGE, str(err))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    print(result.text if args.quiet else f"generated: {result.text!r}")
+    for line in result.lines():
+        report(line)
+    return EXIT_OK
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"image {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"image {path!r} cannot be read ({err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, --version, or a one-line usage error already printed
@@ -97,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         from .models import builtin_models
 
-        for name, description in builtin_models().items():
+        from .llm.chat_models import builtin_chat_models
+
+        for name, description in (builtin_models() | builtin_chat_models()).items():
             print(f"{name:24s} {description}")
         return EXIT_OK
     if not args.model or not args.output:
@@ -137,6 +218,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
 
 
 def _fail(code: int, message: str) -> int:

@@ -27,10 +27,7 @@ class IpcvConfig:
 
     def check(self, depth: int) -> "IpcvConfig":
         """Raise UsageError for a value outside its range for an encoder of `depth` blocks."""
-        if not isinstance(self.retention, (int, float)) or not 0 < self.retention <= 1:
-            raise UsageError(f"retention must be in (0, 1], got {self.retention!r}")
-        if self.retention_e4 < 1:
-            raise UsageError(f"retention must be at least 0.0001 (4 decimals are kept), got {self.retention!r}")
+        check_retention(self.retention)
         if not 1 <= self.prune_layer < depth:
             raise UsageError(f"prune layer must be in [1, {depth - 1}] for this {depth}-block encoder, got {self.prune_layer}")
         if self.as_depth < 0:
@@ -38,6 +35,15 @@ class IpcvConfig:
         if self.neighbors < 1:
             raise UsageError(f"neighbors must be >= 1, got {self.neighbors}")
         return self
+
+
+def check_retention(value: float, name: str = "retention") -> int:
+    """Retention as an integer count of 10^-4 (K = L * it // 10^4); UsageError unless in (0, 1]."""
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise UsageError(f"{name} must be in (0, 1], got {value!r}")
+    if round(value * RETENTION_SCALE) < 1:
+        raise UsageError(f"{name} must be at least 0.0001 (4 decimals are kept), got {value!r}")
+    return round(value * RETENTION_SCALE)
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")

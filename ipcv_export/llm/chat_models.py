@@ -22,6 +22,8 @@ from ..models.qwen2_vl import image_processor
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
 CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+"""One of these must exist: transformers would otherwise build an empty tokenizer without a word."""
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -101,6 +103,8 @@ def _load_folder(folder: Path) -> ChatModel:
         raise CheckpointError(f"{folder}: generation supports {', '.join(CHAT_MODEL_TYPES)} models, "
                               f"not {config.get('model_type')!r}")
     files = _weight_files(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no usable tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:

@@ -17,7 +17,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import runtime
-from ..config import IpcvConfig
+from ..config import UsageError, check_retention
 from ..tokens import RETENTION_SCALE, kept_count
 from .chat_models import ChatModel, load_chat_model
 from .prune_hooks import IvcPrune
@@ -26,14 +26,18 @@ from .prune_hooks import IvcPrune
 class EncoderFileTower(torch.nn.Module):
     """Stands in for the model's vision module: runs an exported encoder file."""
 
-    def __init__(self, encoder: runtime.EncoderFile) -> None:
+    def __init__(self, encoder: runtime.EncoderFile, width: int) -> None:
         super().__init__()
         self.encoder = encoder
+        self.width = width
         self.spatial_merge_size = encoder.merge_size
         self.dtype = torch.float32
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **_) -> BaseModelOutputWithPooling:
         embeddings = self.encoder(pixel_values.float(), grid_thw)
+        if embeddings.shape[-1] != self.width:
+            raise UsageError(f"encoder file {self.encoder.path.name} gives {embeddings.shape[-1]}-wide embeddings; "
+                             f"this model's LLM reads {self.width}: export the encoder from the same model")
         return BaseModelOutputWithPooling(last_hidden_state=embeddings, pooler_output=embeddings)
 
 
@@ -46,7 +50,7 @@ class GenerationReport:
     patches: int  # encoder input tokens (all images)
     encoder_kept: int  # tokens the encoder's pruned blocks ran on (IPCV's K; = patches at rho 1)
     visual_tokens: int  # tokens the LLM received for the images (IPCV restores all of them)
-    llm_visual_kept: int  # visual tokens of the first image the LLM kept from layer k on
+    llm_visual_kept: int  # visual tokens the LLM keeps from layer k on (only the first image is pruned)
     prompt_tokens: int  # S
     prompt_tokens_after: int  # S'
     encoder_ms: float
@@ -56,7 +60,7 @@ class GenerationReport:
 
     def lines(self) -> list[str]:
         return [f"visual tokens: {self.patches} patches -> encoder blocks on {self.encoder_kept} -> "
-                f"{self.visual_tokens} to the LLM -> {self.llm_visual_kept} kept from the pruning layer on",
+                f"{self.visual_tokens} to the LLM -> {self.llm_visual_kept} from its pruning layer on",
                 f"prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_after} after pruning",
                 f"encoder {self.encoder_ms:.1f} ms, prefill {self.prefill_ms:.1f} ms, "
                 f"decode {self.decode_tokens_per_s:.1f} tokens/s, KV cache {self.kv_cache_bytes / 2**20:.2f} MiB"]
@@ -74,16 +78,21 @@ class Pipeline:
     def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 1.0,
                  llm_retention: float = 0.5, llm_layer: int | None = None,
                  report: Callable[[str], None] = print) -> None:
+        check_retention(retention)
+        check_retention(llm_retention, "LLM retention")
+        if encoder is not None and not Path(encoder).is_file():
+            raise UsageError(f"encoder file {str(encoder)!r} does not exist")
         self.chat = model if isinstance(model, ChatModel) else load_chat_model(model)
         self._workdir = None
         self.tower = None
         if encoder is None and self.chat.encoder_source is None:
             if retention != 1.0:
-                raise ValueError("this model family has no exportable encoder yet: use retention 1")
+                raise UsageError("this model family has no exportable encoder yet (issue 8): use --retention 1")
         else:
             if encoder is None:
                 encoder = self._export_encoder(retention, report)
-            self.tower = EncoderFileTower(runtime.load(encoder))
+            width = self.chat.model.config.get_text_config().hidden_size
+            self.tower = EncoderFileTower(runtime.load(encoder), width)
             self.chat.model.model.visual = self.tower
         self.pruner = IvcPrune(self.chat.model, retention=llm_retention, layer=llm_layer)
 
@@ -99,7 +108,7 @@ class Pipeline:
     def encoder_retention_e4(self) -> int:
         """The encoder's retention (from its manifest); 10^4 for a stock tower or a bare file."""
         manifest = self.tower.encoder.manifest if self.tower is not None else None
-        return IpcvConfig(retention=manifest["ipcv"]["retention"]).retention_e4 if manifest else RETENTION_SCALE
+        return check_retention(manifest["ipcv"]["retention"]) if manifest else RETENTION_SCALE
 
     def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values, grid_thw) from PIL images with the model's image processor."""
@@ -110,12 +119,16 @@ class Pipeline:
         return batch["pixel_values"].float(), batch["image_grid_thw"]
 
     def generate(self, images, prompt: str, max_new_tokens: int = 32) -> GenerationReport:
-        pixel_values, grid = self.preprocess(images)
-        input_ids = self.chat.prompt_ids(prompt, grid)
         model = self.chat.model
         image_id = model.config.image_token_id
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
-                  "image_grid_thw": grid, "mm_token_type_ids": (input_ids == image_id).int()}
+        if images:
+            pixel_values, grid = self.preprocess(images)
+            visual_inputs = {"pixel_values": pixel_values, "image_grid_thw": grid}
+        else:
+            grid, visual_inputs = torch.zeros(0, 3, dtype=torch.int64), {}
+        input_ids = self.chat.prompt_ids(prompt, grid)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                  "mm_token_type_ids": (input_ids == image_id).int(), **visual_inputs}
         calls: list[tuple[float, float]] = []
         encoder_calls: list[tuple[float, float]] = []
         timer = _time_calls(model, calls) + _time_calls(model.model.visual, encoder_calls)
@@ -136,7 +149,7 @@ class Pipeline:
         return GenerationReport(
             text=self.chat.tokenizer.decode(new, skip_special_tokens=True), new_token_ids=new, patches=patches,
             encoder_kept=kept_count(patches, self.encoder_retention_e4), visual_tokens=visual,
-            llm_visual_kept=record.kept_visual if record else visual, prompt_tokens=input_ids.shape[1],
+            llm_visual_kept=visual - (record.visual - record.kept_visual if record else 0), prompt_tokens=input_ids.shape[1],
             prompt_tokens_after=record.sequence_after if record else input_ids.shape[1],
             encoder_ms=1e3 * _seconds(encoder_calls), prefill_ms=1e3 * prefill_s,
             decode_tokens_per_s=(len(calls) - 1) / decode_s if decode_s else 0.0,

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..config import IpcvConfig
+from ..config import UsageError, check_retention
 from .selector import select_static
 
 Selector = Callable[..., torch.Tensor]
@@ -85,8 +85,8 @@ class IvcPrune:
         self.layers = model.model.language_model.layers
         self.layer = default_prune_layer(len(self.layers)) if layer is None else layer
         if not 1 <= self.layer < len(self.layers):
-            raise ValueError(f"pruning layer must be in [1, {len(self.layers) - 1}], got {self.layer}")
-        self.retention_e4 = IpcvConfig(retention=retention).retention_e4
+            raise UsageError(f"LLM pruning layer must be in [1, {len(self.layers) - 1}], got {self.layer}")
+        self.retention_e4 = check_retention(retention, "LLM retention")
         self.query_offset = query_offset
         self.selector = selector
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

@@ -74,6 +74,12 @@ def _top(score: torch.Tensor, count: int) -> set[int]:
     return set(order[:count])
 
 
+def ivc_tokens(positions: torch.Tensor, count: int, head_dim: int, rope_theta: float) -> set[int]:
+    """IVC_cos | IVC_sin: the `count` best of each score (step 2); a function of positions only."""
+    c, s = ivc_scores(positions, head_dim, rope_theta)
+    return _top(c, count) | _top(s, count)
+
+
 def select_reference(positions: torch.Tensor, visual_values: torch.Tensor, query_values: torch.Tensor,
                      retention_e4: int, head_dim: int, rope_theta: float) -> torch.Tensor:
     """Ascending indices (into the visual span) of the K kept visual tokens.
@@ -82,8 +88,7 @@ def select_reference(positions: torch.Tensor, visual_values: torch.Tensor, query
     the span; query_values [T, H, d]: its values of the query rows [a+L+delta, S).
     """
     counts = Counts.of(positions.shape[1], retention_e4)
-    c, s = ivc_scores(positions, head_dim, rope_theta)
-    priority = _top(c, counts.ivc_per_kind) | _top(s, counts.ivc_per_kind)
+    priority = ivc_tokens(positions, counts.ivc_per_kind, head_dim, rope_theta)
     queries = visual_attention(query_values, visual_values)
     seeds = sorted(_top(queries.mean(0), counts.seeds))
     priority |= set(seeds)

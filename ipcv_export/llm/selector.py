@@ -13,6 +13,8 @@ import torch
 from ..tokens import RETENTION_SCALE, select_tokens
 from .selection_reference import foreground_score, ivc_scores, visual_attention
 
+TOPK_LIMIT = 3840
+"""TensorRT's largest TopK K; the selector's TopKs stay below it for L <= 16384."""
 PRIORITY_KEY = 2.0
 """Ranking key of the priority set: above every foreground score, which is a mean of softmax
 probabilities and so at most 1."""

@@ -1,0 +1,114 @@
+"""End to end: encoder file + IVC-Prune + generate, checkpoint folders, and `ipcv-export generate`."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipcv_export.checkpoint import CheckpointError
+from ipcv_export.cli import main
+from ipcv_export.llm.chat_models import load_chat_model
+from ipcv_export.llm.pipeline import Pipeline
+
+PROMPT = "What is in the picture?"
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (140, 112)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def unpruned():
+    return Pipeline("tiny-qwen2-vl-chat", retention=1.0, llm_retention=1.0, report=lambda _: None)
+
+
+def test_unpruned_pipeline_generates_the_stock_tokens(unpruned):
+    images = [photo()]
+    result = unpruned.generate(images, PROMPT, max_new_tokens=10)
+    stock = load_chat_model("tiny-qwen2-vl-chat")
+    pixel_values, grid = unpruned.preprocess(images)
+    ids = stock.prompt_ids(PROMPT, grid)
+    out = stock.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                               image_grid_thw=grid, mm_token_type_ids=(ids == stock.model.config.image_token_id).int(),
+                               max_new_tokens=10, do_sample=False)
+    assert result.new_token_ids == out[0, ids.shape[1]:].tolist()
+    assert (result.patches, result.encoder_kept, result.visual_tokens, result.llm_visual_kept) == (80, 80, 20, 20)
+    assert result.prompt_tokens_after == result.prompt_tokens == ids.shape[1]
+
+
+def test_report_counts_every_stage(unpruned):
+    pruning = Pipeline(unpruned.chat, encoder=unpruned.tower.encoder.path, llm_retention=0.35)
+    result = pruning.generate([photo(1, (224, 168))], PROMPT, max_new_tokens=4)
+    assert result.patches == 16 * 12 and result.visual_tokens == 48
+    assert result.encoder_kept == 192  # this encoder file was exported at retention 1
+    assert result.llm_visual_kept == 17 and result.prompt_tokens_after == result.prompt_tokens - 31
+    assert result.kv_cache_bytes == 4 * 2 * 2 * 12 * 4 * (result.prompt_tokens_after + 3)  # layers, K+V, heads, d, fp32
+    assert len(result.new_token_ids) == 4 and result.prefill_ms > 0 and result.decode_tokens_per_s > 0
+
+
+def test_qwen25_runs_its_stock_tower_and_refuses_encoder_retention():
+    result = Pipeline("tiny-qwen2.5-vl-chat", llm_retention=0.5).generate([photo(2)], PROMPT, max_new_tokens=3)
+    assert result.visual_tokens == 20 and result.llm_visual_kept == 10 and result.encoder_kept == result.patches
+    with pytest.raises(ValueError, match="no exportable encoder"):
+        Pipeline("tiny-qwen2.5-vl-chat", retention=0.5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2-vl-chat")
+    chat = load_chat_model("tiny-qwen2-vl-chat")
+    chat.model.save_pretrained(folder)
+    chat.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_checkpoint_folder_loads_the_same_model(checkpoint):
+    loaded, builtin = load_chat_model(str(checkpoint)), load_chat_model("tiny-qwen2-vl-chat")
+    ids = builtin.prompt_ids(PROMPT, torch.zeros(0, 3, dtype=torch.int64))
+    assert torch.equal(loaded.prompt_ids(PROMPT, torch.zeros(0, 3, dtype=torch.int64)), ids)
+    assert torch.equal(loaded.model(input_ids=ids).logits, builtin.model(input_ids=ids).logits)
+    assert loaded.encoder_source == str(checkpoint) and "weights_sha256" in loaded.source
+
+
+def test_checkpoint_folder_problems_are_one_line_errors(checkpoint, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, no_tokenizer / name)
+    with pytest.raises(CheckpointError, match="no usable tokenizer"):
+        load_chat_model(str(no_tokenizer))
+    (no_tokenizer / "model.safetensors").rename(no_tokenizer / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_chat_model(str(no_tokenizer))
+    with pytest.raises(ValueError, match="unknown chat model"):
+        load_chat_model("no-such-model")
+
+
+def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    photo(3).save(image)
+    code = main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT,
+                 "--retention", "0.5", "--llm-retention", "0.5", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "80 patches -> encoder blocks on 40 -> 20 to the LLM -> 10 from its pruning layer on" in out
+    assert "generated: " in out and "tokens/s" in out and "KV cache" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "missing.png"], "does not exist"),
+    (["--llm-retention", "1.5"], "LLM retention must be in (0, 1]"),
+    (["--encoder", "missing.onnx"], "encoder file 'missing.onnx' does not exist"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--llm-layer", "9"], "LLM pruning layer must be in [1, 3]"),
+])
+def test_cli_generate_usage_errors(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "--model", "tiny-qwen2.5-vl-chat", "--prompt", "hi", "--retention", "1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
