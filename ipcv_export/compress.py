@@ -10,7 +10,7 @@ from . import tokens
 from .capture import dynamic_shapes, example_inputs, export_symbolic
 from .config import IpcvConfig
 from .models import LoadedEncoder
-from .passes import ipcv_passes, run_passes
+from .passes import RemoveNoOpCastsPass, ipcv_passes, run_passes
 from .passes import _graph
 
 OUTPUT_NAMES = ["embeddings", "kept_index", "neighbor_index"]
@@ -48,7 +48,7 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     config.check(encoder.depth)
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
-        gm = run_passes(gm, ipcv_passes(config, encoder.description, encoder.depth))
+        gm = run_passes(gm, [RemoveNoOpCastsPass(), *ipcv_passes(config, encoder.description, encoder.depth)])
     expose_selection(gm, config.neighbors)
     shapes = dynamic_shapes(encoder, tokens.min_tokens(config.retention_e4))
     return export_symbolic(gm, example_inputs(encoder), shapes)

@@ -167,7 +167,8 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
         for grid in tqdm(VERIFY_GRIDS, desc="verify", leave=False, disable=not sys.stderr.isatty()):
             grid_thw = torch.tensor(grid)
             pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
-            checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance))
+            checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance,
+                                       encoder.description.block_segments))
             if verbose:
                 report(f"  grid {grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
     return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),

@@ -8,6 +8,7 @@ attention, one segment at a time) wherever a block runs unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
+
+BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass
@@ -29,24 +32,28 @@ class ReferenceResult:
 @torch.no_grad()
 def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                    config: IpcvConfig, neighbors: torch.Tensor | None = None,
-                   keep: torch.Tensor | None = None) -> ReferenceResult:
-    """Run the encoder `visual` (stock Qwen2-VL vision module) with IPCV.
+                   keep: torch.Tensor | None = None, block_segments: BlockSegments | None = None) -> ReferenceResult:
+    """Run the encoder `visual` (a stock Qwen2-VL-style vision module) with IPCV.
+
+    `block_segments` is the model description's per-block attention segments (window ids in a
+    windowed tower's window blocks); by default every block attends within each image.
 
     `neighbors` and `keep` replace the neighbour search's and the selection's results, so that a
     file whose discrete choices differ from ours (equally distant neighbours; or, in fp16/bf16,
     scores computed from rounded states) can be compared value by value (see verify.py).
     """
     grid = check_grid(grid_thw, visual.spatial_merge_size)
-    seg = segment_ids(grid)
-    x = visual.patch_embed(pixel_values)
-    cos, sin = visual.rotary_pos_emb(x, position_ids(grid, visual.spatial_merge_size))
+    positions, images = position_ids(grid, visual.spatial_merge_size), segment_ids(grid)
     blocks = list(visual.blocks)
+    segs = block_segments(visual.config, positions, images) if block_segments else [images] * len(blocks)
+    x = visual.patch_embed(pixel_values)
+    cos, sin = visual.rotary_pos_emb(x, positions)
     n = x.shape[0]
 
     # Blocks before the pruning point run unchanged.
-    for block in blocks[:config.prune_layer - 1]:
+    for block, seg in zip(blocks[:config.prune_layer - 1], segs):
         x = _stock_block(block, x, cos, sin, seg)
-    x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, seg)
+    x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, segs[config.prune_layer - 1])
 
     # 1. Prune: keep the K tokens that block l_p-1 changed most (ties to the lower index).
     score = (x_after.float() - x.float()).pow(2).sum(-1)
@@ -76,9 +83,9 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(blocks)))
     for index in range(config.prune_layer, len(blocks)):
         if index in stabilized:
-            y = _stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, seg)
+            y = _stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, segs[index])
         else:
-            y = _stock_block(blocks[index], y, cos[keep], sin[keep], seg[keep])
+            y = _stock_block(blocks[index], y, cos[keep], sin[keep], segs[index][keep])
 
     # 5. Reintegrate every token in its place, then the merger as it is.
     return ReferenceResult(visual.merger(full_sequence(y)), keep, neighbors, distances)
@@ -86,11 +93,14 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
 
 def _stock_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  seg: torch.Tensor) -> torch.Tensor:
-    """The block's own forward; segments are contiguous runs, so cu_seqlens describes them."""
-    counts = torch.bincount(seg)
-    counts = counts[counts > 0]
+    """The block's own forward. Its attention takes contiguous runs (cu_seqlens), so tokens are
+    grouped by segment first (a stable sort: the identity when segments are already runs) and
+    put back after; everything else in a block acts on each token alone."""
+    order = torch.sort(seg, stable=True).indices
+    counts = torch.unique_consecutive(seg[order], return_counts=True)[1]
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    return block(x, cu_seqlens=cu, position_embeddings=(cos, sin))
+    out = block(x[order], cu_seqlens=cu, position_embeddings=(cos[order], sin[order]))
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 def _stabilized_block(block: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,

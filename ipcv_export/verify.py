@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .config import IpcvConfig
-from .reference import ipcv_reference
+from .reference import BlockSegments, ipcv_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -55,25 +56,26 @@ class ParityCheck:
 
 def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], visual: torch.nn.Module,
                  config: IpcvConfig, grid_thw: torch.Tensor, pixel_values: torch.Tensor,
-                 tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
+                 tolerance: Tolerance = TOLERANCES["fp32"], block_segments: BlockSegments | None = None) -> ParityCheck:
     """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare."""
     grid = grid_thw.tolist()
+    reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, block_segments=block_segments)
     embeddings, kept, neighbors = (torch.as_tensor(t).cpu() for t in run(pixel_values, grid_thw))
     embeddings = embeddings.float()
-    reference = ipcv_reference(visual, pixel_values, grid_thw, config)
+    reference = reference_of()
     kept = kept.long().sort().values
     agreement = torch.isin(reference.keep, kept).float().mean().item() if len(kept) else 1.0
     k_prime = reference.neighbors.shape[1]
     neighbors = neighbors[:, :k_prime].long().reshape(-1, k_prime)
     if not tolerance.exact_selection:
-        reference = ipcv_reference(visual, pixel_values, grid_thw, config, neighbors=neighbors, keep=kept)
+        reference = reference_of(neighbors=neighbors, keep=kept)
         return _compare_values(grid, embeddings, reference, tolerance, 0, agreement)
     if not torch.equal(kept, reference.keep):
         missing = len(set(reference.keep.tolist()) - set(kept.tolist()))
         raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {len(reference.keep)} tokens")
     tied = _tied_rows(neighbors, reference)
     if len(tied):
-        reference = ipcv_reference(visual, pixel_values, grid_thw, config, neighbors=neighbors)
+        reference = reference_of(neighbors=neighbors)
     return _compare_values(grid, embeddings, reference, tolerance, len(tied), agreement)
 
 

@@ -21,3 +21,17 @@ def test_counted_flops_are_the_cost_model(config, tiny, captured):
 def test_original_cost(tiny, captured):
     assert program_flops(captured, tiny.input_width, 1024) == tiny.description.flop_floor(
         tiny.module.config, 10_000, 1, 0, 1024)
+
+
+@pytest.mark.parametrize("config", [IpcvConfig(0.5), IpcvConfig(0.35, 2, 3, 4), IpcvConfig(1.0)], ids=str)
+def test_windowed_tower_counts_are_its_cost_model(config):
+    """Qwen2.5-VL: gated MLP, RMSNorm, window blocks (dense masked attention, as full blocks)."""
+    from ipcv_export.capture import capture
+    from ipcv_export.models import load_encoder
+
+    tiny25 = load_encoder("tiny-qwen2.5-vl")
+    program = compress(capture(tiny25), tiny25, config)
+    for tokens in (256, 1024):
+        floor = tiny25.description.flop_floor(tiny25.module.config, config.retention_e4, config.prune_layer,
+                                              config.as_depth, tokens)
+        assert program_flops(program, tiny25.input_width, tokens) == floor, tokens

@@ -33,7 +33,7 @@ class ChatModel:
 
     model: PreTrainedModel
     tokenizer: object
-    encoder_source: str | None  # what `ipcv_export.export` takes to build this model's encoder file
+    encoder_source: str  # what `ipcv_export.export` takes to build this model's encoder file
     source: dict = field(default_factory=dict)
 
     @property
@@ -82,8 +82,7 @@ def _build_builtin(name: str) -> ChatModel:
         torch.manual_seed(spec["seed"])
         model = AutoModelForImageTextToText.from_config(config)
         _spread_language_weights(model)
-    if spec["encoder"]:
-        model.model.visual.load_state_dict(load_encoder(spec["encoder"]).module.state_dict())
+    model.model.visual.load_state_dict(load_encoder(spec["encoder"]).module.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return ChatModel(model.eval(), tokenizer, spec["encoder"], {"builtin": name, "seed": spec["seed"], "random_weights": True})
 
@@ -111,5 +110,4 @@ def _load_folder(folder: Path) -> ChatModel:
         raise CheckpointError(f"{folder}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
     model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                         dtype=torch.float32)
-    encoder = str(folder) if config["model_type"] == "qwen2_vl" else None
-    return ChatModel(model.eval(), tokenizer, encoder, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})
+    return ChatModel(model.eval(), tokenizer, str(folder), {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})

@@ -71,8 +71,7 @@ class Pipeline:
 
     model: a built-in chat model or a checkpoint folder. encoder: an exported encoder file; when
     omitted, the model's vision tower is exported at `retention` (ONNX, verified) into a temporary
-    folder. Families without an exportable encoder yet (Qwen2.5-VL) run their stock tower and
-    accept only retention 1.
+    folder that lives as long as the pipeline.
     """
 
     def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 1.0,
@@ -83,18 +82,13 @@ class Pipeline:
         if encoder is not None and not Path(encoder).is_file():
             raise UsageError(f"encoder file {str(encoder)!r} does not exist")
         self.chat = model if isinstance(model, ChatModel) else load_chat_model(model)
-        self._workdir = None
-        self.tower = None
-        if encoder is None and self.chat.encoder_source is None:
-            if retention != 1.0:
-                raise UsageError("this model family has no exportable encoder yet (issue 8): use --retention 1")
-        else:
-            if encoder is None:
-                encoder = self._export_encoder(retention, report)
-            width = self.chat.model.config.get_text_config().hidden_size
-            self.tower = EncoderFileTower(runtime.load(encoder), width)
-            self.chat.model.model.visual = self.tower
         self.pruner = IvcPrune(self.chat.model, retention=llm_retention, layer=llm_layer)
+        self._workdir = None
+        if encoder is None:
+            encoder = self._export_encoder(retention, report)
+        width = self.chat.model.config.get_text_config().hidden_size
+        self.tower = EncoderFileTower(runtime.load(encoder), width)
+        self.chat.model.model.visual = self.tower
 
     def _export_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
         from ..pipeline import export
@@ -106,8 +100,8 @@ class Pipeline:
 
     @property
     def encoder_retention_e4(self) -> int:
-        """The encoder's retention (from its manifest); 10^4 for a stock tower or a bare file."""
-        manifest = self.tower.encoder.manifest if self.tower is not None else None
+        """The encoder's retention (from its manifest); 10^4 for a file without one."""
+        manifest = self.tower.encoder.manifest
         return check_retention(manifest["ipcv"]["retention"]) if manifest else RETENTION_SCALE
 
     def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:

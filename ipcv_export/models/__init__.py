@@ -10,9 +10,10 @@ import torch
 
 from ..config import UsageError
 from .description import ModelDescription
+from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL,)}
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 

@@ -25,6 +25,9 @@ class ModelDescription:
         None; attention-stabilised blocks then compute queries for kept rows only.
     flop_floor: (vision config, retention_e4, l_p, Delta, N) -> FLOPs of ipcv.md's cost model,
         the figure benchmarks hold the counted graph against.
+    block_segments: (vision config, position_ids, segment_ids) -> one [N] segment-id tensor per
+        block (attention stays within a segment); None: every block attends within each image.
+        Windowed towers give window ids in their window blocks.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     """
@@ -39,3 +42,4 @@ class ModelDescription:
     image_processor: Callable[[Any], dict]
     query_projection: tuple[str, int, int] | None = None
     flop_floor: Callable[..., int] | None = None
+    block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None

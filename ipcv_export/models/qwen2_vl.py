@@ -18,7 +18,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .. import ops
-from ..tokens import kept_count
+from .cost import TowerShape, ipcv_flops
 from .description import ModelDescription
 
 
@@ -62,24 +62,11 @@ def image_processor(config: Qwen2VLVisionConfig) -> dict:
 
 
 def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
-    """ipcv.md's cost model, counted as the FLOP counter does (2 per multiply-add, matrix products
-    only), for one segment of `tokens` patches: what an exact IPCV graph must cost at least."""
-    d, hidden, merged = config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.embed_dim * config.spatial_merge_size ** 2
-    width = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
-
-    def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
-        return 2 * d * (queries * d + keys * 2 * d) + 4 * queries * keys * d + 2 * queries * d * d + 4 * queries * d * hidden
-
-    n = tokens
-    kept = kept_count(n, retention_e4)
-    embed = 2 * n * width * d
-    merger = 2 * (n // config.spatial_merge_size ** 2) * merged * (merged + config.hidden_size)
-    if kept == n:
-        return embed + config.depth * block(n, n) + merger
-    stabilized = min(as_depth, config.depth - prune_layer)
-    neighbour_search = 2 * (n - kept) * kept * d
-    return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
-            + (config.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + merger)
+    """ipcv.md's cost model for this tower (see `cost.ipcv_flops`); MLP: fc1 and fc2 of width d * mlp_ratio."""
+    d = config.embed_dim
+    shape = TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
+                       2 * d * int(d * config.mlp_ratio), config.spatial_merge_size, config.hidden_size)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
 
 
 QWEN2_VL = ModelDescription(

@@ -15,13 +15,14 @@ from .annotate_blocks import AnnotateBlocksPass
 from .prune_tokens import PruneTokensPass
 from .reconstruct_tokens import ReconstructTokensPass
 from .reintegrate_tokens import ReintegrateTokensPass
+from .remove_noop_casts import RemoveNoOpCastsPass
 from .stabilize_attention import StabilizeAttentionPass
 
-__all__ = ["ipcv_passes", "run_passes"]
+__all__ = ["ipcv_passes", "run_passes", "RemoveNoOpCastsPass"]
 
 
 def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int) -> list:
-    """The ordered pass list for one configuration of an encoder family."""
+    """The ordered pass list for one configuration of an encoder family: ipcv.md's steps."""
     return [
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth),

@@ -10,7 +10,7 @@ from ipcv_export.config import UsageError
 from ipcv_export.llm.prune_hooks import IvcPrune, default_prune_layer
 from ipcv_export.llm.selection_reference import Counts, ivc_tokens, select_reference
 
-from chat_inputs import greedy, image_inputs
+from chat_fixtures import chat, greedy, image_inputs, qwen2_chat  # noqa: F401 (fixtures)
 
 STOCK_TOLERANCE = 1e-5  # issue 6: logits at rho = 1 equal the stock model's
 RECOMPUTE_TOLERANCE = 1e-4  # cache vs recompute: same arithmetic in a different order

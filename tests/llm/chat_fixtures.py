@@ -1,10 +1,26 @@
-"""Inputs for the tiny chat models as the stock processor would build them."""
+"""The tiny chat models (built once per session) and their inputs as the stock processor builds them.
+
+Imported by the test modules here rather than kept in a conftest.py: a second conftest module
+would shadow the top-level one that other tests import helpers from."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ipcv_export.llm.chat_models import ChatModel
+from ipcv_export.llm.chat_models import ChatModel, load_chat_model
+
+CHAT_MODELS = ["tiny-qwen2-vl-chat", "tiny-qwen2.5-vl-chat"]
+
+
+@pytest.fixture(scope="session", params=CHAT_MODELS)
+def chat(request) -> ChatModel:
+    return load_chat_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen2_chat() -> ChatModel:
+    return load_chat_model("tiny-qwen2-vl-chat")
 
 
 def image_inputs(chat: ChatModel, grids: list[list[int]], question: str = "What is in it?", seed: int = 0) -> dict:

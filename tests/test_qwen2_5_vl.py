@@ -1,0 +1,80 @@
+"""Qwen2.5-VL's windowed tower through the same capture, passes and checks as Qwen2-VL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ipcv_export import export
+from ipcv_export.config import IpcvConfig
+from ipcv_export.inputs import engine_inputs
+from ipcv_export.models import load_encoder
+from ipcv_export.models.qwen2_5_vl import block_segments
+from ipcv_export.reference import ipcv_reference, stock_reference
+
+# single image with partial windows at the bottom and right, two images, a video of 2 slices
+GRIDS = [[[1, 20, 28]], [[1, 8, 8], [1, 12, 18]], [[2, 10, 16]]]
+STOCK_TOLERANCE = 1e-5  # fp32, same operations in a different grouping of tokens
+
+
+@pytest.fixture(scope="module")
+def tiny25():
+    return load_encoder("tiny-qwen2.5-vl")
+
+
+def _inputs(encoder, grid, seed=0):
+    grid = torch.tensor(grid)
+    positions, segments = engine_inputs(grid, encoder.merge_size)
+    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(seed))
+    return grid, pixels, positions, segments
+
+
+def test_window_segments_tile_each_slice(tiny25):
+    grid, _, positions, segments = _inputs(tiny25, [[1, 20, 28], [2, 8, 8]])
+    per_block = block_segments(tiny25.module.config, positions, segments)
+    full = tiny25.module.config.fullatt_block_indexes
+    assert [torch.equal(s, segments) for s in per_block] == [i in full for i in range(tiny25.depth)]
+    windows = per_block[0]
+    assert len(windows.unique()) == 3 * 4 + 2  # 20 x 28 patches in 8 x 8 windows, then one per 8 x 8 slice
+    first = windows[segments == 0].reshape(-1)
+    assert len(first[(positions[segments == 0] < 8).all(-1)].unique()) == 1  # the top-left window
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_exportable_module_and_reference_equal_the_stock_tower(tiny25, grid):
+    grid_thw, pixels, positions, segments = _inputs(tiny25, grid)
+    stock = stock_reference(tiny25.module, pixels, grid_thw)
+    with tiny25.description.attention_context(tiny25.module):
+        exportable = tiny25.description.exportable(tiny25.module)(pixels, positions, segments)
+    reference = ipcv_reference(tiny25.module, pixels, grid_thw, IpcvConfig(retention=1.0),
+                               block_segments=block_segments).embeddings
+    assert (exportable - stock).abs().max() <= STOCK_TOLERANCE
+    assert (reference - stock).abs().max() <= STOCK_TOLERANCE
+
+
+def test_windows_matter(tiny25):
+    """Guards the test above: treating every block as full attention changes the output."""
+    grid_thw, pixels, _, _ = _inputs(tiny25, GRIDS[0])
+    everywhere_full = ipcv_reference(tiny25.module, pixels, grid_thw, IpcvConfig(retention=1.0)).embeddings
+    assert (everywhere_full - stock_reference(tiny25.module, pixels, grid_thw)).abs().max() > 1e-3
+
+
+def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path):
+    result = export("tiny-qwen2.5-vl", tmp_path / "q25.onnx", retention=0.35, report=lambda _: None)
+    manifest = json.loads((tmp_path / "q25.onnx.json").read_text())
+    assert manifest["architecture"] == "qwen2_5_vl"
+    assert result.manifest["verification"]["verified"] and result.manifest["verification"]["worst_abs_diff"] <= 1e-4
+    assert manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]["findings"]
+
+
+def test_checkpoint_folder_loads_the_tower(tmp_path, tiny25):
+    from ipcv_export.llm.chat_models import load_chat_model
+
+    chat = load_chat_model("tiny-qwen2.5-vl-chat")
+    chat.model.save_pretrained(tmp_path)
+    loaded = load_encoder(str(tmp_path))
+    assert loaded.description.architecture == "qwen2_5_vl"
+    grid_thw, pixels, _, _ = _inputs(tiny25, GRIDS[1])
+    assert torch.equal(stock_reference(loaded.module, pixels, grid_thw), stock_reference(tiny25.module, pixels, grid_thw))
