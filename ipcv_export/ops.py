@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from .tokens import row_chunks
+
 ATTENTION_NAME = "ipcv_flash_segments"
 
 
@@ -35,11 +37,18 @@ def _segment_attention_fake(query, key, value, segment_q, segment_k, scale):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
+QUERY_CHUNKS = 8
+"""The decomposition attends in this many slices of the queries, one after the other, so the
+largest intermediate is [heads, Nq / 8, Nk] rather than [heads, Nq, Nk]: at N = 16384 on a
+16-head tower, 2.1 GB per score tensor instead of 17 GB. Same arithmetic, same FLOPs."""
+
+
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       segment_q: torch.Tensor, segment_k: torch.Tensor, scale: float) -> torch.Tensor:
-    mask = segment_q[:, None] == segment_k[None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+    slices = zip(row_chunks(query, QUERY_CHUNKS, dim=2), row_chunks(segment_q, QUERY_CHUNKS))
+    out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=seg[:, None] == segment_k[None, :],
+                                                            scale=scale) for q, seg in slices]
+    return torch.cat(out, 2).transpose(1, 2)
 
 
 def decompositions() -> dict:

@@ -87,14 +87,32 @@ def _count_up_to(mask: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(mask.to(torch.float32), 0).to(torch.int64)
 
 
+NEIGHBOR_CHUNKS = 8
+"""The neighbour search handles the removed tokens in this many slices, one after the other, so
+its largest intermediate is [R / 8, K] distances: 0.5 GB at N = 65536, rho = 0.5."""
+
+
 def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
     """[R, k] indices into `kept` ([K, D]) of each removed token's nearest kept tokens (fp32 L2).
 
     When K < k only the first K columns are real neighbours; the others hold the index K, one past
     the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
     """
-    kept, removed = kept.float(), removed.float()
-    dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.T + (kept * kept).sum(-1)[None, :]
+    kept = kept.float()
+    kept_norms = (kept * kept).sum(-1)[None, :]
+    return torch.cat([_nearest(kept, kept_norms, chunk.float(), neighbors) for chunk in row_chunks(removed, NEIGHBOR_CHUNKS)])
+
+
+def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]:
+    """`chunks` consecutive slices of x along `dim`, sizes differing by at most one (some may be
+    empty). Bounds are i * n // chunks, so a symbolic n needs no guard on its divisibility."""
+    n = x.shape[dim]
+    bounds = [i * n // chunks for i in range(chunks + 1)]
+    return [x.narrow(dim, start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+
+
+def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
+    dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.T + kept_norms
     padding = torch.full((dist.shape[0], neighbors), float("inf"), device=dist.device)
     index = torch.topk(torch.cat([dist, padding], 1), neighbors, dim=-1, largest=False, sorted=True).indices
     return torch.minimum(index, torch.scalar_tensor(kept.shape[0], dtype=index.dtype, device=index.device))

@@ -50,6 +50,26 @@ def test_nearest_kept_matches_cdist_and_pads_when_k_exceeds_kept():
     assert (few[:, 3:] == 3).all() and torch.equal(few[:, :3].sort(-1).values, torch.arange(3).expand(30, 3))
 
 
+def test_chunked_neighbour_search_handles_fewer_rows_than_chunks():
+    g = torch.Generator().manual_seed(2)
+    kept = torch.randn(20, 4, generator=g)
+    for rows in (0, 1, 3, tokens.NEIGHBOR_CHUNKS + 1):
+        removed = torch.randn(rows, 4, generator=g)
+        index = tokens.nearest_kept(kept, removed, 5)
+        assert index.shape == (rows, 5)
+        if rows:
+            expected = torch.cdist(removed, kept).topk(5, largest=False).indices
+            assert torch.equal(index.sort(-1).values, expected.sort(-1).values)
+
+
+def test_row_chunks_cover_every_row_once_in_order():
+    x = torch.arange(13)
+    for chunks in (1, 4, 8, 20):
+        parts = tokens.row_chunks(x, chunks)
+        assert len(parts) == chunks and torch.equal(torch.cat(parts), x)
+        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
 def test_reconstruct_is_mean_neighbour_drift_and_ignores_padding():
     g = torch.Generator().manual_seed(1)
     then, now, removed = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(2, 5, generator=g)
@@ -68,3 +88,16 @@ def test_select_tokens_over_the_whole_fp32_range():
     score[1::89] = score[1]
     for k in (1, 7, 500, 1999, 2000, 3999, 4000):
         assert torch.equal(tokens.select_tokens(score, k)[0], _reference_keep(score, k))
+
+
+def test_chunked_attention_decomposition_equals_one_sdpa():
+    from ipcv_export.ops import QUERY_CHUNKS, decompositions
+
+    attention = decompositions()[torch.ops.ipcv.segment_attention.default]
+    g = torch.Generator().manual_seed(3)
+    for queries in (1, QUERY_CHUNKS - 1, 50):
+        q = torch.randn(1, 2, queries, 8, generator=g)
+        k, v = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
+        seg_q, seg_k = torch.randint(0, 3, (queries,), generator=g), torch.arange(40) % 3
+        whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seg_q[:, None] == seg_k, scale=0.3)
+        torch.testing.assert_close(attention(q, k, v, seg_q, seg_k, 0.3), whole.transpose(1, 2), atol=1e-6, rtol=0)

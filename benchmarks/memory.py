@@ -1,0 +1,77 @@
+"""Peak memory of one ONNX Runtime CPU run of the IPCV file and the original file (issue 7, target 3).
+
+    .venv/bin/python benchmarks/memory.py --model qwen2-vl-7b-shape --tokens 16384 --retentions 0.5
+
+Exports the files with this tool (verified as usual; --folder reuses files already there), then
+runs each file once per N in a fresh process (so one run's peak does not hide another's) and
+prints that process's peak resident set size and the run's wall time. Single image, 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import ipcv_export
+from ipcv_export.models import load_encoder
+
+from cpu_latency import image_shape
+
+
+def run_once(path: str, tokens: int, merge: int, width: int, threads: int, result) -> None:
+    """Child process: one session, one run; reports (peak RSS bytes, seconds)."""
+    import onnxruntime
+    import torch
+
+    from ipcv_export.inputs import engine_inputs
+
+    grid = torch.tensor([[1, *image_shape(tokens, merge)]])
+    positions, segments = engine_inputs(grid, merge)
+    pixels = torch.randn(len(segments), width, generator=torch.Generator().manual_seed(0))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    session.run(None, {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(),
+                       "segment_ids": segments.numpy()})
+    seconds = time.perf_counter() - start
+    result.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2-vl-7b-shape")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.5], help="1 measures the original file")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
+    encoder = load_encoder(args.model)
+    context = multiprocessing.get_context("spawn")
+    print(f"{'rho':>5s} {'N':>6s} {'peak RSS GB':>11s} {'run s':>7s}")
+    for retention in args.retentions:
+        path = folder / f"rho{retention}.onnx"
+        if not path.exists():
+            ipcv_export.export(encoder, path, retention=retention, report=lambda _line: None)
+        for tokens in args.tokens:
+            result = context.Queue()
+            child = context.Process(target=run_once, args=(str(path), tokens, encoder.merge_size,
+                                                           encoder.input_width, args.threads, result))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                print(f"{retention:5.2f} {tokens:6d}  failed (exit {child.exitcode}; killed for memory?)")
+                continue
+            peak, seconds = result.get()
+            print(f"{retention:5.2f} {tokens:6d} {peak / 1e9:11.2f} {seconds:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
