@@ -4,7 +4,8 @@
 
 Exports the files with this tool (verified as usual; --folder reuses files already there), then
 runs each file once per N in a fresh process (so one run's peak does not hide another's) and
-prints that process's peak resident set size and the run's wall time. Single image, 2 threads.
+prints that process's peak resident set size and the run's wall time. Single image, 2 threads,
+ONNX Runtime's CPU memory arena off unless --arena.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ipcv_export.models import load_encoder
 from cpu_latency import image_shape
 
 
-def run_once(path: str, tokens: int, merge: int, width: int, threads: int, result) -> None:
+def run_once(path: str, tokens: int, merge: int, width: int, threads: int, arena: bool, order: str,
+             result) -> None:
     """Child process: one session, one run; reports (peak RSS bytes, seconds)."""
     import onnxruntime
     import torch
@@ -35,6 +37,8 @@ def run_once(path: str, tokens: int, merge: int, width: int, threads: int, resul
     pixels = torch.randn(len(segments), width, generator=torch.Generator().manual_seed(0))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
+    options.execution_order = getattr(onnxruntime.ExecutionOrder, order)
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     start = time.perf_counter()
     session.run(None, {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(),
@@ -50,6 +54,11 @@ def main() -> None:
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.5], help="1 measures the original file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    parser.add_argument("--arena", action="store_true",
+                        help="keep ONNX Runtime's CPU memory arena (it grows in powers of two and never shrinks, "
+                             "so the peak then reflects its growth policy more than the graph's live tensors)")
+    parser.add_argument("--order", default="DEFAULT", choices=["DEFAULT", "PRIORITY_BASED", "MEMORY_EFFICIENT"],
+                        help="ONNX Runtime's node execution order")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
@@ -63,7 +72,8 @@ def main() -> None:
         for tokens in args.tokens:
             result = context.Queue()
             child = context.Process(target=run_once, args=(str(path), tokens, encoder.merge_size,
-                                                           encoder.input_width, args.threads, result))
+                                                           encoder.input_width, args.threads, args.arena, args.order,
+                                                           result))
             child.start()
             child.join()
             if child.exitcode != 0:

@@ -37,10 +37,13 @@ def _segment_attention_fake(query, key, value, segment_q, segment_k, scale):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
-QUERY_CHUNKS = 8
-"""The decomposition attends in this many slices of the queries, one after the other, so the
-largest intermediate is [heads, Nq / 8, Nk] rather than [heads, Nq, Nk]: at N = 16384 on a
-16-head tower, 2.1 GB per score tensor instead of 17 GB. Same arithmetic, same FLOPs."""
+QUERY_CHUNKS = 4
+"""The decomposition attends in this many slices of the queries, so no [heads, Nq, Nk] tensor
+exists at once, only [heads, Nq / 4, Nk] ones. Measured on the 7B-shape tower at N = 8192
+(benchmarks/memory.py, ONNX Runtime CPU): 9.4 GB peak with 4 slices, killed above 23 GB without.
+ONNX Runtime does not run the slices strictly one after another, so more slices buy less than
+their count suggests, and each costs export time (onnxscript's rewriter matches every node):
+8 slices took the 7B-shape ONNX lowering from 42 s to 266 s, 4 slices to 121 s."""
 
 
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
