@@ -71,10 +71,11 @@ class Pipeline:
 
     model: a built-in chat model or a checkpoint folder. encoder: an exported encoder file; when
     omitted, the model's vision tower is exported at `retention` (ONNX, verified) into a temporary
-    folder that lives as long as the pipeline.
+    folder that lives as long as the pipeline. A ChatModel passed in is taken over: its vision
+    module is replaced by the encoder file.
     """
 
-    def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 1.0,
+    def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 0.5,
                  llm_retention: float = 0.5, llm_layer: int | None = None,
                  report: Callable[[str], None] = print) -> None:
         check_retention(retention)
