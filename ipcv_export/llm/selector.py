@@ -89,3 +89,29 @@ def select_static(positions: torch.Tensor, visual_values: torch.Tensor, query_va
     key = torch.where(priority, torch.full_like(f, PRIORITY_KEY), f)
     kept, _, _ = select_tokens(key, kept_visual_count(visual, retention_e4))
     return kept
+
+
+class SelectorModule(torch.nn.Module):
+    """`select_static` with its settings fixed: (positions, visual_values, query_values) -> kept."""
+
+    def __init__(self, retention_e4: int, head_dim: int, rope_theta: float) -> None:
+        super().__init__()
+        self.retention_e4, self.head_dim, self.rope_theta = retention_e4, head_dim, rope_theta
+
+    def forward(self, positions: torch.Tensor, visual_values: torch.Tensor, query_values: torch.Tensor) -> torch.Tensor:
+        return select_static(positions, visual_values, query_values, self.retention_e4, self.head_dim, self.rope_theta)
+
+
+def export_selector(retention_e4: int, head_dim: int, rope_theta: float, kv_heads: int = 2) -> torch.export.ExportedProgram:
+    """The selector as an ExportedProgram with L and T dynamic, for runtimes without Python
+    (`torch.onnx.export(program, dynamo=True)` turns it into ONNX; see tests/llm/test_selection.py)."""
+    from torch.fx.experimental import _config as fx_config
+
+    generator = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 64, (3, 300)), torch.randn(300, kv_heads, head_dim, generator=generator),
+               torch.randn(9, kv_heads, head_dim, generator=generator))
+    dynamic = torch.export.Dim.DYNAMIC
+    with fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(SelectorModule(retention_e4, head_dim, rope_theta), example,
+                                   dynamic_shapes=({1: dynamic}, {0: dynamic}, {0: dynamic}))
+

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipcv_export.llm.selection_reference import Counts, ivc_scores, ivc_tokens, round_half_even, select_reference
-from ipcv_export.llm.selector import TOPK_LIMIT, select_static
+from ipcv_export.llm.selector import TOPK_LIMIT, export_selector, select_static
 
 HEAD_DIM, THETA = 16, 1e6
 
@@ -86,16 +86,7 @@ def test_ivc_tokens_ignore_content_and_are_always_kept():
 
 
 def _export(retention_e4: int):
-    from torch.fx.experimental import _config as fx_config
-
-    class Selector(torch.nn.Module):
-        def forward(self, positions, visual, query):
-            return select_static(positions, visual, query, retention_e4, HEAD_DIM, THETA)
-
-    dynamic = torch.export.Dim.DYNAMIC
-    example = (grid_positions(1, 10, 30), values(300, 0), values(9, 1))
-    with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(Selector(), example, dynamic_shapes=({1: dynamic}, {0: dynamic}, {0: dynamic}))
+    return export_selector(retention_e4, HEAD_DIM, THETA)
 
 
 def test_exported_selector_has_small_topk_and_matches_reference():
