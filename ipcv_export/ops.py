@@ -41,9 +41,10 @@ QUERY_CHUNKS = 4
 """The decomposition attends in this many slices of the queries, so no [heads, Nq, Nk] tensor
 exists at once, only [heads, Nq / 4, Nk] ones. Measured on the 7B-shape tower at N = 8192
 (benchmarks/memory.py, ONNX Runtime CPU): 9.4 GB peak with 4 slices, killed above 23 GB without.
-ONNX Runtime does not run the slices strictly one after another, so more slices buy less than
-their count suggests, and each costs export time (onnxscript's rewriter matches every node):
-8 slices took the 7B-shape ONNX lowering from 42 s to 266 s, 4 slices to 121 s."""
+The peak still holds several slice-sized intermediates of the decomposition (scores, scaled,
+masked, soft-maxed), so more slices buy less than their count suggests, and each costs export
+time (onnxscript's rewriter matches every node): 8 slices took the 7B-shape ONNX lowering from
+42 s to 266 s, 4 slices to 121 s."""
 
 
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
