@@ -69,19 +69,23 @@ def select_tokens(score: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Ten
     """
     n = score.shape[0]
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
-    threshold = kth_largest(score, k)
-    above = score > threshold
-    tied = score == threshold
-    room_for_ties = k_t - above.sum()
-    keep_mask = above | (tied & (_count_up_to(tied) <= room_for_ties))
-    kept_before = _count_up_to(keep_mask) - 1
-    removed_before = _count_up_to(~keep_mask) - 1
+    keep_mask = best_mask(score, kth_largest(score, k), k_t)
+    kept_before = count_up_to(keep_mask) - 1
+    removed_before = count_up_to(~keep_mask) - 1
     slot = torch.where(keep_mask, kept_before, removed_before + k_t)
     order = torch.zeros_like(slot).scatter(0, slot, torch.arange(n, device=score.device))
     return order[:k], order[k:], slot
 
 
-def _count_up_to(mask: torch.Tensor) -> torch.Tensor:
+def best_mask(score: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Membership mask of the `count` best of `score`, given the count-th best value `threshold`:
+    everything above it, then the tied values in index order (ties go to the lower index)."""
+    above = score > threshold
+    tied = score == threshold
+    return above | (tied & (count_up_to(tied) <= count - above.sum()))
+
+
+def count_up_to(mask: torch.Tensor) -> torch.Tensor:
     """int64 running count of True values. The sum runs in fp32 (exact below 2^24 tokens) because
     TensorRT's CumSum accepts only floating-point inputs."""
     return torch.cumsum(mask.to(torch.float32), 0).to(torch.int64)

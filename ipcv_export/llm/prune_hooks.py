@@ -55,7 +55,6 @@ class PruneRecord:
 class _Decision:
     prompt: torch.Tensor  # [S] token ids the kept set was chosen for
     keep: torch.Tensor  # [S'] ascending indices into the prompt
-    record: PruneRecord
 
 
 @dataclass
@@ -160,8 +159,7 @@ class IvcPrune:
         if mask is None:
             length = hidden.shape[1]
             mask = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()[None, None]
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-            raise NotImplementedError("IVC-Prune edits tensor attention masks only (eager or sdpa attention)")
+        _require_tensor_mask(mask)
         blocked = torch.zeros(mask.shape[-2:], dtype=torch.bool, device=mask.device)
         blocked[prompt:, removed] = True
         if mask.dtype == torch.bool:
@@ -186,8 +184,7 @@ class IvcPrune:
                 kwargs["hidden_states"] = kwargs["hidden_states"].index_select(1, call.keep)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-                raise NotImplementedError("IVC-Prune compacts tensor attention masks only (eager or sdpa attention)")
+            _require_tensor_mask(mask)
             kwargs["attention_mask"] = mask.index_select(-2, call.keep).index_select(-1, call.keep)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, call.keep)
@@ -249,7 +246,7 @@ class IvcPrune:
         call.keep = torch.cat([torch.arange(start, device=device), start + kept,
                                torch.arange(start + visual, call.ids.shape[0], device=device)])
         record = PruneRecord(call.ids.shape[0], start, visual, kept.shape[0], self.layer)
-        self._decision = _Decision(call.ids.clone(), call.keep, record)
+        self._decision = _Decision(call.ids.clone(), call.keep)
         self.last = record
         call.values = None
 
@@ -269,3 +266,9 @@ class IvcPrune:
             return mask
         tail = torch.arange(prompt, mask.shape[-1], device=mask.device)
         return mask.index_select(-1, torch.cat([decision.keep.to(mask.device), tail]))
+
+
+def _require_tensor_mask(mask) -> None:
+    """The hooks index and edit 4-D mask tensors; flex attention's block masks cannot be."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        raise NotImplementedError("IVC-Prune edits tensor attention masks only (eager or sdpa attention)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import RETENTION_SCALE, select_tokens
+from ..tokens import RETENTION_SCALE, best_mask, count_up_to, select_tokens
 from .selection_reference import foreground_score, ivc_scores, visual_attention
 
 TOPK_LIMIT = 3840
@@ -52,17 +52,13 @@ def _top_mask(score: torch.Tensor, count: torch.Tensor, bound: int) -> torch.Ten
     """
     values = torch.topk(score, bound, sorted=True).values
     threshold = values.index_select(0, torch.clamp(count - 1, min=0).reshape(1))
-    above = score > threshold
-    tied = score == threshold
-    room = count - above.sum()
-    tied_rank = torch.cumsum(tied.to(torch.float32), 0).to(torch.int64)
-    return (above | (tied & (tied_rank <= room))) & (count > 0)
+    return best_mask(score, threshold, count) & (count > 0)
 
 
 def _first_members(mask: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The indices of the first `bound` members of `mask` in ascending order, and which of the
     `bound` slots are real: a static-size stand-in for nonzero() when at most `bound` are set."""
-    rank = torch.cumsum(mask.to(torch.float32), 0).to(torch.int64) - 1
+    rank = count_up_to(mask) - 1
     slot = torch.where(mask & (rank < bound), rank, bound)
     arange = torch.arange(mask.shape[0], device=mask.device)
     index = torch.zeros(bound + 1, dtype=torch.int64, device=mask.device).scatter(0, slot, arange)
