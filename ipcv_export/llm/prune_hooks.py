@@ -207,6 +207,7 @@ class IvcPrune:
         ids = input_ids[0]
         span = self._visual_span(ids)
         if span is None:
+            self.last = None  # this prefill pruned nothing; an older record would misreport it
             return None
         call = _Call(ids=ids, span=span)
         prompt = None if self._decision is None else self._decision.prompt

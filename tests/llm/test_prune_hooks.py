@@ -123,6 +123,15 @@ def test_text_only_prompt_is_not_pruned(qwen2_chat):
     assert torch.equal(pruned.sequences, stock.sequences) and max_logit_diff(pruned, stock) == 0.0
 
 
+def test_record_describes_the_latest_prefill(qwen2_chat):
+    ids = qwen2_chat.prompt_ids("Just text.", torch.zeros(0, 3, dtype=torch.int64))
+    with IvcPrune(qwen2_chat.model, retention=0.5) as prune:
+        qwen2_chat.model(**image_inputs(qwen2_chat, [[1, 8, 8]]))
+        assert prune.last is not None and prune.last.visual == 16
+        qwen2_chat.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert prune.last is None
+
+
 def test_prompt_ending_at_the_image_is_refused(qwen2_chat):
     inputs = image_inputs(qwen2_chat, [[1, 4, 4]])
     end = int((inputs["input_ids"][0] == qwen2_chat.model.config.vision_end_token_id).nonzero()[0, 0]) + 2
