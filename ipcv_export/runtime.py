@@ -55,13 +55,12 @@ class EncoderFile(ABC):
     def _run(self, pixels: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> Sequence[torch.Tensor]:
         """The file's outputs for checked inputs (the format's own runtime call)."""
 
-    def encode_images(self, images: Sequence, min_pixels: int | None = None,
-                      max_pixels: int | None = None) -> list[torch.Tensor]:
-        """Embeddings of each PIL image, preprocessed by the model's own image processor.
+    def preprocess(self, images: Sequence, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values, grid_thw) of PIL images from the model's own image processor.
 
         The processor's settings come from the manifest (the checkpoint's preprocessor_config.json
-        or the built-in model's); min_pixels / max_pixels override its resize bounds. All images
-        go through one encoder call; the result is split back per image.
+        or the built-in model's); min_pixels / max_pixels override its resize bounds.
         """
         import transformers
 
@@ -76,8 +75,14 @@ class EncoderFile(ABC):
             size["longest_edge"] = max_pixels
         processor = getattr(transformers, settings["class"])(size=size, **kwargs)
         batch = processor(images=list(images), return_tensors="pt")
-        grid = batch["image_grid_thw"]
-        embeddings = self(batch["pixel_values"].float(), grid)
+        return batch["pixel_values"].float(), batch["image_grid_thw"]
+
+    def encode_images(self, images: Sequence, min_pixels: int | None = None,
+                      max_pixels: int | None = None) -> list[torch.Tensor]:
+        """Embeddings of each PIL image, preprocessed as `preprocess` does. All images go through
+        one encoder call; the result is split back per image."""
+        pixel_values, grid = self.preprocess(images, min_pixels, max_pixels)
+        embeddings = self(pixel_values, grid)
         return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
 
 

@@ -18,7 +18,6 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 from ..checkpoint import CheckpointError, _hash_files, _read_config, _weight_files
 from ..config import UsageError
 from ..models import load_encoder
-from ..models.qwen2_vl import image_processor
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
 CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -35,11 +34,6 @@ class ChatModel:
     tokenizer: object
     encoder_source: str  # what `ipcv_export.export` takes to build this model's encoder file
     source: dict = field(default_factory=dict)
-
-    @property
-    def preprocessing(self) -> dict:
-        """Image processor settings (the Qwen2-VL processor serves both families)."""
-        return image_processor(self.model.config.vision_config)
 
     @property
     def merge_size(self) -> int:

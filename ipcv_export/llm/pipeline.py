@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import runtime
 from ..config import UsageError, check_retention
-from ..tokens import RETENTION_SCALE, kept_count
+from ..tokens import kept_count
 from .chat_models import ChatModel, load_chat_model
 from .prune_hooks import IvcPrune
 
@@ -87,8 +87,12 @@ class Pipeline:
         self._workdir = None
         if encoder is None:
             encoder = self._export_encoder(retention, report)
+        encoder_file = runtime.load(encoder)
+        if not encoder_file.manifest:
+            raise UsageError(f"encoder file {str(encoder)!r} has no manifest (<file>.json) beside it: generation "
+                             "takes the image preprocessing from it")
         width = self.chat.model.config.get_text_config().hidden_size
-        self.tower = EncoderFileTower(runtime.load(encoder), width)
+        self.tower = EncoderFileTower(encoder_file, width)
         self.chat.model.model.visual = self.tower
 
     def _export_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
@@ -101,17 +105,12 @@ class Pipeline:
 
     @property
     def encoder_retention_e4(self) -> int:
-        """The encoder's retention (from its manifest); 10^4 for a file without one."""
-        manifest = self.tower.encoder.manifest
-        return check_retention(manifest["ipcv"]["retention"]) if manifest else RETENTION_SCALE
+        return check_retention(self.tower.encoder.manifest["ipcv"]["retention"])
 
     def preprocess(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values, grid_thw) from PIL images with the model's image processor."""
-        import transformers
-
-        settings = self.chat.preprocessing
-        batch = getattr(transformers, settings["class"])(**settings["kwargs"])(images=list(images), return_tensors="pt")
-        return batch["pixel_values"].float(), batch["image_grid_thw"]
+        """(pixel_values, grid_thw) of PIL images, with the processor settings the encoder file was
+        exported with (the model's, including a checkpoint's preprocessor_config.json)."""
+        return self.tower.encoder.preprocess(images)
 
     def generate(self, images, prompt: str, max_new_tokens: int = 32) -> GenerationReport:
         model = self.chat.model

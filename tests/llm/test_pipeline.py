@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -80,6 +81,22 @@ def test_checkpoint_folder_problems_are_one_line_errors(checkpoint, tmp_path):
         load_chat_model(str(no_tokenizer))
     with pytest.raises(ValueError, match="unknown chat model"):
         load_chat_model("no-such-model")
+
+
+def test_checkpoint_preprocessor_config_sets_the_image_size(checkpoint, tmp_path):
+    folder = tmp_path / "small-images"
+    shutil.copytree(checkpoint, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 56 * 56, "max_pixels": 56 * 56}))
+    result = Pipeline(str(folder), retention=1.0, llm_retention=1.0, report=lambda _: None).generate(
+        [photo(4, (224, 224))], PROMPT, max_new_tokens=1)
+    assert result.patches == 16 and result.visual_tokens == 4  # a square resized to 56 x 56 pixels: 4 x 4 patches (256 without the file)
+
+
+def test_encoder_file_without_manifest_is_refused(unpruned, tmp_path):
+    bare = tmp_path / "bare.onnx"
+    shutil.copy(unpruned.tower.encoder.path, bare)
+    with pytest.raises(ValueError, match="no manifest"):
+        Pipeline(unpruned.chat, encoder=bare)
 
 
 def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
