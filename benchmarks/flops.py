@@ -37,8 +37,8 @@ def main() -> None:
         config = IpcvConfig(retention)
         program = compress(original, encoder, config)
         for tokens in TOKENS:
-            before = program_flops(original, encoder.input_width, tokens)
-            after = program_flops(program, encoder.input_width, tokens)
+            before = program_flops(original, encoder, tokens)
+            after = program_flops(program, encoder, tokens)
             floor = floor_ratio(encoder, config, tokens)
             print(f"{retention:5.2f} {tokens:6d} {before / 1e9:11.1f} {after / 1e9:11.1f} {after / before:7.4f} "
                   f"{floor:7.4f} {after / before / floor:11.4f}")

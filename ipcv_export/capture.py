@@ -4,9 +4,13 @@ The stock transformers module is exported unmodified through its own extension p
 `models/qwen2_vl.py`): positions and segment ids are inputs, attention is one custom-op node per
 block. N is one symbolic dimension, a multiple of merge^2 (the merger concatenates merge^2
 consecutive tokens). The example has two segments so the segment axis is not specialised.
+Towers that batch whole images have the number of images and each image's height and width in
+patches as symbolic dimensions.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -16,21 +20,48 @@ from .models import LoadedEncoder
 
 MAX_TOKENS = 65536
 EXAMPLE_GRID = torch.tensor([[1, 8, 8], [2, 4, 6]])
+MAX_IMAGES, MAX_SIDE = 256, 128
+"""Batched towers: at most this many images per call, and patches per image side."""
 
 
 def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
-    """(pixel_values, position_ids, segment_ids) for a grid, with seeded random pixels."""
-    positions, segments = engine_inputs(grid_thw, encoder.merge_size)
+    """Packed towers: (pixel_values, position_ids, segment_ids) for a grid. Batched towers:
+    (pixel_values,) of two 5 x 7-patch images. Seeded random pixels."""
     generator = torch.Generator().manual_seed(0)
+    if encoder.description.image_batch:
+        p = encoder.patch_size
+        return (torch.randn(2, encoder.channels, 5 * p, 7 * p, generator=generator),)
+    positions, segments = engine_inputs(grid_thw, encoder.merge_size)
     return torch.randn(len(segments), encoder.input_width, generator=generator), positions, segments
 
 
-def dynamic_shapes(encoder: LoadedEncoder, min_tokens: int = 1) -> tuple[dict, dict, dict]:
-    """N = merge^2 * groups for all three inputs, groups in [ceil(min_tokens / merge^2), MAX_TOKENS / merge^2]."""
+def dynamic_shapes(encoder: LoadedEncoder, min_tokens: int = 1) -> tuple[dict, ...]:
+    """Packed: N = merge^2 * groups for all three inputs, groups in [ceil(min_tokens / merge^2),
+    MAX_TOKENS / merge^2]. Batched: B images of H x W pixels, H and W multiples of the patch size
+    with at least ceil(sqrt(min_tokens)) patches per side (so that every image keeps a token)."""
+    if encoder.description.image_batch:
+        p, side = encoder.patch_size, max(2, math.isqrt(min_tokens - 1) + 1)
+        images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
+        rows = torch.export.Dim("rows", min=side, max=MAX_SIDE)
+        cols = torch.export.Dim("cols", min=side, max=MAX_SIDE)
+        return ({0: images, 2: rows * p, 3: cols * p},)
     group = encoder.merge_size ** 2
     groups = torch.export.Dim("groups", min=max(1, -(-min_tokens // group)), max=MAX_TOKENS // group)
     tokens = groups * group
     return {0: tokens}, {0: tokens}, {0: tokens}
+
+
+def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, ...]:
+    """Empty inputs (shapes only, for FLOP counting) of one image of `tokens` patches: one segment
+    for packed towers; for batched towers the most nearly square grid of that many patches."""
+    if encoder.description.image_batch:
+        rows = math.isqrt(tokens)
+        while tokens % rows:
+            rows -= 1
+        p = encoder.patch_size
+        return (torch.empty(1, encoder.channels, rows * p, tokens // rows * p),)
+    return (torch.empty(tokens, encoder.input_width), torch.zeros(tokens, 2, dtype=torch.int64),
+            torch.zeros(tokens, dtype=torch.int64))
 
 
 def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> torch.export.ExportedProgram:
@@ -40,7 +71,8 @@ def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> t
 
 
 def capture(encoder: LoadedEncoder) -> torch.export.ExportedProgram:
-    """The stock encoder as an ExportedProgram: (pixel_values, position_ids, segment_ids) -> embeddings."""
+    """The stock encoder as an ExportedProgram: (pixel_values, position_ids, segment_ids) -> embeddings
+    for packed towers, pixel_values [B, C, H, W] -> tokens for batched ones."""
     module = encoder.description.exportable(encoder.module).eval()
     with encoder.description.attention_context(encoder.module):
         return export_symbolic(module, example_inputs(encoder), dynamic_shapes(encoder))

@@ -20,7 +20,8 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int) -> None:
     """Add the kept indices [K] and neighbour indices [R, k] as outputs after the embeddings.
 
     They let a runtime or the parity gate see which patches were computed in full and what each
-    removed patch was rebuilt from; a runtime that only wants embeddings ignores them.
+    removed patch was rebuilt from; a runtime that only wants embeddings ignores them. Batched
+    towers give them per image ([B, K], [B, R, k]).
     """
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
@@ -28,8 +29,10 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int) -> None:
     if _graph.with_role(graph, "keep"):
         selection = (_graph.one_with_role(graph, "keep"), _graph.one_with_role(graph, "neighbors"))
     else:
-        pixels = next(n for n in graph.nodes if n.op == "placeholder")
-        both = _graph.insert(graph, tokens.no_selection, (pixels, neighbors), pass_name="compress", before=output)
+        # a tensor with the tokens on its second-to-last axis: a packed tower's pixel rows, a batched tower's output
+        batched = embeddings.meta["val"].ndim == 3
+        tokens_in = embeddings if batched else next(n for n in graph.nodes if n.op == "placeholder")
+        both = _graph.insert(graph, tokens.no_selection, (tokens_in, neighbors), pass_name="compress", before=output)
         selection = tuple(_graph.insert(graph, operator.getitem, (both, i), pass_name="compress", before=output)
                           for i in range(2))
     output.args = ((embeddings, *selection),)

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import ops  # noqa: F401  (registers ipcv::segment_attention)
+from .capture import counting_inputs
 from .config import IpcvConfig
 from .models import LoadedEncoder
 from .tokens import RETENTION_SCALE
@@ -27,12 +28,11 @@ def _segment_attention_flops(query, key, value, *_args, out_shape=None, **_kwarg
     return 2 * batch * heads * n_query * n_key * (depth + value[3])
 
 
-def program_flops(program: torch.export.ExportedProgram, input_width: int, tokens: int) -> int:
-    """Total FLOPs of one call of `program` on N = tokens patches (one segment)."""
+def program_flops(program: torch.export.ExportedProgram, encoder: LoadedEncoder, tokens: int) -> int:
+    """Total FLOPs of one call of `program` on N = tokens patches (one segment or image)."""
     module = program.module()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        inputs = (torch.empty(tokens, input_width), torch.zeros(tokens, 2, dtype=torch.int64),
-                  torch.zeros(tokens, dtype=torch.int64))
+        inputs = counting_inputs(encoder, tokens)
         with FlopCounterMode(display=False) as counter:
             module(*inputs)
     return counter.get_total_flops()

@@ -23,11 +23,12 @@ ATTENTION_NAME = "ipcv_flash_segments"
 
 @torch.library.custom_op("ipcv::segment_attention", mutates_args=())
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      segment_q: torch.Tensor, segment_k: torch.Tensor, scale: float) -> torch.Tensor:
+                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention in which query i sees key j only when segment_q[i] == segment_k[j].
 
-    query [1, H, Nq, d], key/value [1, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [1, Nq, H, d]
-    (the layout transformers' packed attention functions return).
+    query [B, H, Nq, d], key/value [B, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [B, Nq, H, d]
+    (the layout transformers' attention functions return). Packed towers (B = 1) give segments;
+    batched towers give None: each batch entry is one image, and every query sees every key.
     """
     return _masked_attention(query, key, value, segment_q, segment_k, scale)
 
@@ -48,10 +49,12 @@ time (onnxscript's rewriter matches every node): 8 slices took the 7B-shape ONNX
 
 
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      segment_q: torch.Tensor, segment_k: torch.Tensor, scale: float) -> torch.Tensor:
-    slices = zip(row_chunks(query, QUERY_CHUNKS, dim=2), row_chunks(segment_q, QUERY_CHUNKS))
-    out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=seg[:, None] == segment_k[None, :],
-                                                            scale=scale) for q, seg in slices]
+                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float) -> torch.Tensor:
+    queries = row_chunks(query, QUERY_CHUNKS, dim=2)
+    masks = ([None] * QUERY_CHUNKS if segment_q is None
+             else [seg[:, None] == segment_k[None, :] for seg in row_chunks(segment_q, QUERY_CHUNKS)])
+    out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
+           for q, mask in zip(queries, masks)]
     return torch.cat(out, 2).transpose(1, 2)
 
 
@@ -68,4 +71,16 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
     return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling), None
 
 
+BATCHED_ATTENTION_NAME = "ipcv_batched"
+
+
+def _batched_attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for towers that batch whole images: one segment_attention
+    node per block, no segments (a mask would mean padding, which these towers never have)."""
+    if attention_mask is not None:
+        raise ValueError(f"attention '{BATCHED_ATTENTION_NAME}' takes no attention mask")
+    return torch.ops.ipcv.segment_attention(query, key, value, None, None, scaling), None
+
+
 AttentionInterface.register(ATTENTION_NAME, _attention_function)
+AttentionInterface.register(BATCHED_ATTENTION_NAME, _batched_attention_function)

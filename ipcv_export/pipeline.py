@@ -202,8 +202,8 @@ def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, enco
 def _compute(original: torch.export.ExportedProgram, program: torch.export.ExportedProgram,
              encoder: LoadedEncoder, tokens: int) -> dict:
     """FLOPs of the original and the IPCV program at N = tokens, counted on their graphs."""
-    before = program_flops(original, encoder.input_width, tokens)
-    after = program_flops(program, encoder.input_width, tokens)
+    before = program_flops(original, encoder, tokens)
+    after = program_flops(program, encoder, tokens)
     return {"tokens": tokens, "flops_original": before, "flops_ipcv": after, "ratio": round(after / before, 4)}
 
 

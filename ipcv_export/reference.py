@@ -17,12 +17,15 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
+from .models.description import TowerParts
 
 BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass
 class ReferenceResult:
+    """Packed towers: one selection per call; batched towers add a leading [B] axis to each."""
+
     embeddings: torch.Tensor  # [N / merge^2, hidden], the merger's output
     keep: torch.Tensor  # [K] ascending indices of the kept tokens
     neighbors: torch.Tensor  # [R, k'] indices into keep of each removed token's neighbours
@@ -123,3 +126,53 @@ def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_th
     with torch.no_grad():
         return visual(pixel_values, grid_thw=check_grid(grid_thw, visual.spatial_merge_size)).pooler_output
 
+
+
+@torch.no_grad()
+def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, config: IpcvConfig,
+                      neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> ReferenceResult:
+    """IPCV on a tower that batches whole images (ipcv.md, towers with a CLS token), through the
+    stock parts: selection, neighbours and reconstruction per image; the special tokens always kept.
+
+    An AS block is the stock block run on the rebuilt sequence, read at the kept rows: everything
+    in a block but attention acts on each token alone, and attention rows are independent per
+    query, so those rows are exactly "queries from kept rows, keys and values from all rows".
+    Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K].
+    """
+    blocks, s = parts.blocks, special_tokens
+    x = parts.embed(pixel_values)
+    for block in blocks[:config.prune_layer - 1]:
+        x = block(x)
+    x_after = blocks[config.prune_layer - 1](x)
+    batch, n, _ = x.shape
+    rows = torch.arange(batch)[:, None]
+
+    # 1. Prune, per image: the K patch tokens block l_p-1 changed most; specials always kept.
+    score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
+    k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
+    if keep is None:
+        best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
+        keep = torch.cat([torch.arange(s).expand(batch, s), best + s], 1)
+    removed_mask = torch.ones(batch, n, dtype=torch.bool)
+    removed_mask[rows, keep] = False
+    rem = torch.arange(n).expand(batch, n)[removed_mask].reshape(batch, n - keep.shape[1])
+    kept_then, removed_then = x_after[rows, keep], x_after[rows, rem]
+
+    # 2. NGR within each image: neighbours once, among its kept tokens, specials included.
+    distances = torch.cdist(removed_then.float(), kept_then.float())
+    if neighbors is None:
+        neighbors = distances.topk(min(config.neighbors, keep.shape[1]), largest=False).indices
+
+    def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
+        drift = (kept_now - kept_then)[rows[:, :, None], neighbors].mean(2)
+        z = torch.empty_like(x_after)
+        z[rows, keep] = kept_now
+        z[rows, rem] = removed_then + drift
+        return z
+
+    # 3. Attention stabilisation, then 4. kept-only blocks, then 5. reintegration and the head.
+    y = kept_then
+    stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(blocks)))
+    for index in range(config.prune_layer, len(blocks)):
+        y = blocks[index](full_sequence(y))[rows, keep] if index in stabilized else blocks[index](y)
+    return ReferenceResult(parts.head(full_sequence(y)), keep, neighbors, distances)

@@ -4,7 +4,11 @@ Graph passes insert calls to these functions; re-exporting the rewritten module 
 the graph. They are written for deployment: shapes follow from N alone, no TopK or sort with a K
 that grows with N (TensorRT caps TopK at 3840), no NonZero, and every result is exact.
 
-Shapes: N tokens, K kept, R = N - K removed, D channels, k' = min(neighbors, K).
+Shapes: N tokens, K kept, R = N - K removed, D channels, k' = min(neighbors, K). Every function
+takes either one packed sequence ([N, D] states, [N] scores, [K] indices: the selection runs over
+the whole call) or a batch of equal-length sequences ([B, N, D], [B, N], [B, K]: one selection per
+batch entry, e.g. per image of a CLIP-style tower). Tokens are always on the second-to-last axis
+of states and the last axis of scores and indices.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ hi * 2^-16 (at most ~18 such steps cover the fp32 range), then it halves (~40 st
 96 leaves a margin, and the search is exact for every finite non-negative fp32 score."""
 
 
-def kept_count(n: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
-    """K = (N * retention_e4) // 10^4, in integer arithmetic (ipcv.md, step 1).
+def kept_count(n: int | torch.SymInt, retention_e4: int, special_tokens: int = 0) -> int | torch.SymInt:
+    """K = (N * retention_e4) // 10^4, in integer arithmetic (ipcv.md, step 1); with special
+    tokens (CLS), K = ((N - S) * retention_e4) // 10^4 patch tokens besides them.
 
     ipcv.md clamps K to [1, N]; the upper clamp never binds for retention <= 1, and the lower one
     is kept out of the graph (a piecewise size defeats symbolic shape reasoning): an exported file
     instead accepts only N >= `min_tokens(retention_e4)`, where K >= 1 holds without it.
     """
-    return (n * retention_e4) // RETENTION_SCALE
+    return ((n - special_tokens) * retention_e4) // RETENTION_SCALE
 
 
 def min_tokens(retention_e4: int) -> int:
@@ -36,59 +41,81 @@ def min_tokens(retention_e4: int) -> int:
 
 
 def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """[N] fp32 squared change of each token across one block: ||after_i - before_i||^2."""
+    """[..., N] fp32 squared change of each token across one block: ||after_i - before_i||^2."""
     delta = after.float() - before.float()
     return (delta * delta).sum(-1)
 
 
 def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
-    """The K-th largest value of a non-negative [N] score, found by bisection on its value.
+    """The K-th largest value of each row of a non-negative [..., N] score ([..., 1]), found by
+    bisection on its value.
 
     Each step counts the scores at or above a candidate: O(N) work and memory, no sort.
     The invariant count(score >= lo) >= K holds throughout, so the answer is the smallest
     score at or above the final lower bound.
     """
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
-    lo = torch.zeros((), dtype=score.dtype, device=score.device)
-    hi = score.max() * 2 + torch.finfo(score.dtype).tiny
+    hi = score.amax(-1, keepdim=True) * 2 + torch.finfo(score.dtype).tiny
+    lo = torch.zeros_like(hi)
     for _ in range(BISECTION_STEPS):
         geometric = hi * 2.0**-16
         mid = torch.where(lo < geometric, geometric, lo + (hi - lo) * 0.5)
-        enough = (score >= mid).sum() >= k_t
+        enough = (score >= mid).sum(-1, keepdim=True) >= k_t
         lo = torch.where(enough, mid, lo)
         hi = torch.where(enough, hi, mid)
     inf = torch.full_like(score, float("inf"))
-    return torch.where(score >= lo, score, inf).min()
+    return torch.where(score >= lo, score, inf).amin(-1, keepdim=True)
 
 
-def select_tokens(score: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact top-K of `score` with ties to the lower index, as (keep [K], rem [R], slot [N]).
+def select_tokens(score: torch.Tensor, k: int | torch.SymInt,
+                  special_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-K of each row of `score` ([N] or [B, N]) with ties to the lower index, as
+    (keep [..., S + K], rem [..., R], slot [..., N]).
 
-    keep and rem are ascending token indices; slot[i] is token i's row in cat([kept, removed]),
-    so `cat([kept_rows, removed_rows])[slot]` puts every token back in its original place.
+    The first `special_tokens` S tokens (CLS, registers) are always kept and never scored; K counts
+    the others. keep and rem are ascending token indices; slot[i] is token i's row in
+    cat([kept, removed]), so `cat([kept_rows, removed_rows])[slot]` puts every token back in place.
     """
-    n = score.shape[0]
+    score = score[..., special_tokens:]
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
     keep_mask = best_mask(score, kth_largest(score, k), k_t)
     kept_before = count_up_to(keep_mask) - 1
     removed_before = count_up_to(~keep_mask) - 1
     slot = torch.where(keep_mask, kept_before, removed_before + k_t)
-    order = torch.zeros_like(slot).scatter(0, slot, torch.arange(n, device=score.device))
-    return order[:k], order[k:], slot
+    order = torch.zeros_like(slot).scatter(-1, slot, torch.arange(score.shape[-1], device=score.device).expand_as(slot))
+    keep, rem = order[..., :k], order[..., k:]
+    if special_tokens:
+        specials = torch.arange(special_tokens, device=score.device).expand(*slot.shape[:-1], special_tokens)
+        return torch.cat([specials, keep + special_tokens], -1), rem + special_tokens, torch.cat([specials, slot + special_tokens], -1)
+    return keep, rem, slot
 
 
 def best_mask(score: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Membership mask of the `count` best of `score`, given the count-th best value `threshold`:
-    everything above it, then the tied values in index order (ties go to the lower index)."""
+    """Membership mask of the `count` best of each row of `score`, given the count-th best value
+    `threshold` ([..., 1] or a scalar): everything above it, then the tied values in index order
+    (ties go to the lower index)."""
     above = score > threshold
     tied = score == threshold
-    return above | (tied & (count_up_to(tied) <= count - above.sum()))
+    return above | (tied & (count_up_to(tied) <= count - above.sum(-1, keepdim=True)))
 
 
 def count_up_to(mask: torch.Tensor) -> torch.Tensor:
-    """int64 running count of True values. The sum runs in fp32 (exact below 2^24 tokens) because
-    TensorRT's CumSum accepts only floating-point inputs."""
-    return torch.cumsum(mask.to(torch.float32), 0).to(torch.int64)
+    """int64 running count of True values along the last axis. The sum runs in fp32 (exact below
+    2^24 tokens) because TensorRT's CumSum accepts only floating-point inputs."""
+    return torch.cumsum(mask.to(torch.float32), -1).to(torch.int64)
+
+
+def take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entries `index` of x along `dim`. A [K] index picks the same entries in every row; a [B, K]
+    index picks per batch entry (x's first axis), through one flat Gather rather than a
+    GatherElements whose index would be as large as the result."""
+    if index.ndim == 1:
+        return x.index_select(dim, index)
+    moved = x.movedim(dim, 1)
+    batch, length, rest = moved.shape[0], moved.shape[1], moved.shape[2:]
+    offsets = torch.arange(batch, device=index.device)[:, None] * length
+    flat = moved.reshape(batch * length, *rest).index_select(0, (index + offsets).reshape(-1))
+    return flat.reshape(batch, index.shape[1], *rest).movedim(1, dim)
 
 
 NEIGHBOR_CHUNKS = 8
@@ -97,14 +124,16 @@ its largest intermediate is [R / 8, K] distances: 0.5 GB at N = 65536, rho = 0.5
 
 
 def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
-    """[R, k] indices into `kept` ([K, D]) of each removed token's nearest kept tokens (fp32 L2).
+    """[..., R, k] indices into `kept` ([..., K, D]) of each removed token's nearest kept tokens
+    (fp32 L2), within the same batch entry.
 
     When K < k only the first K columns are real neighbours; the others hold the index K, one past
     the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
     """
     kept = kept.float()
-    kept_norms = (kept * kept).sum(-1)[None, :]
-    return torch.cat([_nearest(kept, kept_norms, chunk.float(), neighbors) for chunk in row_chunks(removed, NEIGHBOR_CHUNKS)])
+    kept_norms = (kept * kept).sum(-1).unsqueeze(-2)
+    chunks = row_chunks(removed, NEIGHBOR_CHUNKS, removed.ndim - 2)
+    return torch.cat([_nearest(kept, kept_norms, chunk.float(), neighbors) for chunk in chunks], -2)
 
 
 def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]:
@@ -116,29 +145,31 @@ def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]
 
 
 def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
-    dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.T + kept_norms
-    padding = torch.full((dist.shape[0], neighbors), float("inf"), device=dist.device)
-    index = torch.topk(torch.cat([dist, padding], 1), neighbors, dim=-1, largest=False, sorted=True).indices
-    return torch.minimum(index, torch.scalar_tensor(kept.shape[0], dtype=index.dtype, device=index.device))
+    dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.transpose(-1, -2) + kept_norms
+    padding = torch.full((*dist.shape[:-1], neighbors), float("inf"), device=dist.device)
+    index = torch.topk(torch.cat([dist, padding], -1), neighbors, dim=-1, largest=False, sorted=True).indices
+    return torch.minimum(index, torch.scalar_tensor(kept.shape[-2], dtype=index.dtype, device=index.device))
 
 
 def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,
                 neighbor_index: torch.Tensor) -> torch.Tensor:
-    """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [R, D].
+    """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [..., R, D].
 
     Index K in `neighbor_index` is padding (see `nearest_kept`): it reads a zero row and is not counted.
     """
     drift = kept_now - kept_then
-    drift = torch.cat([drift, torch.zeros_like(drift[:1])], 0)
-    r, k = neighbor_index.shape
-    gathered = drift.index_select(0, neighbor_index.reshape(-1)).reshape(r, k, drift.shape[-1])
-    count = (neighbor_index < kept_now.shape[0]).sum(-1, keepdim=True).to(drift.dtype)
-    return removed_then + gathered.sum(1) / count
+    tokens_axis = drift.ndim - 2
+    drift = torch.cat([drift, torch.zeros_like(drift.narrow(tokens_axis, 0, 1))], tokens_axis)
+    r, k = neighbor_index.shape[-2:]
+    gathered = take(drift, neighbor_index.flatten(-2), tokens_axis).unflatten(tokens_axis, (r, k))
+    count = (neighbor_index < kept_now.shape[-2]).sum(-1, keepdim=True).to(drift.dtype)
+    return removed_then + gathered.sum(-2) / count
 
 
 def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """[N, D] sequence in original order from kept rows ([K, D]) and removed rows ([R, D])."""
-    return torch.cat([kept_rows, removed_rows], 0).index_select(0, slot)
+    """[..., N, D] sequence in original order from kept rows ([..., K, D]) and removed rows ([..., R, D])."""
+    tokens_axis = kept_rows.ndim - 2
+    return take(torch.cat([kept_rows, removed_rows], tokens_axis), slot, tokens_axis)
 
 
 def project_except_queries(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor,
@@ -147,15 +178,20 @@ def project_except_queries(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     kept rows only; removed rows hold zeros there, which nothing reads (an AS block's attention
     takes queries from kept rows only). Saves (N - K) * (stop - start) * in_features MACs."""
     start, stop = columns
-    kept = torch.nn.functional.linear(x.index_select(0, keep), weight, bias)
+    tokens_axis = x.ndim - 2
+    kept = torch.nn.functional.linear(take(x, keep, tokens_axis), weight, bias)
+    if (start, stop) == (0, weight.shape[0]):  # a projection of queries only: removed rows need none
+        return scatter_back(kept, kept.new_zeros(*rem.shape, stop), slot)
     other_weight = torch.cat([weight[:start], weight[stop:]])
     other_bias = None if bias is None else torch.cat([bias[:start], bias[stop:]])
-    other = torch.nn.functional.linear(x.index_select(0, rem), other_weight, other_bias)
-    removed = torch.cat([other[:, :start], other.new_zeros(other.shape[0], stop - start), other[:, start:]], 1)
+    other = torch.nn.functional.linear(take(x, rem, tokens_axis), other_weight, other_bias)
+    removed = torch.cat([other[..., :start], other.new_zeros(*other.shape[:-1], stop - start), other[..., start:]], -1)
     return scatter_back(kept, removed, slot)
 
 
 def no_selection(tokens_in: torch.Tensor, neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours."""
-    n = tokens_in.shape[0]
-    return torch.arange(n, device=tokens_in.device), torch.zeros((0, neighbors), dtype=torch.int64, device=tokens_in.device)
+    """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours, for a
+    tensor with N tokens on its second-to-last axis (and batch axes before it)."""
+    batch, n = tokens_in.shape[:-2], tokens_in.shape[-2]
+    keep = torch.arange(n, device=tokens_in.device).expand(*batch, n)
+    return keep, torch.zeros((*batch, 0, neighbors), dtype=torch.int64, device=tokens_in.device)

@@ -15,11 +15,11 @@ def test_counted_flops_are_the_cost_model(config, tiny, captured):
     for tokens in (256, 1024, 4096):
         floor = tiny.description.flop_floor(tiny.module.config, config.retention_e4, config.prune_layer,
                                             config.as_depth, tokens)
-        assert program_flops(program, tiny.input_width, tokens) == floor, tokens
+        assert program_flops(program, tiny, tokens) == floor, tokens
 
 
 def test_original_cost(tiny, captured):
-    assert program_flops(captured, tiny.input_width, 1024) == tiny.description.flop_floor(
+    assert program_flops(captured, tiny, 1024) == tiny.description.flop_floor(
         tiny.module.config, 10_000, 1, 0, 1024)
 
 
@@ -34,4 +34,4 @@ def test_windowed_tower_counts_are_its_cost_model(config):
     for tokens in (256, 1024):
         floor = tiny25.description.flop_floor(tiny25.module.config, config.retention_e4, config.prune_layer,
                                               config.as_depth, tokens)
-        assert program_flops(program, tiny25.input_width, tokens) == floor, tokens
+        assert program_flops(program, tiny25, tokens) == floor, tokens

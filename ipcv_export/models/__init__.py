@@ -10,10 +10,11 @@ import torch
 
 from ..config import UsageError
 from .description import ModelDescription
+from .dinov2 import DINOV2
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL)}
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -28,7 +29,14 @@ class LoadedEncoder:
 
     @property
     def depth(self) -> int:
-        return self.module.config.depth
+        config = self.module.config
+        return config.depth if hasattr(config, "depth") else config.num_hidden_layers
+
+    @property
+    def special_tokens(self) -> int:
+        """Tokens always kept (CLS); 0 for packed towers."""
+        batch = self.description.image_batch
+        return batch.special_tokens if batch else 0
 
     @property
     def preprocessing(self) -> dict:
@@ -38,11 +46,24 @@ class LoadedEncoder:
 
     @property
     def merge_size(self) -> int:
-        return self.module.config.spatial_merge_size
+        """Tokens the merger concatenates per side; 1 for towers without a merger."""
+        return getattr(self.module.config, "spatial_merge_size", 1)
+
+    @property
+    def patch_size(self) -> int:
+        return self.module.config.patch_size
+
+    @property
+    def channels(self) -> int:
+        c = self.module.config
+        return c.in_channels if hasattr(c, "in_channels") else c.num_channels
 
     @property
     def input_width(self) -> int:
+        """Values per patch row of a packed tower's pixel_values; the channels of a batched one's."""
         c = self.module.config
+        if self.description.image_batch:
+            return self.channels
         return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
 
 

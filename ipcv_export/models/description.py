@@ -10,6 +10,30 @@ import torch
 
 
 @dataclass(frozen=True)
+class TowerParts:
+    """A batched tower's stock parts, for the eager reference: embed(pixels) -> [B, T, D] tokens,
+    the blocks ([B, T, D] -> [B, T, D]), and the head that follows them (norm, projector)."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    blocks: list[torch.nn.Module]
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """Marks a tower that takes a batch of whole images [B, C, H, W] (CLIP, SigLIP, InternViT,
+    DINOv2; ipcv.md, towers with a CLS token): positions are added at the embedding, attention
+    stays within each image, and selection keeps the same count in every image.
+
+    special_tokens: tokens before the patches (CLS, registers) that are always kept, never scored.
+    parts: stock module -> TowerParts.
+    """
+
+    special_tokens: int
+    parts: Callable[[torch.nn.Module], TowerParts]
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """What the pipeline needs to know about one encoder family.
 
@@ -30,6 +54,8 @@ class ModelDescription:
         Windowed towers give window ids in their window blocks.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
+    image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
+        positions and segment ids); else how the tower batches whole images.
     """
 
     architecture: str
@@ -43,3 +69,4 @@ class ModelDescription:
     query_projection: tuple[str, int, int] | None = None
     flop_floor: Callable[..., int] | None = None
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
+    image_batch: ImageBatch | None = None

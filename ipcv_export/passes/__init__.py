@@ -25,7 +25,8 @@ def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int) -
     """The ordered pass list for one configuration of an encoder family: ipcv.md's steps."""
     return [
         AnnotateBlocksPass(description.block_path, depth),
-        PruneTokensPass(config.retention_e4, config.prune_layer, depth),
+        PruneTokensPass(config.retention_e4, config.prune_layer, depth,
+                        description.image_batch.special_tokens if description.image_batch else 0),
         ReconstructTokensPass(config.neighbors),
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),
         ReintegrateTokensPass(depth),

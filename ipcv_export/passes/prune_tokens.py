@@ -15,20 +15,22 @@ NAME = "prune_tokens"
 
 
 class PruneTokensPass(PassBase):
-    """Rewrites, with x = input of block l_p-1 and x' = its output:
-        score = importance_score(x, x');  K = (N * rho_e4) // 10^4
-        keep, rem, slot = select_tokens(score, K)
+    """Rewrites, with x = input of block l_p-1 and x' = its output (tokens on the second-to-last
+    axis: [N, D] packed, [B, N, D] batched), S special tokens:
+        score = importance_score(x, x');  K = ((N - S) * rho_e4) // 10^4
+        keep, rem, slot = select_tokens(score, K, S)    (per batch entry when batched)
         A = x'[keep];  B = x'[rem]                      (roles kept_state, removed_state)
         blocks l_p..depth-1 read the kept stream (block l_p reads A), and every full-sequence
         table they read (rotary cos/sin, segment ids: tensors whose first dim is N) is replaced by
-        its rows at `keep`, every read of N by K.
-    The last block's output then has K rows: ReintegrateTokensPass must follow.
+        its rows at `keep`, every read of N by S + K.
+    The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
     """
 
-    def __init__(self, retention_e4: int, prune_layer: int, depth: int) -> None:
+    def __init__(self, retention_e4: int, prune_layer: int, depth: int, special_tokens: int = 0) -> None:
         super().__init__()
         self.retention_e4, self.prune_layer, self.depth = retention_e4, prune_layer, depth
+        self.special_tokens = special_tokens
 
     def requires(self, gm: fx.GraphModule) -> None:
         if not _graph.with_role(gm.graph, "block_input"):
@@ -42,7 +44,9 @@ class PruneTokensPass(PassBase):
             return PassResult(gm, False)
         before = _graph.block_marker(graph, self.prune_layer - 1).args[0]
         after = _graph.block_output(graph, self.prune_layer - 1)
-        n_tokens = _graph.block_marker(graph, 0).meta["val"].shape[0]
+        hidden = _graph.block_marker(graph, 0).meta["val"]
+        axis = hidden.ndim - 2
+        n_tokens = hidden.shape[axis]
 
         def add(target, args, role=None, **meta):
             nonlocal cursor
@@ -51,14 +55,14 @@ class PruneTokensPass(PassBase):
 
         cursor = after
         score = add(tokens.importance_score, (before, after), "score")
-        n = add(torch.ops.aten.sym_size.int, (after, 0))
-        k = add(tokens.kept_count, (n, self.retention_e4))
-        plan = add(tokens.select_tokens, (score, k))
+        n = add(torch.ops.aten.sym_size.int, (after, axis))
+        k = add(tokens.kept_count, (n, self.retention_e4, self.special_tokens))
+        plan = add(tokens.select_tokens, (score, k, self.special_tokens))
         keep = add(operator.getitem, (plan, 0), "keep")
         add(operator.getitem, (plan, 1), "rem")
         add(operator.getitem, (plan, 2), "slot")
-        stream = add(torch.ops.aten.index_select.default, (after, 0, keep), "kept_state")
-        add(torch.ops.aten.index_select.default, (after, 0, _graph.one_with_role(graph, "rem")), "removed_state")
+        stream = add(tokens.take, (after, keep, axis), "kept_state")
+        add(tokens.take, (after, _graph.one_with_role(graph, "rem"), axis), "removed_state")
         kept_views: dict[fx.Node, fx.Node] = {}
         for index in range(self.prune_layer, self.depth):
             nodes = _graph.block_nodes(graph, index)
@@ -66,7 +70,7 @@ class PruneTokensPass(PassBase):
                 if ext.meta.get(_graph.ROLE) == "block_input":
                     continue
                 if ext not in kept_views and _is_per_token(ext, n_tokens):
-                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _graph.is_tensor(ext) else (stream, 0),
+                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _graph.is_tensor(ext) else (stream, axis),
                                           "kept_view", **{_graph.FULL: ext})
                 if ext in kept_views:
                     for node in nodes:
@@ -78,7 +82,7 @@ class PruneTokensPass(PassBase):
 
 
 def _is_per_token(node: fx.Node, n_tokens) -> bool:
-    """A tensor whose first dimension is N, or the size N itself."""
+    """A tensor whose first dimension is N (a packed tower's tables), or the size N itself."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return val.ndim >= 1 and _graph.same_size(val.shape[0], n_tokens)

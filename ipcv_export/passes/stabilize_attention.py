@@ -68,9 +68,10 @@ class StabilizeAttentionPass(PassBase):
                 if _graph.FULL in arg.meta:
                     node.replace_input_with(arg, arg.meta[_graph.FULL])
         query, key, value, segment_q, segment_k, scale = core.args
-        kept_query = _graph.insert(graph, torch.ops.aten.index_select.default,
-                                   (query, 2, _graph.one_with_role(graph, "keep")), pass_name=NAME, before=core)
-        core.args = (kept_query, key, value, segment_q, segment_k.meta.get(_graph.FULL, segment_k), scale)
+        kept_query = _graph.insert(graph, tokens.take, (query, _graph.one_with_role(graph, "keep"), 2),
+                                   pass_name=NAME, before=core)
+        full_segment_k = segment_k.meta.get(_graph.FULL, segment_k) if segment_k is not None else None
+        core.args = (kept_query, key, value, segment_q, full_segment_k, scale)
         if self.query_projection is not None:
             self._project_queries_for_kept_rows(graph, index, feeding)
 

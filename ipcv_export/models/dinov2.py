@@ -1,0 +1,104 @@
+"""DINOv2's ViT: a tower that batches whole images, with a CLS token and LayerScale.
+
+Input [B, 3, H, W] with H and W multiples of the patch size; tokens [B, 1 + (H/p)(W/p), D] with
+the CLS token first; the output is the final LayerNorm's tokens (what a DINOv2 feature user reads).
+The learned position table (a 37 x 37 grid for the released models) is resized bicubically to
+every input grid. The stock embedding skips that resize at the native square size, which a graph
+with symbolic H and W cannot decide; the exportable module always resizes, which at the native
+size reproduces the table exactly (bicubic weights at integer offsets are 1, 0, 0, 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.models.dinov2.configuration_dinov2 import Dinov2Config
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
+
+from .. import ops
+from .cost import TowerShape, ipcv_flops
+from .description import ImageBatch, ModelDescription, TowerParts
+
+
+def embed(model: Dinov2Model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch embedding, CLS token first, then the position table resized to the input's grid."""
+    embeddings = model.embeddings
+    patches = embeddings.patch_embeddings(pixel_values)
+    tokens = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
+    table = embeddings.position_embeddings
+    side = round((table.shape[1] - 1) ** 0.5)
+    grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch = model.config.patch_size
+    resized = torch.nn.functional.interpolate(grid.float(), size=(pixel_values.shape[2] // patch, pixel_values.shape[3] // patch),
+                                              mode="bicubic", align_corners=False).to(table.dtype)
+    return tokens + torch.cat([table[:, :1], resized.flatten(2).transpose(1, 2)], 1)
+
+
+class ExportableDinov2(torch.nn.Module):
+    """pixel_values [B, 3, H, W] -> final-norm tokens [B, 1 + (H/p)(W/p), D], through the stock layers."""
+
+    def __init__(self, model: Dinov2Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = embed(self.model, pixel_values)
+        for layer in self.model.encoder.layer:
+            hidden = layer(hidden)
+        return self.model.layernorm(hidden)
+
+
+def parts(model: Dinov2Model) -> TowerParts:
+    return TowerParts(lambda pixels: embed(model, pixels), list(model.encoder.layer), model.layernorm)
+
+
+@contextlib.contextmanager
+def batched_attention(model: Dinov2Model) -> Iterator[None]:
+    """Route the layers' attention through `ipcv::segment_attention` (no segments) while inside."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = ops.BATCHED_ATTENTION_NAME
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
+def build(vision_config: dict) -> Dinov2Model:
+    config = Dinov2Config(**vision_config)
+    config._attn_implementation = "sdpa"
+    return Dinov2Model(config).eval()
+
+
+def image_processor(config: Dinov2Config) -> dict:
+    """transformers' PIL-based BitImageProcessor as DINOv2 checkpoints configure it, without the
+    224 crop: the shorter side is resized to 224 and the other one rounded to a patch multiple
+    by the caller (see runtime)."""
+    return {"class": "BitImageProcessorPil",
+            "kwargs": {"do_center_crop": False, "size": {"shortest_edge": 224}, "image_mean": list(IMAGENET_DEFAULT_MEAN),
+                       "image_std": list(IMAGENET_DEFAULT_STD), "do_convert_rgb": True}}
+
+
+def flop_floor(config: Dinov2Config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+    """ipcv.md's cost model for one image of `tokens` patches plus the CLS token (no merger)."""
+    d = config.hidden_size
+    shape = TowerShape(config.num_hidden_layers, d, config.num_channels * config.patch_size ** 2,
+                       2 * d * int(d * config.mlp_ratio), special_tokens=1)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+
+
+DINOV2 = ModelDescription(
+    architecture="dinov2",
+    model_types=("dinov2",),
+    weight_prefixes=("", "dinov2.", "backbone."),
+    block_path=r"encoder\.layer\.(\d+)$",
+    build=build,
+    exportable=ExportableDinov2,
+    attention_context=batched_attention,
+    image_processor=image_processor,
+    query_projection=(r"attention\.q_proj$", 0, 1),
+    flop_floor=flop_floor,
+    image_batch=ImageBatch(special_tokens=1, parts=parts),
+)
