@@ -15,6 +15,7 @@ import math
 import torch
 import torch.fx.experimental._config as fx_config
 
+from .tokens import RETENTION_SCALE, min_side, min_tokens
 from .inputs import engine_inputs
 from .models import LoadedEncoder
 
@@ -35,20 +36,20 @@ def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID
     return torch.randn(len(segments), encoder.input_width, generator=generator), positions, segments
 
 
-def dynamic_shapes(encoder: LoadedEncoder, min_tokens: int = 1) -> tuple[dict, ...]:
+def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) -> tuple[dict, ...]:
     """Packed: N = merge^2 * groups for all three inputs, groups in [ceil(min_tokens / merge^2),
     MAX_TOKENS / merge^2]. Batched: B images of H x W pixels, H and W multiples of the patch size
-    with at least ceil(sqrt(min_tokens)) patches per side (so that every image keeps a token)."""
+    with at least `min_side` patches per side (so that every image keeps a token)."""
     if encoder.description.image_batch:
-        p, side = encoder.patch_size, max(2, math.isqrt(min_tokens - 1) + 1)
+        p, side = encoder.patch_size, min_side(retention_e4)
         images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
         rows = torch.export.Dim("rows", min=side, max=MAX_SIDE)
         cols = torch.export.Dim("cols", min=side, max=MAX_SIDE)
         return ({0: images, 2: rows * p, 3: cols * p},)
     group = encoder.merge_size ** 2
-    groups = torch.export.Dim("groups", min=max(1, -(-min_tokens // group)), max=MAX_TOKENS // group)
-    tokens = groups * group
-    return {0: tokens}, {0: tokens}, {0: tokens}
+    groups = torch.export.Dim("groups", min=max(1, -(-min_tokens(retention_e4) // group)), max=MAX_TOKENS // group)
+    n = groups * group
+    return {0: n}, {0: n}, {0: n}
 
 
 def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, ...]:

@@ -53,5 +53,5 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     if config.retention_e4 < tokens.RETENTION_SCALE:
         gm = run_passes(gm, [RemoveNoOpCastsPass(), *ipcv_passes(config, encoder.description, encoder.depth)])
     expose_selection(gm, config.neighbors)
-    shapes = dynamic_shapes(encoder, tokens.min_tokens(config.retention_e4))
+    shapes = dynamic_shapes(encoder, config.retention_e4)
     return export_symbolic(gm, example_inputs(encoder), shapes)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .capture import MAX_TOKENS, capture
+from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
 from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .flops import program_flops
@@ -32,12 +32,14 @@ from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import CompatReport, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
-from .tokens import min_tokens
-from .verify import TOLERANCES, ParityCheck, check_parity
+from .tokens import min_side, min_tokens
+from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_parity
 
 SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
 VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
+VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
+"""Batched towers: (images, rows, columns of patches) per check, none the capture example."""
 
 
 class IncompatibleGraph(UsageError):
@@ -71,6 +73,9 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     with _stage("load", timings, report):
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
         config.check(encoder.depth)
+        if format == "engine" and encoder.description.image_batch:
+            raise UsageError(f"TensorRT engines are built for packed towers only so far; write {output.stem}.onnx "
+                             "and build it with trtexec (shapes pixel_values:BxCxHxW)")
         profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
             encoder.merge_size, min_tokens(config.retention_e4), MAX_TOKENS)
     with _stage("capture", timings, report):
@@ -145,6 +150,8 @@ def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset
     if format == "onnx":
         metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
                     "ipcv_export_version": __version__}
+        if encoder.description.image_batch:
+            metadata["patch_size"] = str(encoder.patch_size)
         to_onnx(program, path, OUTPUT_NAMES, opset, metadata)
     elif format == "aoti":
         pt2.to_aoti(program, path)
@@ -164,13 +171,22 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
         runner = _open(path, runtime, manifest)
         generator = torch.Generator().manual_seed(1)
         checks: list[ParityCheck] = []
-        for grid in tqdm(VERIFY_GRIDS, desc="verify", leave=False, disable=not sys.stderr.isatty()):
-            grid_thw = torch.tensor(grid)
-            pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
-            checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance,
-                                       encoder.description.block_segments))
+        batch = encoder.description.image_batch
+        for case in tqdm(VERIFY_BATCHES if batch else VERIFY_GRIDS, desc="verify", leave=False,
+                         disable=not sys.stderr.isatty()):
+            if batch:
+                images, rows, cols = case
+                pixels = torch.randn(images, encoder.channels, rows * encoder.patch_size, cols * encoder.patch_size,
+                                     generator=generator)
+                checks.append(check_batched_parity(runner.run_all, batch.parts(encoder.module), batch.special_tokens,
+                                                   config, pixels, tolerance))
+            else:
+                grid_thw = torch.tensor(case)
+                pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
+                checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance,
+                                           encoder.description.block_segments))
             if verbose:
-                report(f"  grid {grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
+                report(f"  {checks[-1].grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
     return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),
             "checks": [vars(c) for c in checks], "worst_abs_diff": max(c.max_abs_diff for c in checks)}
 
@@ -249,7 +265,8 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
     import onnxruntime
     import transformers
 
-    merge, smallest = encoder.merge_size, min_tokens(config.retention_e4)
+    inputs, outputs = (_image_batch_io(encoder, config) if encoder.description.image_batch
+                       else _packed_io(encoder, config))
     return {
         "tool": {"name": "ipcv-export", "version": __version__},
         "format": format,
@@ -257,24 +274,8 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
                  "as_depth": config.as_depth, "neighbors": config.neighbors},
-        "inputs": {
-            "merge_size": merge, "input_width": encoder.input_width, "min_tokens": smallest, "max_tokens": MAX_TOKENS,
-            "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["N", encoder.input_width]},
-                        {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["N", 2]},
-                        {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["N"]}],
-            "rules": f"N = sum of t*h*w over grid_thw rows; N a multiple of {merge * merge}; "
-                     f"{smallest} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
-            "from_grid_thw": "tokens in processor order (slice by slice, merge x merge blocks in row-major "
-                             "order); position_ids[i] = (row, column) of patch i; segment_ids[i] = index of "
-                             "its image or temporal slice (0, 1, ...). Reference code: "
-                             "ipcv_export.inputs.engine_inputs(grid_thw, merge_size)",
-        },
-        "outputs": [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
-                     "meaning": "merged embeddings, the original encoder's output in count and order"},
-                    {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["K"],
-                     "meaning": f"ascending indices of the kept tokens, K = N*{config.retention_e4}//10000"},
-                    {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["N-K", config.neighbors],
-                     "meaning": "indices into kept_index of each removed token's neighbours; K means none"}],
+        "inputs": inputs,
+        "outputs": outputs,
         "preprocessing": encoder.preprocessing,
         "precision": precision, "opset": opset if format in ("onnx", "engine") else None,
         "profile": vars(profile),
@@ -282,3 +283,45 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "packages": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+
+
+def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
+    """The manifest's inputs and outputs of a packed (Qwen-style) tower."""
+    merge, smallest = encoder.merge_size, min_tokens(config.retention_e4)
+    inputs = {
+        "layout": "packed", "merge_size": merge, "input_width": encoder.input_width, "min_tokens": smallest,
+        "max_tokens": MAX_TOKENS,
+        "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["N", encoder.input_width]},
+                    {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["N", 2]},
+                    {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["N"]}],
+        "rules": f"N = sum of t*h*w over grid_thw rows; N a multiple of {merge * merge}; "
+                 f"{smallest} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
+        "from_grid_thw": "tokens in processor order (slice by slice, merge x merge blocks in row-major "
+                         "order); position_ids[i] = (row, column) of patch i; segment_ids[i] = index of "
+                         "its image or temporal slice (0, 1, ...). Reference code: "
+                         "ipcv_export.inputs.engine_inputs(grid_thw, merge_size)",
+    }
+    outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
+                "meaning": "merged embeddings, the original encoder's output in count and order"},
+               {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["K"],
+                "meaning": f"ascending indices of the kept tokens, K = N*{config.retention_e4}//10000"},
+               {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["N-K", config.neighbors],
+                "meaning": "indices into kept_index of each removed token's neighbours; K means none"}]
+    return inputs, outputs
+
+
+def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
+    """The manifest's inputs and outputs of a tower that batches whole images."""
+    p, side, s = encoder.patch_size, min_side(config.retention_e4), encoder.special_tokens
+    inputs = {"layout": "images", "patch_size": p, "merge_size": 1, "input_width": encoder.channels,
+              "min_tokens": min_tokens(config.retention_e4), "special_tokens": s,
+              "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
+              "rules": f"H and W multiples of {p}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
+                       f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}
+    outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
+                "meaning": "every token of every image (special tokens first), the original encoder's output"},
+               {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
+                "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
+               {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
+                "meaning": "per image, indices into kept_index of each removed token's neighbours; K means none"}]
+    return inputs, outputs

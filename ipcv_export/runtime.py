@@ -10,6 +10,7 @@ ONNX files also carry the first two as metadata, so they load without the manife
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,34 +27,55 @@ ONNX_PROVIDERS = ("CPUExecutionProvider",)
 class EncoderFile(ABC):
     """Shared input preparation and checks; subclasses run the prepared tensors."""
 
-    def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int) -> None:
+    def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int,
+                 patch_size: int | None = None) -> None:
         self.path = path
         self.manifest = manifest or {}
         self.merge_size = merge_size
         self.min_tokens = min_tokens
         self.input_width = input_width
+        self.patch_size = patch_size  # set for files of towers that batch whole images
 
-    def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them."""
+    def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them;
+        for a batched tower (no grid_thw), its tokens [B, T, D]."""
         return self.run_all(pixel_values, grid_thw)[0]
 
-    def run_all(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def run_all(self, pixel_values: torch.Tensor | np.ndarray,
+                grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Every output of the file: embeddings, then kept_index and neighbor_index."""
-        positions, segments = engine_inputs(grid_thw, self.merge_size)
         pixels = torch.as_tensor(pixel_values)
         if pixels.dtype != torch.float32:
             raise ValueError(f"pixel_values must be float32, got {pixels.dtype}")
+        inputs = self._image_batch(pixels) if self.patch_size else self._packed(pixels, grid_thw)
+        return tuple(t.cpu() for t in self._run(*inputs))
+
+    def _packed(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if grid_thw is None:
+            raise ValueError("this file takes packed patches: pass grid_thw with pixel_values")
+        positions, segments = engine_inputs(grid_thw, self.merge_size)
         if pixels.ndim != 2 or pixels.shape[1] != self.input_width:
             raise ValueError(f"pixel_values must have shape [N, {self.input_width}], got {list(pixels.shape)}")
         if pixels.shape[0] != len(segments):
             raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {len(segments)} patches")
         if len(segments) < self.min_tokens:
             raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {len(segments)}")
-        return tuple(t.cpu() for t in self._run(pixels, positions, segments))
+        return pixels, positions, segments
+
+    def _image_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        p = self.patch_size
+        if pixels.ndim != 4 or pixels.shape[1] != self.input_width:
+            raise ValueError(f"pixel_values must have shape [B, {self.input_width}, H, W], got {list(pixels.shape)}")
+        if pixels.shape[2] % p or pixels.shape[3] % p:
+            raise ValueError(f"image height and width must be multiples of the patch size {p}, got {list(pixels.shape[2:])}")
+        side = max(2, math.isqrt(self.min_tokens - 1) + 1)  # tokens.min_side
+        if min(pixels.shape[2:]) < side * p:
+            raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
+        return (pixels,)
 
     @abstractmethod
-    def _run(self, pixels: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> Sequence[torch.Tensor]:
-        """The file's outputs for checked inputs (the format's own runtime call)."""
+    def _run(self, *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The file's outputs for checked inputs, in its input order (the format's own runtime call)."""
 
     def preprocess(self, images: Sequence, min_pixels: int | None = None,
                    max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +87,9 @@ class EncoderFile(ABC):
         import transformers
 
         settings = self.manifest.get("preprocessing")
+        if self.patch_size:
+            raise ValueError(f"{self.path.name} takes image batches [B, C, H, W]: resize and normalise them with "
+                             f"{settings['class'] if settings else 'the model processor'}, then call the encoder")
         if not settings:
             raise ValueError(f"{self.path.name} has no manifest with preprocessing settings beside it")
         kwargs = dict(settings["kwargs"])
@@ -98,11 +123,12 @@ class OnnxEncoder(EncoderFile):
             raise ValueError(f"ONNX Runtime here lacks {', '.join(missing)}; available: {', '.join(available)}")
         self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
         metadata = self.session.get_modelmeta().custom_metadata_map
+        patch = metadata.get("patch_size")
         super().__init__(path, manifest, int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
-                         self.session.get_inputs()[0].shape[1])
+                         self.session.get_inputs()[0].shape[1], int(patch) if patch else None)
 
-    def _run(self, pixels, positions, segments):
-        feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+    def _run(self, *inputs):
+        feeds = {arg.name: tensor.numpy() for arg, tensor in zip(self.session.get_inputs(), inputs)}
         return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
 
 
@@ -116,11 +142,12 @@ class TorchEncoder(EncoderFile):
         else:
             self.module = torch.export.load(str(path)).module().to(self.device)
         inputs = manifest["inputs"]
-        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"])
+        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
+                         inputs.get("patch_size"))
 
-    def _run(self, pixels, positions, segments):
+    def _run(self, *inputs):
         with torch.no_grad():
-            return self.module(*(t.to(self.device) for t in (pixels, positions, segments)))
+            return self.module(*(t.to(self.device) for t in inputs))
 
 
 class TensorRTEncoder(EncoderFile):
@@ -134,13 +161,14 @@ class TensorRTEncoder(EncoderFile):
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         inputs = manifest["inputs"]
-        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"])
+        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
+                         inputs.get("patch_size"))
 
-    def _run(self, pixels, positions, segments):
+    def _run(self, *inputs):
         trt = self._trt
-        feeds = {"pixel_values": pixels, "position_ids": positions, "segment_ids": segments}
-        feeds = {name: t.cuda().contiguous() for name, t in feeds.items()}
+        feeds = {name: t.cuda().contiguous() for name, t in zip(self.inputs, inputs)}
         for name, tensor in feeds.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())

@@ -13,6 +13,8 @@ of states and the last axis of scores and indices.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RETENTION_SCALE = 10_000
@@ -38,6 +40,12 @@ def kept_count(n: int | torch.SymInt, retention_e4: int, special_tokens: int = 0
 def min_tokens(retention_e4: int) -> int:
     """Smallest N for which K = (N * retention_e4) // 10^4 is at least 1."""
     return -(-RETENTION_SCALE // retention_e4)
+
+
+def min_side(retention_e4: int) -> int:
+    """Smallest number of patches per image side a batched tower's file accepts: at least 2 (sizes
+    of 1 would be specialised by the exporter), and a square of it holds min_tokens patches."""
+    return max(2, math.isqrt(min_tokens(retention_e4) - 1) + 1)
 
 
 def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

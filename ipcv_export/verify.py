@@ -16,7 +16,8 @@ from functools import partial
 import torch
 
 from .config import IpcvConfig
-from .reference import BlockSegments, ipcv_reference
+from .models.description import TowerParts
+from .reference import BlockSegments, ReferenceResult, batched_reference, ipcv_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -47,7 +48,7 @@ TOLERANCES = {"fp32": Tolerance(atol=1e-4), "fp16": Tolerance(rtol=1e-2, exact_s
 
 @dataclass
 class ParityCheck:
-    grid: list[list[int]]
+    grid: list  # grid_thw rows (packed towers) or the image batch's shape [B, C, H, W]
     max_abs_diff: float
     limit: float
     tied_neighbor_rows: int
@@ -58,22 +59,35 @@ def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor,
                  config: IpcvConfig, grid_thw: torch.Tensor, pixel_values: torch.Tensor,
                  tolerance: Tolerance = TOLERANCES["fp32"], block_segments: BlockSegments | None = None) -> ParityCheck:
     """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare."""
-    grid = grid_thw.tolist()
     reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, block_segments=block_segments)
-    embeddings, kept, neighbors = (torch.as_tensor(t).cpu() for t in run(pixel_values, grid_thw))
+    return _check(run(pixel_values, grid_thw), reference_of, tolerance, grid_thw.tolist())
+
+
+def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], parts: TowerParts,
+                         special_tokens: int, config: IpcvConfig, pixel_values: torch.Tensor,
+                         tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
+    """The same checks for a tower that batches whole images: `run(pixel_values [B, C, H, W])`
+    gives per-image kept and neighbour indices, compared image by image."""
+    reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config)
+    return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
+
+
+def _check(outputs: tuple, reference_of: Callable[..., ReferenceResult], tolerance: Tolerance, grid: list) -> ParityCheck:
+    embeddings, kept, neighbors = (torch.as_tensor(t).cpu() for t in outputs)
     embeddings = embeddings.float()
     reference = reference_of()
-    kept = kept.long().sort().values
-    agreement = torch.isin(reference.keep, kept).float().mean().item() if len(kept) else 1.0
-    k_prime = reference.neighbors.shape[1]
-    neighbors = neighbors[:, :k_prime].long().reshape(-1, k_prime)
+    kept = kept.long().sort(-1).values
+    agreement = torch.isin(reference.keep.flatten(), kept.flatten()).float().mean().item() if kept.numel() else 1.0
+    k_prime = reference.neighbors.shape[-1]
+    neighbors = neighbors[..., :k_prime].long().reshape(*reference.neighbors.shape[:-1], k_prime)
     if not tolerance.exact_selection:
         reference = reference_of(neighbors=neighbors, keep=kept)
         return _compare_values(grid, embeddings, reference, tolerance, 0, agreement)
     if not torch.equal(kept, reference.keep):
-        missing = len(set(reference.keep.tolist()) - set(kept.tolist()))
-        raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {len(reference.keep)} tokens")
-    tied = _tied_rows(neighbors, reference)
+        missing = int((kept != reference.keep).sum()) if kept.shape == reference.keep.shape else reference.keep.numel()
+        raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {reference.keep.numel()} tokens")
+    tied = _tied_rows(neighbors.reshape(-1, k_prime), reference.neighbors.reshape(-1, k_prime),
+                      reference.distances.reshape(-1, reference.distances.shape[-1]))
     if len(tied):
         reference = reference_of(neighbors=neighbors)
     return _compare_values(grid, embeddings, reference, tolerance, len(tied), agreement)
@@ -89,16 +103,16 @@ def _compare_values(grid, embeddings, reference, tolerance: Tolerance, tied: int
     return ParityCheck(grid, diff, limit, tied, agreement)
 
 
-def _tied_rows(neighbors: torch.Tensor, reference) -> torch.Tensor:
+def _tied_rows(neighbors: torch.Tensor, reference: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """Rows whose neighbour set differs from the reference's but only among tied distances."""
-    if neighbors.shape != reference.neighbors.shape:
-        raise ParityError(f"neighbour index shape {list(neighbors.shape)} != reference {list(reference.neighbors.shape)}")
-    same = (neighbors.sort(-1).values == reference.neighbors.sort(-1).values).all(-1)
+    if neighbors.shape != reference.shape:
+        raise ParityError(f"neighbour index shape {list(neighbors.shape)} != reference {list(reference.shape)}")
+    same = (neighbors.sort(-1).values == reference.sort(-1).values).all(-1)
     rows = (~same).nonzero().flatten()
     if len(rows) == 0:
         return rows
-    chosen = reference.distances[rows].gather(1, neighbors[rows])
-    kth = reference.distances[rows].gather(1, reference.neighbors[rows]).max(-1, keepdim=True).values
+    chosen = distances[rows].gather(1, neighbors[rows])
+    kth = distances[rows].gather(1, reference[rows]).max(-1, keepdim=True).values
     distinct = (neighbors[rows].sort(-1).values.diff(dim=-1) != 0).all(-1)
     if not ((chosen <= kth * (1 + NEIGHBOR_RTOL)).all(-1) & distinct).all():
         raise ParityError(f"{len(rows)} removed tokens have neighbours that are not among their nearest kept tokens")

@@ -24,7 +24,8 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: lis
     `metadata` as the model's metadata properties (what a runtime needs to prepare inputs)."""
     program = program.run_decompositions(ops.decompositions())
     large = sum(p.numel() * p.element_size() for p in program.state_dict.values()) > TWO_GB
-    onnx_program = torch.onnx.export(program, input_names=INPUT_NAMES, output_names=output_names,
+    input_names = INPUT_NAMES[:len(program.graph_signature.user_inputs)]  # batched towers: pixel_values only
+    onnx_program = torch.onnx.export(program, input_names=input_names, output_names=output_names,
                                      opset_version=opset, dynamo=True, verbose=False, optimize=True)
     onnx_program.model.metadata_props.update(metadata or {})
     onnx_program.save(str(path), external_data=large)
