@@ -34,8 +34,9 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
     if not isinstance(vision_config, dict):
         raise CheckpointError(f"{folder}/config.json has no vision_config")
     files = _weight_files(folder)
-    state = _read_vision_tensors(folder, files, description.weight_prefixes)
-    module = description.build(vision_config)
+    module = description.build(config if description.whole_config else vision_config)
+    names = {key.split(".")[0] for key in module.state_dict()}
+    state = _read_vision_tensors(folder, files, description.weight_prefixes, names)
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if "inv_freq" not in k]
     if missing or unexpected:
@@ -85,21 +86,46 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_vision_tensors(folder: Path, files: list[Path], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors under the first prefix that any file uses, with the prefix removed."""
-    for prefix in prefixes:
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        if key.startswith(prefix):
-                            state[key[len(prefix):]] = f.get_tensor(key)
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
-        if state:
-            return state
-    raise CheckpointError(f"{folder}: no vision tower tensors (keys starting with {' or '.join(prefixes)})")
+def _read_vision_tensors(folder: Path, files: list[Path], alternatives: tuple[str | dict[str, str], ...],
+                         names: set[str]) -> dict[str, torch.Tensor]:
+    """Tensors of the naming alternative that covers most keys, renamed to the module's keys; only
+    keys whose renamed first part is one of the module's top-level `names` are read."""
+    keys: dict[Path, list[str]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys[file] = list(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+
+    def wanted(renames: dict[str, str]) -> dict[tuple[Path, str], str]:
+        found = {}
+        for file, names_in_file in keys.items():
+            for key in names_in_file:
+                renamed = _rename(key, renames)
+                if renamed is not None and renamed.split(".")[0] in names:
+                    found[file, key] = renamed
+        return found
+
+    options = [{a: ""} if isinstance(a, str) else a for a in alternatives]
+    best = max((wanted(renames) for renames in options), key=len)
+    if not best:
+        prefixes = [p or "(no prefix)" for renames in options for p in renames]
+        raise CheckpointError(f"{folder}: no vision tower tensors (keys starting with {' or '.join(prefixes)})")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for (source, key), renamed in best.items():
+                if source == file:
+                    state[renamed] = f.get_tensor(key)
+    return state
+
+
+def _rename(key: str, renames: dict[str, str]) -> str | None:
+    for prefix, replacement in renames.items():
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
+    return None
 
 
 def _hash_files(files: list[Path]) -> str:

@@ -130,7 +130,8 @@ def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_th
 
 @torch.no_grad()
 def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, config: IpcvConfig,
-                      neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> ReferenceResult:
+                      neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                      ngr: bool = True) -> ReferenceResult:
     """IPCV on a tower that batches whole images (ipcv.md, towers with a CLS token), through the
     stock parts: selection, neighbours and reconstruction per image; the special tokens always kept.
 
@@ -138,6 +139,8 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     in a block but attention acts on each token alone, and attention rows are independent per
     query, so those rows are exactly "queries from kept rows, keys and values from all rows".
     Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K].
+    `ngr=False` is the plain-pruning baseline of the fidelity study: removed tokens keep their
+    pruning-point states (no drift), in AS blocks and at reintegration.
     """
     blocks, s = parts.blocks, special_tokens
     x = parts.embed(pixel_values)
@@ -164,7 +167,7 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
         neighbors = distances.topk(min(config.neighbors, keep.shape[1]), largest=False).indices
 
     def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
-        drift = (kept_now - kept_then)[rows[:, :, None], neighbors].mean(2)
+        drift = (kept_now - kept_then)[rows[:, :, None], neighbors].mean(2) if ngr else 0
         z = torch.empty_like(x_after)
         z[rows, keep] = kept_now
         z[rows, rem] = removed_then + drift

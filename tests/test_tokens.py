@@ -101,3 +101,32 @@ def test_chunked_attention_decomposition_equals_one_sdpa():
         seg_q, seg_k = torch.randint(0, 3, (queries,), generator=g), torch.arange(40) % 3
         whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seg_q[:, None] == seg_k, scale=0.3)
         torch.testing.assert_close(attention(q, k, v, seg_q, seg_k, 0.3), whole.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("special", [0, 1, 4])
+def test_batched_selection_is_the_packed_selection_per_row(special):
+    """[B, N] scores select per row exactly as each row alone would, special tokens first and kept."""
+    score = torch.rand(3, 50, generator=torch.Generator().manual_seed(special))
+    score[1, 10:30] = score[1, 10]  # ties in one row only
+    k = 17
+    keep, rem, slot = tokens.select_tokens(score, k, special)
+    assert keep.shape == (3, special + k) and rem.shape == (3, 50 - special - k)
+    rows = torch.arange(3 * 50).float().reshape(3, 50, 1)
+    for b in range(3):
+        alone = _reference_keep(score[b, special:], k) + special
+        assert torch.equal(keep[b], torch.cat([torch.arange(special), alone]))
+    assert torch.equal(tokens.scatter_back(tokens.take(rows, keep, 1), tokens.take(rows, rem, 1), slot), rows)
+
+
+def test_batched_neighbours_and_reconstruction_stay_within_each_row():
+    generator = torch.Generator().manual_seed(3)
+    kept, removed = torch.randn(2, 9, 5, generator=generator), torch.randn(2, 14, 5, generator=generator)
+    now = kept + torch.randn(2, 9, 5, generator=generator)
+    index = tokens.nearest_kept(kept, removed, 4)
+    rebuilt = tokens.reconstruct(now, kept, removed, index)
+    for b in range(2):
+        assert torch.equal(index[b], tokens.nearest_kept(kept[b], removed[b], 4))
+        torch.testing.assert_close(rebuilt[b], tokens.reconstruct(now[b], kept[b], removed[b], index[b]), rtol=0, atol=1e-6)
+    few = tokens.nearest_kept(kept[:, :2], removed, 4)  # K < k: padded with index K, ignored
+    torch.testing.assert_close(tokens.reconstruct(now[:, :2], kept[:, :2], removed, few),
+                               removed + (now[:, :2] - kept[:, :2]).mean(1, keepdim=True), rtol=0, atol=1e-6)

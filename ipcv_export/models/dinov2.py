@@ -2,10 +2,8 @@
 
 Input [B, 3, H, W] with H and W multiples of the patch size; tokens [B, 1 + (H/p)(W/p), D] with
 the CLS token first; the output is the final LayerNorm's tokens (what a DINOv2 feature user reads).
-The learned position table (a 37 x 37 grid for the released models) is resized bicubically to
-every input grid. The stock embedding skips that resize at the native square size, which a graph
-with symbolic H and W cannot decide; the exportable module always resizes, which at the native
-size reproduces the table exactly (bicubic weights at integer offsets are 1, 0, 0, 0).
+The learned position table (a 37 x 37 grid for the released models) is resized to every input
+grid (`positions.resized_positions`).
 """
 
 from __future__ import annotations
@@ -21,20 +19,16 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
 from .. import ops
 from .cost import TowerShape, ipcv_flops
 from .description import ImageBatch, ModelDescription, TowerParts
+from .positions import resized_positions
 
 
 def embed(model: Dinov2Model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch embedding, CLS token first, then the position table resized to the input's grid."""
-    embeddings = model.embeddings
+    embeddings, patch = model.embeddings, model.config.patch_size
     patches = embeddings.patch_embeddings(pixel_values)
     tokens = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
-    table = embeddings.position_embeddings
-    side = round((table.shape[1] - 1) ** 0.5)
-    grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patch = model.config.patch_size
-    resized = torch.nn.functional.interpolate(grid.float(), size=(pixel_values.shape[2] // patch, pixel_values.shape[3] // patch),
-                                              mode="bicubic", align_corners=False).to(table.dtype)
-    return tokens + torch.cat([table[:, :1], resized.flatten(2).transpose(1, 2)], 1)
+    rows, cols = pixel_values.shape[2] // patch, pixel_values.shape[3] // patch
+    return tokens + resized_positions(embeddings.position_embeddings, 1, rows, cols)
 
 
 class ExportableDinov2(torch.nn.Module):

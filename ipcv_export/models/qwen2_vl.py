@@ -18,7 +18,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .. import ops
-from .cost import TowerShape, ipcv_flops
+from .cost import TowerShape, ipcv_flops, merger_macs
 from .description import ModelDescription
 
 
@@ -65,7 +65,8 @@ def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int,
     """ipcv.md's cost model for this tower (see `cost.ipcv_flops`); MLP: fc1 and fc2 of width d * mlp_ratio."""
     d = config.embed_dim
     shape = TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
-                       2 * d * int(d * config.mlp_ratio), config.spatial_merge_size, config.hidden_size)
+                       2 * d * int(d * config.mlp_ratio), merger_macs(d, config.spatial_merge_size, config.hidden_size),
+                       config.spatial_merge_size ** 2)
     return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
 
 

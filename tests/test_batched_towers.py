@@ -1,8 +1,8 @@
-"""DINOv2: a tower that batches whole images (CLS token, LayerScale) through the same passes.
+"""Towers that batch whole images (DINOv2; LLaVA's CLIP + projector) through the same passes.
 
 Tolerances: the captured stock tower equals transformers' forward within 1e-5 (the only
 difference is the position table's bicubic resize at the native size, an identity up to
-rounding); IPCV programs make the reference's discrete choices exactly and match its tokens
+rounding); IPCV programs make the reference's discrete choices exactly and match its outputs
 within 1e-5 (same operations, different kernels); ONNX files within the parity gate's 1e-4.
 """
 
@@ -19,6 +19,19 @@ from ipcv_export.flops import program_flops
 from ipcv_export.models import load_encoder
 from ipcv_export.reference import batched_reference
 
+
+def _stock_dinov2(model, pixels):
+    return model(pixels).last_hidden_state
+
+
+def _stock_llava(side, pixels):
+    """LlavaModel.get_image_features: hidden_states[-2] without CLS, projected."""
+    interpolate = pixels.shape[-1] != side.config.vision_config.image_size or pixels.shape[-2] != pixels.shape[-1]
+    out = side.vision_tower(pixels, interpolate_pos_encoding=interpolate, output_hidden_states=True)
+    return side.multi_modal_projector(out.hidden_states[side.config.vision_feature_layer][:, 1:])
+
+
+STOCK = {"tiny-dinov2": _stock_dinov2, "tiny-llava-clip": _stock_llava}
 SIZES = [(1, 8, 8), (2, 5, 7), (3, 12, 9)]  # (images, rows, columns) of 14-px patches; 8 x 8 is the native grid
 
 
@@ -26,9 +39,9 @@ def _pixels(images: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(images, 3, rows * 14, cols * 14, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def dino():
-    return load_encoder("tiny-dinov2")
+@pytest.fixture(scope="module", params=list(STOCK))
+def dino(request):
+    return load_encoder(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +49,29 @@ def dino_captured(dino):
     return capture(dino)
 
 
+def _stock(encoder, pixels):
+    with torch.no_grad():
+        return STOCK[encoder.source["builtin"]](encoder.module, pixels)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_captured_tower_equals_transformers_forward(dino, dino_captured, size):
     pixels = _pixels(*size)
-    with torch.no_grad():
-        stock = dino.module(pixels).last_hidden_state
-    torch.testing.assert_close(dino_captured.module()(pixels), stock, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dino_captured.module()(pixels), _stock(dino, pixels), rtol=0, atol=1e-5)
 
 
 def test_reference_at_full_retention_is_the_stock_tower(dino):
     pixels = _pixels(2, 6, 10)
     parts = dino.description.image_batch.parts(dino.module)
     result = batched_reference(parts, 1, pixels, IpcvConfig(retention=1.0))
-    with torch.no_grad():
-        stock = dino.module(pixels).last_hidden_state
-    torch.testing.assert_close(result.embeddings, stock, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.embeddings, _stock(dino, pixels), rtol=0, atol=1e-5)
     assert result.neighbors.shape == (2, 0, 10)
 
 
 @pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3)],
                          ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as"])
 def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
+    config.check(dino.depth)
     program = compress(dino_captured, dino, config).module()
     parts = dino.description.image_batch.parts(dino.module)
     for seed, size in enumerate(SIZES):
@@ -86,14 +101,15 @@ def test_flop_count_equals_the_cost_model(dino, dino_captured):
     program = compress(dino_captured, dino, config)
     floor = dino.description.flop_floor
     for patches in (64, 120):
+        config.check(dino.depth)
         assert program_flops(program, dino, patches) == floor(dino.module.config, config.retention_e4, 2, 3, patches)
         assert program_flops(dino_captured, dino, patches) == floor(dino.module.config, 10_000, 2, 3, patches)
 
 
 @pytest.fixture(scope="module")
-def dino_file(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dinov2") / "dino.onnx"
-    result = export("tiny-dinov2", out, retention=0.5, as_depth=2, report=lambda _line: None)
+def dino_file(dino, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batched") / "tower.onnx"
+    result = export(dino, out, retention=0.5, as_depth=2, report=lambda _line: None)
     return out, result.manifest
 
 
@@ -116,9 +132,32 @@ def test_bad_image_batches_are_refused(dino_file, shape, message):
         load(dino_file[0])(torch.zeros(shape))
 
 
-def test_engines_of_batched_towers_are_refused_before_any_work(tmp_path):
+def test_engines_of_batched_towers_are_refused_before_any_work(dino, tmp_path):
     from ipcv_export.config import UsageError
 
     with pytest.raises(UsageError, match="packed towers only"):
-        export("tiny-dinov2", tmp_path / "x.engine", report=lambda _line: None)
+        export(dino, tmp_path / "x.engine", report=lambda _line: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_llava_checkpoint_folder_loads_tower_and_projector_only(tmp_path):
+    """A LLaVA folder saved by transformers: the tower and projector load, the LLM is never read."""
+    import json
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from ipcv_export.checkpoint import load_checkpoint_encoder
+    from ipcv_export.models import CONFIG_DIR
+
+    spec = json.loads((CONFIG_DIR / "tiny-llava-clip.json").read_text())["config"]
+    torch.manual_seed(3)
+    full = LlavaForConditionalGeneration(LlavaConfig(**spec)).eval()
+    full.save_pretrained(tmp_path)
+    loaded = load_checkpoint_encoder(tmp_path)
+    assert loaded.description.architecture == "llava_clip"
+    assert {key.split(".")[0] for key in loaded.module.state_dict()} == {"vision_tower", "multi_modal_projector"}
+    pixels = _pixels(2, 8, 8)
+    with torch.no_grad():
+        expected = full.model.get_image_features(pixels, vision_feature_layer=-2,
+                                                 vision_feature_select_strategy="default").pooler_output
+    torch.testing.assert_close(_stock_llava(loaded.module, pixels).detach(), torch.stack(list(expected)), rtol=0, atol=1e-6)

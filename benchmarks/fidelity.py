@@ -1,0 +1,386 @@
+"""Fidelity against FLOPs on real weights and real photographs (issue 9): IPCV and its baselines.
+
+    make dinov2-small && pip install -e '.[bench]'
+    .venv/bin/python benchmarks/fidelity.py [--sizes 224 448] [--out FIDELITY.md]
+
+Model: `dinov2-small` (trained DINOv2 ViT-S/14, 12 blocks). Photos: scikit-image's samples, in two
+groups, natural (astronaut, chelsea, coffee, rocket, motorcycle) and detail-heavy (text, page,
+hubble_deep_field, retina), each resized to a square of every --sizes side. Every method runs in
+eager PyTorch on the stock blocks (IPCV through `reference.batched_reference`, which the exported
+files equal); fidelity is measured on the final-norm tokens against the uncompressed model.
+
+FLOP ratios: IPCV-family methods use the tower's cost model, which the counted exported graph
+equals exactly (tests/test_dinov2.py); ToMe merging and downsampling are counted with
+torch.utils.flop_counter on their eager runs, relative to the original counted the same way.
+
+Metrics per photo: mean and 5th-percentile cosine of the patch tokens, CLS cosine, relative L2 of
+all tokens, and the adjusted Rand index between k-means clusters (8) of the patch tokens of the
+method and of the original. Tables: per method and setting, mean over photos and the worst photo,
+per group; the frontier (best mean patch cosine under each FLOP budget); PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.cluster.vq import kmeans2
+from torch.utils.flop_counter import FlopCounterMode
+
+from ipcv_export.config import IpcvConfig
+from ipcv_export.models import load_encoder
+from ipcv_export.reference import batched_reference
+
+NATURAL = {"astronaut": "astronaut", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket",
+           "motorcycle": "stereo_motorcycle"}
+DETAIL = {"text": "text", "page": "page", "hubble": "hubble_deep_field", "retina": "retina"}
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+CLUSTERS = 8
+BUDGETS = (0.35, 0.45, 0.55, 0.65, 0.75)
+
+
+def photo(name: str, side: int) -> torch.Tensor:
+    """A scikit-image sample as a normalised [1, 3, side, side] batch (grey images as RGB)."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    image = image[0] if isinstance(image, tuple) else image
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    resized = Image.fromarray(image[..., :3].astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - MEAN) / STD
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
+
+
+# ---------------------------------------------------------------- methods
+# Each method: (parts, pixels) -> final-norm tokens [1, T, D], same shape as the original's.
+
+@dataclass(frozen=True)
+class Method:
+    family: str  # the curve it belongs to in plots
+    label: str  # its setting
+    run: Callable
+    flops: Callable  # (encoder, patches) -> ratio, or None to count the eager run
+
+
+def ipcv(config: IpcvConfig, selection: str = "score", ngr: bool = True) -> Callable:
+    def run(parts, pixels):
+        keep = None if selection == "score" else chosen_keep(pixels, parts, config, selection)
+        return batched_reference(parts, 1, pixels, config, keep=keep, ngr=ngr).embeddings
+    return run
+
+
+def chosen_keep(pixels: torch.Tensor, parts, config: IpcvConfig, selection: str) -> torch.Tensor:
+    """The kept set of a non-score selection: `random` (seeded) or `spread`: a prefix of an order
+    that visits the grid coarse to fine, so any count is spread evenly. At each scale (lowest bit
+    first) a patch's key takes two bits, (row xor column) then row: half the patches form a
+    checkerboard, a quarter a lattice of stride 2, and so on."""
+    rows, cols = pixels.shape[2] // 14, pixels.shape[3] // 14
+    patches = rows * cols
+    k = max(1, patches * config.retention_e4 // 10_000)
+    if selection == "random":
+        order = torch.randperm(patches, generator=torch.Generator().manual_seed(0))
+    else:
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        bits = max(1, math.ceil(math.log2(max(rows, cols))))
+        code = torch.zeros_like(r)
+        for b in range(bits):
+            row_bit, col_bit = (r >> b) & 1, (c >> b) & 1
+            code |= (row_bit ^ col_bit) << (2 * bits - 1 - 2 * b) | row_bit << (2 * bits - 2 - 2 * b)
+        order = torch.argsort(code.flatten(), stable=True)
+    best = order[:k].sort().values + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), best])[None]
+
+
+def tome(retention: float, prune_layer: int) -> Callable:
+    """ToMe-style bipartite merging before block l_p down to the kept count (rounds of alternate
+    split, cosine similarity of states, size-weighted means), the remaining blocks on the merged
+    tokens, then every token takes its representative's final state ("unmerged by copying")."""
+    def run(parts, pixels):
+        x = parts.embed(pixels)
+        for block in parts.blocks[:prune_layer]:
+            x = block(x)
+        n = x.shape[1]
+        target = 1 + (n - 1) * round(retention * 10_000) // 10_000
+        owner = torch.arange(n)  # token -> row of the merged sequence that represents it
+        states, sizes = x[0], torch.ones(n)
+        while states.shape[0] > target:
+            states, sizes, mapping = _merge_round(states, sizes, states.shape[0] - target)
+            owner = mapping[owner]
+        y = states[None]
+        for block in parts.blocks[prune_layer:]:
+            y = block(y)
+        return parts.head(y[:, owner])
+    return run
+
+
+def _merge_round(states, sizes, excess):
+    """One bipartite round over the patch tokens (CLS, row 0, never merges): the r most similar
+    tokens of set A (odd rows) merge into their best match in set B (even rows)."""
+    a, b = torch.arange(1, states.shape[0], 2), torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2, states.shape[0], 2)])
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    similarity = unit[a] @ unit[b].T
+    similarity[:, 0] = -math.inf  # never into CLS
+    best, match = similarity.max(-1)
+    r = min(excess, len(a))
+    merged = a[best.argsort(descending=True)[:r]]
+    destination = b[match[best.argsort(descending=True)[:r]]]
+    weighted = states * sizes[:, None]
+    total, mass = weighted.clone(), sizes.clone()
+    total.index_add_(0, destination, weighted[merged])
+    mass.index_add_(0, destination, sizes[merged])
+    survivors = torch.ones(states.shape[0], dtype=torch.bool)
+    survivors[merged] = False
+    new_index = torch.cumsum(survivors.long(), 0) - 1
+    mapping = new_index.clone()
+    mapping[merged] = new_index[destination]
+    return (total / mass[:, None])[survivors], mass[survivors], mapping
+
+
+def downsample(retention: float) -> Callable:
+    """The full encoder on the image resized to about rho times the patches; the patch grid is
+    resized back bilinearly, the CLS token taken as it is."""
+    def run(parts, pixels):
+        rows, cols = pixels.shape[2] // 14, pixels.shape[3] // 14
+        scale = math.sqrt(retention)
+        small_rows, small_cols = max(2, round(rows * scale)), max(2, round(cols * scale))
+        small = torch.nn.functional.interpolate(pixels, size=(small_rows * 14, small_cols * 14), mode="bicubic",
+                                                align_corners=False, antialias=True)
+        x = parts.embed(small)
+        for block in parts.blocks:
+            x = block(x)
+        out = parts.head(x)
+        grid = out[:, 1:].reshape(1, small_rows, small_cols, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False)
+        return torch.cat([out[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+    return run
+
+
+def methods(encoder) -> list[Method]:
+    floor = encoder.description.flop_floor
+    config = encoder.module.config
+
+    def cost(c: IpcvConfig):
+        return lambda patches: (floor(config, c.retention_e4, c.prune_layer, c.as_depth, patches)
+                                / floor(config, 10_000, c.prune_layer, c.as_depth, patches))
+
+    found: list[Method] = []
+    for rho in (0.5, 0.35, 0.2):
+        paper = IpcvConfig(rho, 3, 7, 10)
+        found += [Method("IPCV (paper: l_p 3, Δ 7, k 10)", f"ρ={rho}", ipcv(paper), cost(paper)),
+                  Method("IPCV k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 3)), cost(paper)),
+                  Method("IPCV spread selection", f"ρ={rho}", ipcv(paper, "spread"), cost(paper)),
+                  Method("IPCV random selection", f"ρ={rho}", ipcv(paper, "random"), cost(paper)),
+                  Method("plain pruning", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10), ngr=False), cost(IpcvConfig(rho, 3, 0))),
+                  Method("prune + NGR at end", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10)), cost(IpcvConfig(rho, 3, 0))),
+                  Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
+                  Method("downsample", f"ρ={rho}", downsample(rho), None)]
+    for rho in (0.35, 0.2, 0.1):
+        late = IpcvConfig(rho, 6, 3, 10)
+        found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
+                  Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3), "spread"), cost(late))]
+    return found
+
+
+# ---------------------------------------------------------------- metrics
+
+def metrics(ours: torch.Tensor, original: torch.Tensor) -> dict[str, float]:
+    patch_cos = torch.nn.functional.cosine_similarity(ours[0, 1:], original[0, 1:], dim=-1)
+    return {"cos_mean": patch_cos.mean().item(), "cos_p5": torch.quantile(patch_cos, 0.05).item(),
+            "cls_cos": torch.nn.functional.cosine_similarity(ours[0, 0], original[0, 0], dim=0).item(),
+            "rel_l2": ((ours - original).norm() / original.norm()).item(),
+            "ari": adjusted_rand(_clusters(ours[0, 1:]), _clusters(original[0, 1:]))}
+
+
+def _clusters(tokens: torch.Tensor) -> np.ndarray:
+    unit = torch.nn.functional.normalize(tokens, dim=-1).double().numpy()
+    return kmeans2(unit, CLUSTERS, seed=0, minit="++", iter=30)[1]
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings (Hubert & Arabie): 1 for identical partitions, about 0
+    for independent ones."""
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    pairs = lambda x: (x * (x - 1) / 2).sum()  # noqa: E731
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([len(a)]))
+    expected = rows * cols / total
+    return float((index - expected) / ((rows + cols) / 2 - expected)) if rows + cols != 2 * expected else 1.0
+
+
+def counted_flops(run: Callable, parts, pixels) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run(parts, pixels)
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------- study
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dinov2-small")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--out", type=Path, default=Path("FIDELITY.md"))
+    parser.add_argument("--plots", type=Path, default=Path("benchmarks/fidelity"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    encoder = load_encoder(args.model)
+    parts = encoder.description.image_batch.parts(encoder.module)
+    found = methods(encoder)
+    photos = {**{n: ("natural", f) for n, f in NATURAL.items()}, **{n: ("detail", f) for n, f in DETAIL.items()}}
+    rows: list[dict] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for side in args.sizes:
+            patches = (side // 14) ** 2
+            for name, (group, sample) in photos.items():
+                pixels = photo(sample, side)
+                original = ipcv(IpcvConfig(1.0))(parts, pixels)
+                for method in found:
+                    out = method.run(parts, pixels)
+                    ratio = method.flops(patches) if method.flops else None
+                    rows.append({"side": side, "photo": name, "group": group, "family": method.family,
+                                 "label": method.label, "ratio": ratio, **metrics(out, original)})
+                print(f"  {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
+            _count_baselines(rows, found, parts, side)
+    report = render(rows, args)
+    args.out.write_text(report)
+    plot(rows, args.plots)
+    pictures(parts, found, args.plots)
+    print(report)
+
+
+def _count_baselines(rows: list[dict], found: list[Method], parts, side: int) -> None:
+    """FLOP ratios of the methods without a cost model, counted once per size on one photo."""
+    pixels = photo("astronaut", side)
+    base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels)
+    for method in found:
+        if method.flops is None:
+            ratio = counted_flops(method.run, parts, pixels) / base
+            for row in rows:
+                if row["side"] == side and (row["family"], row["label"]) == (method.family, method.label):
+                    row["ratio"] = ratio
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Per (size, family, label): FLOP ratio, mean and worst of each metric over each group."""
+    keys = sorted({(r["side"], r["family"], r["label"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    out = []
+    for side, family, label in keys:
+        mine = [r for r in rows if (r["side"], r["family"], r["label"]) == (side, family, label)]
+        entry = {"side": side, "family": family, "label": label, "ratio": mine[0]["ratio"]}
+        for group in ("natural", "detail", "all"):
+            chosen = [r for r in mine if group == "all" or r["group"] == group]
+            for metric in ("cos_mean", "cos_p5", "cls_cos", "rel_l2", "ari"):
+                values = [r[metric] for r in chosen]
+                entry[f"{group}.{metric}"] = float(np.mean(values))
+                entry[f"{group}.{metric}.worst"] = max(values) if metric == "rel_l2" else min(values)
+        out.append(entry)
+    return out
+
+
+def render(rows: list[dict], args) -> str:
+    summary = _summary(rows)
+    lines = ["# Fidelity vs. FLOPs: IPCV and baselines on real weights and photographs", "",
+             f"Produced by `.venv/bin/python benchmarks/fidelity.py --sizes {' '.join(map(str, args.sizes))}` "
+             f"(model `{args.model}`, trained DINOv2 ViT-S/14). See the script's docstring for methods and metrics.", ""]
+    for side in args.sizes:
+        table = sorted([s for s in summary if s["side"] == side], key=lambda s: s["ratio"])
+        lines += [f"## {side} px ({(side // 14) ** 2} patches): every method and setting", "",
+                  "| method | setting | FLOPs | cos natural (mean / worst) | cos detail (mean / worst) | "
+                  "p5 cos all (mean / worst) | CLS cos all | rel L2 all | ARI all (mean / worst) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in table:
+            lines.append(f"| {s['family']} | {s['label']} | {s['ratio']:.3f} | {s['natural.cos_mean']:.3f} / "
+                         f"{s['natural.cos_mean.worst']:.3f} | {s['detail.cos_mean']:.3f} / {s['detail.cos_mean.worst']:.3f} | "
+                         f"{s['all.cos_p5']:.3f} / {s['all.cos_p5.worst']:.3f} | {s['all.cls_cos']:.3f} | "
+                         f"{s['all.rel_l2']:.3f} | {s['all.ari']:.3f} / {s['all.ari.worst']:.3f} |")
+        lines += ["", f"### {side} px: frontier (best worst-photo patch cosine within each FLOP budget)", "",
+                  "| FLOP budget | best method | setting | FLOPs | cos all (mean / worst) | paper default at or under budget |",
+                  "|---|---|---|---|---|---|"]
+        for budget in BUDGETS:
+            within = [s for s in table if s["ratio"] <= budget]
+            if not within:
+                continue
+            best = max(within, key=lambda s: s["all.cos_mean.worst"])
+            paper = [s for s in within if s["family"].startswith("IPCV (paper")]
+            paper_text = (f"{max(paper, key=lambda s: s['all.cos_mean.worst'])['label']}: "
+                          f"{max(p['all.cos_mean.worst'] for p in paper):.3f} worst" if paper else "none fits")
+            lines.append(f"| ≤ {budget} | {best['family']} | {best['label']} | {best['ratio']:.3f} | "
+                         f"{best['all.cos_mean']:.3f} / {best['all.cos_mean.worst']:.3f} | {paper_text} |")
+        lines.append("")
+    lines += ["## Per photo (patch cosine, mean over patches)", ""]
+    for side in args.sizes:
+        names = list(dict.fromkeys(r["photo"] for r in rows))
+        lines += [f"### {side} px", "", "| method | setting | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for s in sorted([s for s in summary if s["side"] == side], key=lambda s: s["ratio"]):
+            values = [next(r["cos_mean"] for r in rows if (r["side"], r["photo"], r["family"], r["label"])
+                           == (side, n, s["family"], s["label"])) for n in names]
+            lines.append(f"| {s['family']} | {s['label']} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = _summary(rows)
+    for side in sorted({s["side"] for s in summary}):
+        figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+        for axis, group in zip(axes, ("natural", "detail")):
+            for family in dict.fromkeys(s["family"] for s in summary):
+                points = sorted([(s["ratio"], s[f"{group}.cos_mean"]) for s in summary
+                                 if s["side"] == side and s["family"] == family])
+                axis.plot(*zip(*points), marker="o", label=family)
+            axis.set_title(f"{group} photos, {side} px")
+            axis.set_xlabel("encoder FLOPs / original")
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel("mean patch-token cosine to the original")
+        axes[1].legend(fontsize=7, loc="lower right")
+        figure.tight_layout()
+        figure.savefig(folder / f"frontier_{side}.png", dpi=110)
+        plt.close(figure)
+
+
+def pictures(parts, found: list[Method], folder: Path) -> None:
+    """First three PCA components of the patch tokens as RGB: original and three methods at ρ = 0.35."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = photo("astronaut", 448)
+    chosen = [m for m in found if m.label == "ρ=0.35" and m.family in
+              ("IPCV (paper: l_p 3, Δ 7, k 10)", "IPCV spread selection", "ToMe merge at l_p=3", "downsample")]
+    with torch.no_grad():
+        original = ipcv(IpcvConfig(1.0))(parts, pixels)[0, 1:]
+        outputs = [("original", original)] + [(f"{m.family}\n{m.label}", m.run(parts, pixels)[0, 1:]) for m in chosen]
+    mean = original.mean(0)
+    _, _, basis = torch.pca_lowrank(original - mean, q=3, center=False)
+    projected = [(name, (tokens - mean) @ basis) for name, tokens in outputs]
+    low, high = projected[0][1].amin(0), projected[0][1].amax(0)
+    figure, axes = plt.subplots(1, len(projected), figsize=(3 * len(projected), 3.4))
+    for axis, (name, values) in zip(axes, projected):
+        image = ((values - low) / (high - low)).clamp(0, 1).reshape(32, 32, 3).numpy()
+        axis.imshow(image)
+        axis.set_title(name, fontsize=7)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(folder / "pca_astronaut_448.png", dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
