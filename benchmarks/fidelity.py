@@ -22,6 +22,7 @@ per group; the frontier (best mean patch cosine under each FLOP budget); PNG plo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import warnings
@@ -72,33 +73,21 @@ class Method:
     flops: Callable  # (encoder, patches) -> ratio, or None to count the eager run
 
 
-def ipcv(config: IpcvConfig, selection: str = "score", ngr: bool = True) -> Callable:
+def ipcv(config: IpcvConfig, ngr: bool = True, random_keep: bool = False) -> Callable:
+    """IPCV through the eager reference (selection as `config.selection`, or a seeded random kept
+    set); `ngr=False` is plain pruning."""
     def run(parts, pixels):
-        keep = None if selection == "score" else chosen_keep(pixels, parts, config, selection)
+        keep = random_kept_set(pixels, parts, config) if random_keep else None
         return batched_reference(parts, 1, pixels, config, keep=keep, ngr=ngr).embeddings
     return run
 
 
-def chosen_keep(pixels: torch.Tensor, parts, config: IpcvConfig, selection: str) -> torch.Tensor:
-    """The kept set of a non-score selection: `random` (seeded) or `spread`: a prefix of an order
-    that visits the grid coarse to fine, so any count is spread evenly. At each scale (lowest bit
-    first) a patch's key takes two bits, (row xor column) then row: half the patches form a
-    checkerboard, a quarter a lattice of stride 2, and so on."""
-    rows, cols = pixels.shape[2] // 14, pixels.shape[3] // 14
-    patches = rows * cols
+def random_kept_set(pixels: torch.Tensor, parts, config: IpcvConfig) -> torch.Tensor:
+    """A seeded random kept set of the reference's size, CLS first: the baseline for the score."""
+    patches = (pixels.shape[2] // parts.patch_size) * (pixels.shape[3] // parts.patch_size)
     k = max(1, patches * config.retention_e4 // 10_000)
-    if selection == "random":
-        order = torch.randperm(patches, generator=torch.Generator().manual_seed(0))
-    else:
-        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        bits = max(1, math.ceil(math.log2(max(rows, cols))))
-        code = torch.zeros_like(r)
-        for b in range(bits):
-            row_bit, col_bit = (r >> b) & 1, (c >> b) & 1
-            code |= (row_bit ^ col_bit) << (2 * bits - 1 - 2 * b) | row_bit << (2 * bits - 2 - 2 * b)
-        order = torch.argsort(code.flatten(), stable=True)
-    best = order[:k].sort().values + 1
-    return torch.cat([torch.zeros(1, dtype=torch.long), best])[None]
+    best = torch.randperm(patches, generator=torch.Generator().manual_seed(0))[:k].sort().values + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), best]).expand(pixels.shape[0], k + 1)
 
 
 def tome(retention: float, prune_layer: int) -> Callable:
@@ -178,8 +167,8 @@ def methods(encoder) -> list[Method]:
         paper = IpcvConfig(rho, 3, 7, 10)
         found += [Method("IPCV (paper: l_p 3, Δ 7, k 10)", f"ρ={rho}", ipcv(paper), cost(paper)),
                   Method("IPCV k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 3)), cost(paper)),
-                  Method("IPCV spread selection", f"ρ={rho}", ipcv(paper, "spread"), cost(paper)),
-                  Method("IPCV random selection", f"ρ={rho}", ipcv(paper, "random"), cost(paper)),
+                  Method("IPCV spread selection", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 10, "spread")), cost(paper)),
+                  Method("IPCV random selection", f"ρ={rho}", ipcv(paper, random_keep=True), cost(paper)),
                   Method("plain pruning", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10), ngr=False), cost(IpcvConfig(rho, 3, 0))),
                   Method("prune + NGR at end", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10)), cost(IpcvConfig(rho, 3, 0))),
                   Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
@@ -187,14 +176,45 @@ def methods(encoder) -> list[Method]:
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
-                  Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3), "spread"), cost(late))]
+                  Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "spread")), cost(late))]
     return found
+
+
+SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in ("score", "spread")
+         for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7) for k in (3, 10)]
+"""IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
+
+
+def sweep(parts, sides: list[int], photos: dict, out: Path, model: str) -> None:
+    """Every SWEEP setting on every photo and size: the worst and mean patch cosine, written as
+    the table `--budget` chooses from (FLOPs are not stored: they depend on the model exported)."""
+    scores: dict[IpcvConfig, list[float]] = {config: [] for config in SWEEP}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for side in sides:
+            for name, (_group, sample) in photos.items():
+                pixels = photo(sample, side)
+                original = ipcv(IpcvConfig(1.0))(parts, pixels)
+                for config in SWEEP:
+                    scores[config].append(_cosines(ipcv(config)(parts, pixels), original).mean().item())
+                print(f"  sweep {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    settings = [{"retention": c.retention, "prune_layer": c.prune_layer, "as_depth": c.as_depth, "neighbors": c.neighbors,
+                 "selection": c.selection, "worst_patch_cosine": round(min(v), 4), "mean_patch_cosine": round(float(np.mean(v)), 4)}
+                for c, v in scores.items()]
+    measured = {"model": model, "sizes_px": sides, "photos": list(photos), "metric": "patch-token cosine to the "
+                "uncompressed encoder's final tokens, mean over patches; worst and mean over photos and sizes",
+                "command": f"benchmarks/fidelity.py --sweep --sizes {' '.join(map(str, sides))}"}
+    out.write_text(json.dumps({"measured": measured, "settings": settings}, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- metrics
 
+def _cosines(ours: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(ours[0, 1:], original[0, 1:], dim=-1)
+
+
 def metrics(ours: torch.Tensor, original: torch.Tensor) -> dict[str, float]:
-    patch_cos = torch.nn.functional.cosine_similarity(ours[0, 1:], original[0, 1:], dim=-1)
+    patch_cos = _cosines(ours, original)
     return {"cos_mean": patch_cos.mean().item(), "cos_p5": torch.quantile(patch_cos, 0.05).item(),
             "cls_cos": torch.nn.functional.cosine_similarity(ours[0, 0], original[0, 0], dim=0).item(),
             "rel_l2": ((ours - original).norm() / original.norm()).item(),
@@ -231,13 +251,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--out", type=Path, default=Path("FIDELITY.md"))
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/fidelity"))
+    parser.add_argument("--sweep", action="store_true", help="measure the SWEEP settings for --budget instead")
+    parser.add_argument("--settings-out", type=Path, default=Path("ipcv_export/budget_settings.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     encoder = load_encoder(args.model)
     parts = encoder.description.image_batch.parts(encoder.module)
-    found = methods(encoder)
     photos = {**{n: ("natural", f) for n, f in NATURAL.items()}, **{n: ("detail", f) for n, f in DETAIL.items()}}
+    if args.sweep:
+        sweep(parts, args.sizes, photos, args.settings_out, args.model)
+        return
+    found = methods(encoder)
     rows: list[dict] = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -254,7 +279,7 @@ def main() -> None:
                 print(f"  {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
             _count_baselines(rows, found, parts, side)
     report = render(rows, args)
-    args.out.write_text(report)
+    write_between_markers(args.out, report)
     plot(rows, args.plots)
     pictures(parts, found, args.plots)
     print(report)
@@ -289,10 +314,22 @@ def _summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+START, END = "<!-- fidelity.py: generated tables start -->", "<!-- fidelity.py: generated tables end -->"
+
+
+def write_between_markers(path: Path, tables: str) -> None:
+    """Replace the generated part of `path`, keeping the prose written around it."""
+    text = path.read_text() if path.exists() else f"{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} lacks the markers {START} ... {END}; add them where the tables go")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
+
+
 def render(rows: list[dict], args) -> str:
     summary = _summary(rows)
-    lines = ["# Fidelity vs. FLOPs: IPCV and baselines on real weights and photographs", "",
-             f"Produced by `.venv/bin/python benchmarks/fidelity.py --sizes {' '.join(map(str, args.sizes))}` "
+    lines = [f"Produced by `.venv/bin/python benchmarks/fidelity.py --sizes {' '.join(map(str, args.sizes))}` "
              f"(model `{args.model}`, trained DINOv2 ViT-S/14). See the script's docstring for methods and metrics.", ""]
     for side in args.sizes:
         table = sorted([s for s in summary if s["side"] == side], key=lambda s: s["ratio"])
@@ -349,29 +386,38 @@ def plot(rows: list[dict], folder: Path) -> None:
             axis.set_xlabel("encoder FLOPs / original")
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("mean patch-token cosine to the original")
-        axes[1].legend(fontsize=7, loc="lower right")
+        axes[1].legend(fontsize=7, loc="lower right", framealpha=0.9)
         figure.tight_layout()
         figure.savefig(folder / f"frontier_{side}.png", dpi=110)
         plt.close(figure)
 
 
+PICTURED = [("IPCV (paper: l_p 3, Δ 7, k 10)", "ρ=0.35"), ("IPCV spread selection", "ρ=0.35"),
+            ("ToMe merge at l_p=3", "ρ=0.35"), ("downsample", "ρ=0.5")]
+"""Original, the paper's default, the best IPCV variant at the same FLOPs, and the two baselines
+at or under them (FIDELITY.md, 448 px)."""
+
+
 def pictures(parts, found: list[Method], folder: Path) -> None:
-    """First three PCA components of the patch tokens as RGB: original and three methods at ρ = 0.35."""
+    """First three PCA components of the patch tokens (fitted on the original) as RGB."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pixels = photo("astronaut", 448)
-    chosen = [m for m in found if m.label == "ρ=0.35" and m.family in
-              ("IPCV (paper: l_p 3, Δ 7, k 10)", "IPCV spread selection", "ToMe merge at l_p=3", "downsample")]
+    chosen = [next(m for m in found if (m.family, m.label) == wanted) for wanted in PICTURED]
     with torch.no_grad():
-        original = ipcv(IpcvConfig(1.0))(parts, pixels)[0, 1:]
-        outputs = [("original", original)] + [(f"{m.family}\n{m.label}", m.run(parts, pixels)[0, 1:]) for m in chosen]
-    mean = original.mean(0)
-    _, _, basis = torch.pca_lowrank(original - mean, q=3, center=False)
+        original = ipcv(IpcvConfig(1.0))(parts, pixels)
+        base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels)
+        outputs = [("original", original[0, 1:])]
+        for m in chosen:
+            ratio = m.flops(1024) if m.flops else counted_flops(m.run, parts, pixels) / base
+            outputs.append((f"{m.family}\n{m.label}, FLOPs {ratio:.2f}", m.run(parts, pixels)[0, 1:]))
+    mean = original[0, 1:].mean(0)
+    _, _, basis = torch.pca_lowrank(original[0, 1:] - mean, q=3, center=False)
     projected = [(name, (tokens - mean) @ basis) for name, tokens in outputs]
     low, high = projected[0][1].amin(0), projected[0][1].amax(0)
-    figure, axes = plt.subplots(1, len(projected), figsize=(3 * len(projected), 3.4))
+    figure, axes = plt.subplots(1, len(projected), figsize=(3 * len(projected), 3.5))
     for axis, (name, values) in zip(axes, projected):
         image = ((values - low) / (high - low)).clamp(0, 1).reshape(32, 32, 3).numpy()
         axis.imshow(image)

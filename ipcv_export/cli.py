@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import FORMATS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
 from .lower.onnx import DEFAULT_OPSET
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
@@ -33,6 +33,9 @@ exit codes:
   {EXIT_FAILED}  other failure (nothing)        {EXIT_NO_TENSORRT}  tensorrt missing: the checked .onnx was written instead
   {EXIT_INTERRUPTED}  interrupted (nothing written)
 """
+
+
+METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth})")
     method.add_argument("--neighbors", type=_number(int), default=d.neighbors,
                         help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors})")
+    method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
+                        help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
+                             "coarse-to-fine spread over each image's grid (towers that batch whole images; "
+                             f"see FIDELITY.md) (default {d.selection})")
+    method.add_argument("--budget", type=_number(float), metavar="F",
+                        help="instead of the settings above: the best measured setting (FIDELITY.md, DINOv2 "
+                             "on real photos) whose FLOPs on this model at --opt-patches are at most F of the "
+                             "original's, in (0, 1]")
     target = p.add_argument_group("target")
     target.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="TensorRT engine precision; other formats are fp32 (default fp32)")
@@ -183,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not args.model or not args.output:
         return _fail(EXIT_USAGE, "--model and -o/--output are required (see --help)")
+    given = [flag for flag in METHOD_FLAGS if any(a == flag or a.startswith(flag + "=") for a in argv)]
+    if args.budget is not None and given:
+        return _fail(EXIT_USAGE, f"--budget chooses the method settings itself; drop {', '.join(given)}")
     report = (lambda _line: None) if args.quiet else print
     if not args.verbose:
         _quiet_libraries()
@@ -192,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
-               as_depth=args.as_depth, neighbors=args.neighbors, format=args.format, precision=args.precision,
+               as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection, budget=args.budget,
+               format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
                opset=args.opset, verify=not args.skip_verify, timing_cache=args.timing_cache,
                report=report, verbose=args.verbose)

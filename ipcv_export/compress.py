@@ -51,7 +51,8 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     config.check(encoder.depth)
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
-        gm = run_passes(gm, [RemoveNoOpCastsPass(), *ipcv_passes(config, encoder.description, encoder.depth)])
+        passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size)
+        gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
     expose_selection(gm, config.neighbors)
     shapes = dynamic_shapes(encoder, config.retention_e4)
     return export_symbolic(gm, example_inputs(encoder), shapes)

@@ -11,14 +11,22 @@ class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
 
 
+SELECTIONS = ("score", "spread")
+"""How the kept tokens are chosen: `score`, ipcv.md's importance score (the paper's); `spread`,
+a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better fidelity per FLOP
+on a trained DINOv2; towers that batch whole images only)."""
+
+
 @dataclass(frozen=True)
 class IpcvConfig:
-    """retention rho in (0, 1]; prune_layer l_p >= 1; as_depth Delta >= 0; neighbors k >= 1."""
+    """retention rho in (0, 1]; prune_layer l_p >= 1; as_depth Delta >= 0; neighbors k >= 1;
+    selection one of SELECTIONS."""
 
     retention: float = 0.5
     prune_layer: int = 3
     as_depth: int = 7
     neighbors: int = 10
+    selection: str = "score"
 
     @property
     def retention_e4(self) -> int:
@@ -34,6 +42,8 @@ class IpcvConfig:
             raise UsageError(f"AS depth must be >= 0, got {self.as_depth}")
         if self.neighbors < 1:
             raise UsageError(f"neighbors must be >= 1, got {self.neighbors}")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
         return self
 
 

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
 from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
@@ -31,6 +32,7 @@ from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import CompatReport, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
+from .passes import ipcv_passes
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
 from .tokens import min_side, min_tokens
 from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_parity
@@ -53,18 +55,20 @@ class ExportResult:
 
 
 def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int = 3,
-           as_depth: int = 7, neighbors: int = 10, format: str | None = None, precision: str = "fp32",
+           as_depth: int = 7, neighbors: int = 10, selection: str = "score", budget: float | None = None,
+           format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int = 5120, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
     """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
 
     The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
-    `format` names one of FORMATS. Raises UsageError (bad input), ParityError (the file disagrees
+    `format` names one of FORMATS. `budget` (a FLOP fraction) replaces the method settings by the
+    best measured setting that fits it on this model (see budget.py). Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
     """
-    config = IpcvConfig(retention, prune_layer, as_depth, neighbors)
+    config = IpcvConfig(retention, prune_layer, as_depth, neighbors, selection)
     output = Path(output)
     format = _check_output(output, format, precision)
     timing_cache = Path(timing_cache) if timing_cache else None
@@ -72,7 +76,13 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
     with _stage("load", timings, report):
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
+        chosen = None
+        if budget is not None:
+            config, chosen = choose_setting(encoder, budget, opt_patches)
+            report(f"  budget {budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
+                   f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
         config.check(encoder.depth)
+        ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size)  # the family supports config
         if format == "engine" and encoder.description.image_batch:
             raise UsageError(f"TensorRT engines are built for packed towers only so far; write {output.stem}.onnx "
                              "and build it with trtexec (shapes pixel_values:BxCxHxW)")
@@ -84,6 +94,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
         program = compress(original, encoder, config)
         compute = _compute(original, program, encoder, profile.opt_tokens)
     manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
+    if chosen:
+        manifest["ipcv"]["chosen_for_budget"] = chosen
 
     with _staging(output.parent) as staging:
         staged = staging / output.name
@@ -118,6 +130,11 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     report(f"wrote {output} ({_size(output) / 1e6:.1f} MB) and {output.name}.json; expected compute "
            f"{compute['ratio']:.3f} of the original encoder at N={profile.opt_tokens} (FLOP count)")
     return ExportResult(output, manifest)
+
+
+def _describe(config: IpcvConfig) -> str:
+    return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
+            f"selection={config.selection}")
 
 
 def _check_output(output: Path, format: str | None, precision: str) -> str:
@@ -273,7 +290,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "source": encoder.source,
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
-                 "as_depth": config.as_depth, "neighbors": config.neighbors},
+                 "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection},
         "inputs": inputs,
         "outputs": outputs,
         "preprocessing": encoder.preprocessing,

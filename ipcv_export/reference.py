@@ -150,11 +150,15 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     batch, n, _ = x.shape
     rows = torch.arange(batch)[:, None]
 
-    # 1. Prune, per image: the K patch tokens block l_p-1 changed most; specials always kept.
-    score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
+    # 1. Prune, per image: the K patch tokens block l_p-1 changed most (or the first K of the
+    # spread order); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
     if keep is None:
-        best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
+        if config.selection == "spread":
+            best = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)[:k].sort().values.expand(batch, k)
+        else:
+            score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
+            best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
         keep = torch.cat([torch.arange(s).expand(batch, s), best + s], 1)
     removed_mask = torch.ones(batch, n, dtype=torch.bool)
     removed_mask[rows, keep] = False
@@ -179,3 +183,16 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     for index in range(config.prune_layer, len(blocks)):
         y = blocks[index](full_sequence(y))[rows, keep] if index in stabilized else blocks[index](y)
     return ReferenceResult(parts.head(full_sequence(y)), keep, neighbors, distances)
+
+
+def spread_order(columns: int, patches: int) -> torch.Tensor:
+    """The patches of a row-major grid in coarse-to-fine order (config.SELECTIONS, `spread`): sorted
+    by a code that reads, from the lowest bit of the coordinates up, (row xor column) then row."""
+    def code(index: int) -> int:
+        row, column = divmod(index, columns)
+        value, bits = 0, max(row, column).bit_length()
+        for b in range(bits):
+            value = (value << 2) | (((row >> b) ^ (column >> b)) & 1) << 1 | (row >> b) & 1
+        return value << 2 * (32 - bits)  # align codes of different lengths at the top
+
+    return torch.tensor(sorted(range(patches), key=code))

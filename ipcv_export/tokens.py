@@ -98,6 +98,34 @@ def select_tokens(score: torch.Tensor, k: int | torch.SymInt,
     return keep, rem, slot
 
 
+SPREAD_BITS = 7
+"""Bits per grid coordinate of the spread order: grids up to 128 patches a side (capture.MAX_SIDE)."""
+
+
+def spread_score(hidden: torch.Tensor, special_tokens: int, columns: int | torch.SymInt) -> torch.Tensor:
+    """[..., N] scores that make `select_tokens` keep a prefix of a coarse-to-fine order of each
+    image's patch grid (`columns` patches per row, row-major after S special tokens), for `hidden`
+    [..., N, D]. At each scale, lowest bit first, a patch's code takes two bits: (row xor column)
+    then row; so half the patches form a checkerboard, a quarter a lattice of stride 2, and so on.
+    Score = 4^SPREAD_BITS - code: unique per patch, exact in fp32. Integer arithmetic only (trunc
+    division of non-negative values), which TensorRT accepts; specials score 0 (never ranked)."""
+    index = torch.arange(hidden.shape[-2] - special_tokens, device=hidden.device)
+    row = torch.div(index, columns, rounding_mode="trunc")
+    column = index - row * columns
+    code = torch.zeros_like(index)
+    for b in range(SPREAD_BITS):
+        row_bit, column_bit = _bit(row, b), _bit(column, b)
+        high = 2 * SPREAD_BITS - 1 - 2 * b
+        code = code + (row_bit + column_bit - 2 * row_bit * column_bit) * 2 ** high + row_bit * 2 ** (high - 1)
+    score = torch.cat([torch.zeros(special_tokens, dtype=torch.int64, device=hidden.device), 4 ** SPREAD_BITS - code])
+    return score.to(torch.float32).expand(hidden.shape[:-1])
+
+
+def _bit(x: torch.Tensor, b: int) -> torch.Tensor:
+    shifted = torch.div(x, 2 ** b, rounding_mode="trunc")
+    return shifted - 2 * torch.div(shifted, 2, rounding_mode="trunc")
+
+
 def best_mask(score: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Membership mask of the `count` best of each row of `score`, given the count-th best value
     `threshold` ([..., 1] or a scalar): everything above it, then the tied values in index order

@@ -68,8 +68,9 @@ def test_reference_at_full_retention_is_the_stock_tower(dino):
     assert result.neighbors.shape == (2, 0, 10)
 
 
-@pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3)],
-                         ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as"])
+@pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3),
+                                    IpcvConfig(0.35, 2, 2, 3, "spread")],
+                         ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as", "rho0.35-spread"])
 def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
     config.check(dino.depth)
     program = compress(dino_captured, dino, config).module()
@@ -161,3 +162,15 @@ def test_llava_checkpoint_folder_loads_tower_and_projector_only(tmp_path):
         expected = full.model.get_image_features(pixels, vision_feature_layer=-2,
                                                  vision_feature_select_strategy="default").pooler_output
     torch.testing.assert_close(_stock_llava(loaded.module, pixels).detach(), torch.stack(list(expected)), rtol=0, atol=1e-6)
+
+
+def test_spread_selection_keeps_a_coarse_lattice_and_only_batched_towers_take_it(dino, dino_captured, tiny):
+    from ipcv_export.config import UsageError
+    from ipcv_export.passes import ipcv_passes
+
+    program = compress(dino_captured, dino, IpcvConfig(0.25, 2, 2, 3, "spread")).module()
+    _, keep, _ = program(_pixels(2, 8, 8))
+    lattice = [1 + r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)]  # every other row and column
+    assert keep[0].tolist() == [0, *lattice] and torch.equal(keep[0], keep[1])
+    with pytest.raises(UsageError, match="spread selection"):
+        ipcv_passes(IpcvConfig(selection="spread"), tiny.description, tiny.depth, tiny.patch_size)

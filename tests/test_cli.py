@@ -44,6 +44,10 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--model", "no-such-model"], "unknown model"),
     (["-o", "{tmp}/missing/encoder.onnx"], "does not exist"),
     (["-o", "{tmp}/encoder.xyz"], "unsupported output format"),
+    (["--selection", "spread"], "spread selection is implemented for towers that batch whole images"),
+    (["--budget", "0.5", "--neighbors", "3"], "--budget chooses the method settings itself; drop --neighbors"),
+    (["--budget", "1.5"], "--budget must be in (0, 1]"),
+    (["--budget", "0.01"], "no measured setting fits a budget of 0.01"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
     base = {"--model": "tiny-qwen2-vl", "-o": str(tmp_path / "encoder.onnx")}

@@ -12,11 +12,13 @@ import torch
 @dataclass(frozen=True)
 class TowerParts:
     """A batched tower's stock parts, for the eager reference: embed(pixels) -> [B, T, D] tokens,
-    the blocks ([B, T, D] -> [B, T, D]), and the head that follows them (norm, projector)."""
+    the blocks ([B, T, D] -> [B, T, D]), the head that follows them (norm, projector), and the
+    patch size (pixels per grid cell)."""
 
     embed: Callable[[torch.Tensor], torch.Tensor]
-    blocks: list[torch.nn.Module]
+    blocks: list[Callable[[torch.Tensor], torch.Tensor]]
     head: Callable[[torch.Tensor], torch.Tensor]
+    patch_size: int
 
 
 @dataclass(frozen=True)

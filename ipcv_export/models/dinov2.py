@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -46,7 +47,7 @@ class ExportableDinov2(torch.nn.Module):
 
 
 def parts(model: Dinov2Model) -> TowerParts:
-    return TowerParts(lambda pixels: embed(model, pixels), list(model.encoder.layer), model.layernorm)
+    return TowerParts(partial(embed, model), list(model.encoder.layer), model.layernorm, model.config.patch_size)
 
 
 @contextlib.contextmanager

@@ -63,7 +63,8 @@ def head(side: LlavaVisionSide, hidden: torch.Tensor) -> torch.Tensor:
 
 def parts(side: LlavaVisionSide) -> TowerParts:
     layers = side.vision_tower.encoder.layers[:side.feature_blocks]
-    return TowerParts(partial(embed, side), [partial(layer, attention_mask=None) for layer in layers], partial(head, side))
+    return TowerParts(partial(embed, side), [partial(layer, attention_mask=None) for layer in layers], partial(head, side),
+                      side.config.vision_config.patch_size)
 
 
 class ExportableLlavaVision(torch.nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..config import IpcvConfig
+from ..config import IpcvConfig, UsageError
 from ..models.description import ModelDescription
 from .annotate_blocks import AnnotateBlocksPass
 from .prune_tokens import PruneTokensPass
@@ -21,12 +21,17 @@ from .stabilize_attention import StabilizeAttentionPass
 __all__ = ["ipcv_passes", "run_passes", "RemoveNoOpCastsPass"]
 
 
-def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int) -> list:
-    """The ordered pass list for one configuration of an encoder family: ipcv.md's steps."""
+def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None) -> list:
+    """The ordered pass list for one configuration of an encoder family: ipcv.md's steps.
+    `patch_size` is needed for spread selection (towers that batch whole images)."""
+    batch = description.image_batch
+    if config.selection == "spread" and (batch is None or patch_size is None):
+        raise UsageError("spread selection is implemented for towers that batch whole images "
+                         "(DINOv2, LLaVA's CLIP) so far, not for packed towers")
     return [
         AnnotateBlocksPass(description.block_path, depth),
-        PruneTokensPass(config.retention_e4, config.prune_layer, depth,
-                        description.image_batch.special_tokens if description.image_batch else 0),
+        PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
+                        patch_size if config.selection == "spread" else None),
         ReconstructTokensPass(config.neighbors),
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),
         ReintegrateTokensPass(depth),

@@ -1,0 +1,39 @@
+"""`--budget`: the best measured setting that fits a FLOP budget on the model being exported."""
+
+import json
+
+import pytest
+
+from ipcv_export.budget import SETTINGS, choose_setting
+from ipcv_export.config import IpcvConfig
+from ipcv_export.flops import floor_ratio
+from ipcv_export.models import load_encoder
+
+
+@pytest.fixture(scope="module")
+def table():
+    return json.loads(SETTINGS.read_text())["settings"]
+
+
+@pytest.mark.parametrize("model, tokens", [("tiny-dinov2", 256), ("tiny-llava-clip", 576), ("tiny-qwen2-vl", 1024)])
+@pytest.mark.parametrize("budget", [0.45, 0.6, 0.8])
+def test_choice_is_the_best_measured_setting_that_fits(table, model, tokens, budget):
+    encoder = load_encoder(model)
+    config, record = choose_setting(encoder, budget, tokens)
+    assert floor_ratio(encoder, config, tokens) <= budget and record["flop_ratio"] <= budget
+    for entry in table:  # no runnable setting within the budget was measured better
+        other = IpcvConfig(*(entry[f] for f in ("retention", "prune_layer", "as_depth", "neighbors", "selection")))
+        runnable = other.prune_layer < encoder.depth and (other.selection == "score" or encoder.description.image_batch)
+        if runnable and floor_ratio(encoder, other, tokens) <= budget:
+            assert entry["worst_patch_cosine"] <= record["measured_worst_patch_cosine"]
+    if encoder.description.image_batch is None:
+        assert config.selection == "score"
+
+
+def test_the_budget_is_recorded_in_the_manifest(tmp_path):
+    from ipcv_export import export
+
+    result = export("tiny-dinov2", tmp_path / "d.onnx", budget=0.6, opt_patches=256, report=lambda _line: None)
+    chosen = result.manifest["ipcv"]["chosen_for_budget"]
+    assert chosen["budget"] == 0.6 and chosen["flop_ratio"] <= 0.6
+    assert result.manifest["verification"]["verified"]
