@@ -1,6 +1,7 @@
 """ONNX Runtime CPU latency of the IPCV file vs. the original file (issue 7, target 2).
 
     .venv/bin/python benchmarks/cpu_latency.py --model qwen2-vl-7b-shape --tokens 1024 --retentions 0.5 0.35
+    .venv/bin/python benchmarks/cpu_latency.py --model llava-1.5-7b-shape --tokens 576   # batched towers: one image
 
 Exports the original encoder (--retention 1) and one IPCV file per retention with this tool
 (verified as usual), then times each file on the same single-image inputs: ORT with
@@ -34,6 +35,18 @@ def image_shape(tokens: int, merge: int) -> tuple[int, int]:
         if tokens % h == 0 and h % merge == 0 and (tokens // h) % merge == 0:
             return h, tokens // h
     raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {merge}")
+
+
+def single_image_feeds(encoder, tokens: int) -> dict:
+    """The file's inputs for one image of `tokens` patches (packed: with positions and segments)."""
+    rows, cols = image_shape(tokens, encoder.merge_size)
+    generator = torch.Generator().manual_seed(0)
+    if encoder.description.image_batch:
+        p = encoder.patch_size
+        return {"pixel_values": torch.randn(1, encoder.channels, rows * p, cols * p, generator=generator).numpy()}
+    positions, segments = engine_inputs(torch.tensor([[1, rows, cols]]), encoder.merge_size)
+    pixels = torch.randn(len(segments), encoder.input_width, generator=generator)
+    return {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
 
 
 def median_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
@@ -72,10 +85,7 @@ def main() -> None:
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; l_p=3, Delta=7, k=10")
     print(f"{'rho':>5s} {'N':>6s} {'orig ms':>9s} {'IPCV ms':>9s} {'ratio':>6s} {'floor':>6s} {'ratio/floor':>11s}")
     for tokens in args.tokens:
-        grid = torch.tensor([[1, *image_shape(tokens, encoder.merge_size)]])
-        positions, segments = engine_inputs(grid, encoder.merge_size)
-        pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(0))
-        feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+        feeds = single_image_feeds(encoder, tokens)
         original = median_ms(files[1.0], feeds, args.threads, args.runs)
         for retention in args.retentions:
             ipcv = median_ms(files[retention], feeds, args.threads, args.runs)

@@ -16,7 +16,7 @@ def table():
 
 
 @pytest.mark.parametrize("model, tokens", [("tiny-dinov2", 256), ("tiny-llava-clip", 576), ("tiny-qwen2-vl", 1024)])
-@pytest.mark.parametrize("budget", [0.45, 0.6, 0.8])
+@pytest.mark.parametrize("budget", [0.7, 0.8, 0.95])  # tiny towers (5-6 blocks) run l_p = 3 only: >= 0.68
 def test_choice_is_the_best_measured_setting_that_fits(table, model, tokens, budget):
     encoder = load_encoder(model)
     config, record = choose_setting(encoder, budget, tokens)
@@ -33,7 +33,7 @@ def test_choice_is_the_best_measured_setting_that_fits(table, model, tokens, bud
 def test_the_budget_is_recorded_in_the_manifest(tmp_path):
     from ipcv_export import export
 
-    result = export("tiny-dinov2", tmp_path / "d.onnx", budget=0.6, opt_patches=256, report=lambda _line: None)
+    result = export("tiny-dinov2", tmp_path / "d.onnx", budget=0.7, opt_patches=256, report=lambda _line: None)
     chosen = result.manifest["ipcv"]["chosen_for_budget"]
-    assert chosen["budget"] == 0.6 and chosen["flop_ratio"] <= 0.6
+    assert chosen["budget"] == 0.7 and chosen["flop_ratio"] <= 0.7
     assert result.manifest["verification"]["verified"]
