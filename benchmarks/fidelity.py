@@ -262,6 +262,7 @@ def main() -> None:
     if args.sweep:
         sweep(parts, args.sizes, photos, args.settings_out, args.model)
         return
+    check_markers(args.out)
     found = methods(encoder)
     rows: list[dict] = []
     start = time.perf_counter()
@@ -317,12 +318,18 @@ def _summary(rows: list[dict]) -> list[dict]:
 START, END = "<!-- fidelity.py: generated tables start -->", "<!-- fidelity.py: generated tables end -->"
 
 
-def write_between_markers(path: Path, tables: str) -> None:
-    """Replace the generated part of `path`, keeping the prose written around it."""
+def check_markers(path: Path) -> str:
+    """The text of `path` (or just the markers, for a new file); exits before any work if it has
+    no place for the generated tables."""
     text = path.read_text() if path.exists() else f"{START}\n{END}\n"
     if START not in text or END not in text:
         raise SystemExit(f"{path} lacks the markers {START} ... {END}; add them where the tables go")
-    head, rest = text.split(START, 1)
+    return text
+
+
+def write_between_markers(path: Path, tables: str) -> None:
+    """Replace the generated part of `path`, keeping the prose written around it."""
+    head, rest = check_markers(path).split(START, 1)
     tail = rest.split(END, 1)[1]
     path.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
 

@@ -1,6 +1,6 @@
 """FLOPs of the exported IPCV graph vs. ipcv.md's cost model (issue 7, target 1).
 
-    .venv/bin/python benchmarks/flops.py [--model qwen2-vl-7b-shape]
+    .venv/bin/python benchmarks/flops.py [--model qwen2-vl-7b-shape] [--tokens 1024 5120 16384]
 
 Counts the FLOPs of the original and the rewritten ExportedProgram with torch.utils.flop_counter
 under fake tensors (one segment of N patches), and prints them next to the analytical floor
@@ -26,6 +26,8 @@ RETENTIONS = (0.5, 0.35, 0.2)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2-vl-7b-shape")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS),
+                        help="patches per call (packed towers) or per image (batched towers)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
@@ -36,7 +38,7 @@ def main() -> None:
     for retention in RETENTIONS:
         config = IpcvConfig(retention)
         program = compress(original, encoder, config)
-        for tokens in TOKENS:
+        for tokens in args.tokens:
             before = program_flops(original, encoder, tokens)
             after = program_flops(program, encoder, tokens)
             floor = floor_ratio(encoder, config, tokens)

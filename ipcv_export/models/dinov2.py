@@ -8,8 +8,6 @@ grid (`positions.resized_positions`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -17,7 +15,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.dinov2.configuration_dinov2 import Dinov2Config
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
 
-from .. import ops
+from . import attention
 from .cost import TowerShape, ipcv_flops
 from .description import ImageBatch, ModelDescription, TowerParts
 from .positions import resized_positions
@@ -50,17 +48,6 @@ def parts(model: Dinov2Model) -> TowerParts:
     return TowerParts(partial(embed, model), list(model.encoder.layer), model.layernorm, model.config.patch_size)
 
 
-@contextlib.contextmanager
-def batched_attention(model: Dinov2Model) -> Iterator[None]:
-    """Route the layers' attention through `ipcv::segment_attention` (no segments) while inside."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = ops.BATCHED_ATTENTION_NAME
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
-
-
 def build(vision_config: dict) -> Dinov2Model:
     config = Dinov2Config(**vision_config)
     config._attn_implementation = "sdpa"
@@ -91,7 +78,7 @@ DINOV2 = ModelDescription(
     block_path=r"encoder\.layer\.(\d+)$",
     build=build,
     exportable=ExportableDinov2,
-    attention_context=batched_attention,
+    attention_context=attention.batched,
     image_processor=image_processor,
     query_projection=(r"attention\.q_proj$", 0, 1),
     flop_floor=flop_floor,

@@ -11,8 +11,6 @@ released size) reproduces it exactly.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -21,7 +19,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip.modeling_clip import CLIPVisionModel
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from .. import ops
+from . import attention
 from .cost import TowerShape, ipcv_flops
 from .description import ImageBatch, ModelDescription, TowerParts
 from .positions import resized_positions
@@ -81,18 +79,6 @@ class ExportableLlavaVision(torch.nn.Module):
         return head(self.side, hidden)
 
 
-@contextlib.contextmanager
-def batched_attention(side: LlavaVisionSide) -> Iterator[None]:
-    """Route the tower's attention through `ipcv::segment_attention` (no segments) while inside."""
-    config = side.config.vision_config
-    previous = config._attn_implementation
-    config._attn_implementation = ops.BATCHED_ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 def build(config: dict) -> LlavaVisionSide:
     """The whole LLaVA config.json (the projector needs the LLM's width and the feature layer)."""
     llava = LlavaConfig(**config)
@@ -131,7 +117,7 @@ LLAVA_CLIP = ModelDescription(
     block_path=r"vision_tower\.encoder\.layers\.(\d+)$",
     build=build,
     exportable=ExportableLlavaVision,
-    attention_context=batched_attention,
+    attention_context=attention.batched,
     image_processor=image_processor,
     query_projection=(r"self_attn\.q_proj$", 0, 1),
     flop_floor=flop_floor,

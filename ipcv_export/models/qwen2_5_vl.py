@@ -17,9 +17,10 @@ import torch
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
+from . import attention
 from .cost import TowerShape, ipcv_flops, merger_macs
 from .description import ModelDescription
-from .qwen2_vl import image_processor, segment_attention
+from .qwen2_vl import image_processor
 
 WINDOW_ID_STRIDE = 2 ** 16
 """Window ids are (segment * stride + window row) * stride + window column: unique while an image
@@ -83,7 +84,7 @@ QWEN2_5_VL = ModelDescription(
     block_path=r"blocks\.(\d+)$",
     build=build,
     exportable=ExportableQwen25VLVision,
-    attention_context=segment_attention,
+    attention_context=attention.packed,
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
     flop_floor=flop_floor,

@@ -9,15 +9,12 @@ the engine's inputs are pixel_values, position_ids and segment_ids.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from .. import ops
+from . import attention
 from .cost import TowerShape, ipcv_flops, merger_macs
 from .description import ModelDescription
 
@@ -34,17 +31,6 @@ class ExportableQwen2VLVision(torch.nn.Module):
         # which reads segment_ids instead; max_seqlen is likewise only read by flash kernels.
         return self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids,
                            max_seqlen=0, segment_ids=segment_ids).pooler_output
-
-
-@contextlib.contextmanager
-def segment_attention(visual: Qwen2VisionTransformerPretrainedModel) -> Iterator[None]:
-    """Route the module's attention through `ipcv::segment_attention` while inside the block."""
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = ops.ATTENTION_NAME
-    try:
-        yield
-    finally:
-        visual.config._attn_implementation = previous
 
 
 def build(vision_config: dict) -> Qwen2VisionTransformerPretrainedModel:
@@ -77,7 +63,7 @@ QWEN2_VL = ModelDescription(
     block_path=r"blocks\.(\d+)$",
     build=build,
     exportable=ExportableQwen2VLVision,
-    attention_context=segment_attention,
+    attention_context=attention.packed,
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
     flop_floor=flop_floor,

@@ -1,0 +1,34 @@
+"""Switch a transformers module's attention to one of `ipcv_export.ops`' registered functions.
+
+transformers reads `config._attn_implementation` at every call, so setting it for the duration of
+a capture routes each block's attention through `ipcv::segment_attention` without touching the
+module's code; the previous setting comes back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from .. import ops
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str) -> Iterator[None]:
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def packed(module) -> contextlib.AbstractContextManager:
+    """Packed towers: attention within segments (segment ids passed down the forward)."""
+    return attention_implementation(module.config, ops.ATTENTION_NAME)
+
+
+def batched(module) -> contextlib.AbstractContextManager:
+    """Towers that batch whole images: attention within each image, no segments. The tower's own
+    config is switched (a LLaVA module's config holds it as vision_config)."""
+    return attention_implementation(getattr(module.config, "vision_config", module.config), ops.BATCHED_ATTENTION_NAME)
