@@ -16,7 +16,8 @@ from .passes import _graph
 OUTPUT_NAMES = ["embeddings", "kept_index", "neighbor_index"]
 
 
-def expose_selection(gm: torch.fx.GraphModule, neighbors: int) -> None:
+def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: int = 0,
+                     patch_size: int | None = None) -> None:
     """Add the kept indices [K] and neighbour indices [R, k] as outputs after the embeddings.
 
     They let a runtime or the parity gate see which patches were computed in full and what each
@@ -29,10 +30,9 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int) -> None:
     if _graph.with_role(graph, "keep"):
         selection = (_graph.one_with_role(graph, "keep"), _graph.one_with_role(graph, "neighbors"))
     else:
-        # a tensor with the tokens on its second-to-last axis: a packed tower's pixel rows, a batched tower's output
-        batched = embeddings.meta["val"].ndim == 3
-        tokens_in = embeddings if batched else next(n for n in graph.nodes if n.op == "placeholder")
-        both = _graph.insert(graph, tokens.no_selection, (tokens_in, neighbors), pass_name="compress", before=output)
+        pixels = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "pixel_values")
+        both = _graph.insert(graph, tokens.no_selection, (pixels, neighbors, special_tokens, patch_size),
+                             pass_name="compress", before=output)
         selection = tuple(_graph.insert(graph, operator.getitem, (both, i), pass_name="compress", before=output)
                           for i in range(2))
     output.args = ((embeddings, *selection),)
@@ -53,6 +53,7 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     if config.retention_e4 < tokens.RETENTION_SCALE:
         passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size)
         gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
-    expose_selection(gm, config.neighbors)
+    batched = encoder.description.image_batch is not None
+    expose_selection(gm, config.neighbors, encoder.special_tokens, encoder.patch_size if batched else None)
     shapes = dynamic_shapes(encoder, config.retention_e4)
     return export_symbolic(gm, example_inputs(encoder), shapes)

@@ -14,6 +14,7 @@ the sequence with `.tolist()`, which cannot be exported.
 from __future__ import annotations
 
 import torch
+import torch.fx.experimental._config as fx_config
 from transformers import AttentionInterface
 
 from .tokens import row_chunks
@@ -61,6 +62,14 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def decompositions() -> dict:
     """Decomposition table for `ExportedProgram.run_decompositions` before lowering."""
     return {torch.ops.ipcv.segment_attention.default: _masked_attention}
+
+
+def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program with every segment_attention node replaced by its decomposition, traced with
+    sizes treated as >= 2 as in capture (otherwise re-tracing SDPA records a guard that the
+    number of images is not 1)."""
+    with fx_config.patch(backed_size_oblivious=True):
+        return program.run_decompositions(decompositions())
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -225,9 +225,14 @@ def project_except_queries(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return scatter_back(kept, removed, slot)
 
 
-def no_selection(tokens_in: torch.Tensor, neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours, for a
-    tensor with N tokens on its second-to-last axis (and batch axes before it)."""
-    batch, n = tokens_in.shape[:-2], tokens_in.shape[-2]
-    keep = torch.arange(n, device=tokens_in.device).expand(*batch, n)
-    return keep, torch.zeros((*batch, 0, neighbors), dtype=torch.int64, device=tokens_in.device)
+def no_selection(pixels: torch.Tensor, neighbors: int, special_tokens: int = 0,
+                 patch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours. `pixels`:
+    a packed tower's [N, w] rows, or (with patch_size) a batched tower's [B, C, H, W] images, whose
+    N = S + (H/p)(W/p) tokens per image are kept per image."""
+    if patch_size is None:
+        batch, n = (), pixels.shape[0]
+    else:
+        batch, n = (pixels.shape[0],), special_tokens + (pixels.shape[2] // patch_size) * (pixels.shape[3] // patch_size)
+    keep = torch.arange(n, device=pixels.device).expand(*batch, n)
+    return keep, torch.zeros((*batch, 0, neighbors), dtype=torch.int64, device=pixels.device)

@@ -126,6 +126,16 @@ def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
     torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-4)
 
 
+def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_path):
+    """rho = 1: nothing pruned; kept_index lists every token (CLS included, even where the head drops it)."""
+    result = export(dino, tmp_path / "full.pt2", retention=1.0, format="exported-program", report=lambda _line: None)
+    assert result.manifest["verification"]["verified"]
+    pixels = _pixels(2, 6, 9, seed=7)
+    tokens, keep, neighbors = load(tmp_path / "full.pt2").run_all(pixels)
+    torch.testing.assert_close(tokens, _stock(dino, pixels), rtol=0, atol=1e-5)
+    assert torch.equal(keep, torch.arange(1 + 54).expand(2, -1)) and neighbors.shape == (2, 0, 10)
+
+
 @pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "multiples of the patch size"),
                                             ((2, 3, 14, 112), "too small"), ((3, 112, 112), r"\[B, 3, H, W\]")])
 def test_bad_image_batches_are_refused(dino_file, shape, message):

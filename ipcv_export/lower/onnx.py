@@ -22,7 +22,7 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: lis
             opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
     """Write `program` as an ONNX model at `path` (the caller makes the write atomic), with
     `metadata` as the model's metadata properties (what a runtime needs to prepare inputs)."""
-    program = program.run_decompositions(ops.decompositions())
+    program = ops.decompose(program)
     large = sum(p.numel() * p.element_size() for p in program.state_dict.values()) > TWO_GB
     input_names = INPUT_NAMES[:len(program.graph_signature.user_inputs)]  # batched towers: pixel_values only
     onnx_program = torch.onnx.export(program, input_names=input_names, output_names=output_names,

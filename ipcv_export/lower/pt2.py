@@ -20,12 +20,12 @@ def to_aoti(program: torch.export.ExportedProgram, path: Path) -> Path:
 
     Compiling takes about a minute for a small model on two CPU cores (C++ code generation).
     """
-    decomposed = program.run_decompositions(ops.decompositions())
+    decomposed = ops.decompose(program)
     torch._inductor.aoti_compile_and_package(decomposed, package_path=str(path))
     return path
 
 
 def to_exported_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     """`torch.export.save` of the rewritten program, for users who compile it themselves."""
-    torch.export.save(program.run_decompositions(ops.decompositions()), str(path))
+    torch.export.save(ops.decompose(program), str(path))
     return path
