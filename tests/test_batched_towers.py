@@ -25,13 +25,17 @@ def _stock_dinov2(model, pixels):
 
 
 def _stock_llava(side, pixels):
-    """LlavaModel.get_image_features: hidden_states[-2] without CLS, projected."""
+    """get_image_features of LLaVA-1.5 / LLaVA-OneVision (one tile per image): the feature layer's
+    hidden states (without the first token for the "default" strategy), projected."""
     interpolate = pixels.shape[-1] != side.config.vision_config.image_size or pixels.shape[-2] != pixels.shape[-1]
     out = side.vision_tower(pixels, interpolate_pos_encoding=interpolate, output_hidden_states=True)
-    return side.multi_modal_projector(out.hidden_states[side.config.vision_feature_layer][:, 1:])
+    features = out.hidden_states[side.config.vision_feature_layer]
+    if side.config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return side.multi_modal_projector(features)
 
 
-STOCK = {"tiny-dinov2": _stock_dinov2, "tiny-llava-clip": _stock_llava}
+STOCK = {"tiny-dinov2": _stock_dinov2, "tiny-llava-clip": _stock_llava, "tiny-llava-onevision-siglip": _stock_llava}
 SIZES = [(1, 8, 8), (2, 5, 7), (3, 12, 9)]  # (images, rows, columns) of 14-px patches; 8 x 8 is the native grid
 
 
@@ -63,7 +67,7 @@ def test_captured_tower_equals_transformers_forward(dino, dino_captured, size):
 def test_reference_at_full_retention_is_the_stock_tower(dino):
     pixels = _pixels(2, 6, 10)
     parts = dino.description.image_batch.parts(dino.module)
-    result = batched_reference(parts, 1, pixels, IpcvConfig(retention=1.0))
+    result = batched_reference(parts, dino.special_tokens, pixels, IpcvConfig(retention=1.0))
     torch.testing.assert_close(result.embeddings, _stock(dino, pixels), rtol=0, atol=1e-5)
     assert result.neighbors.shape == (2, 0, 10)
 
@@ -78,9 +82,9 @@ def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
     for seed, size in enumerate(SIZES):
         pixels = _pixels(*size, seed=seed)
         tokens, keep, neighbors = program(pixels)
-        reference = batched_reference(parts, 1, pixels, config)
+        reference = batched_reference(parts, dino.special_tokens, pixels, config)
         patches = size[1] * size[2]
-        assert keep.shape == (size[0], 1 + patches * config.retention_e4 // 10_000)
+        assert keep.shape == (size[0], dino.special_tokens + patches * config.retention_e4 // 10_000)
         assert torch.equal(keep, reference.keep)
         assert torch.equal(neighbors[..., :reference.neighbors.shape[-1]], reference.neighbors)
         torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-5)
@@ -93,7 +97,8 @@ def test_selection_is_per_image_and_keeps_cls(dino, dino_captured):
     _, keep_first, _ = program(first)
     _, keep_second, _ = program(second)
     assert torch.equal(keep_pair, torch.cat([keep_first, keep_second]))  # images do not affect each other
-    assert (keep_pair[:, 0] == 0).all()  # CLS first, always kept
+    if dino.special_tokens:
+        assert (keep_pair[:, 0] == 0).all()  # CLS first, always kept
     assert not torch.equal(keep_pair[0], keep_pair[1])
 
 
@@ -117,11 +122,12 @@ def dino_file(dino, tmp_path_factory):
 def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
     path, manifest = dino_file
     assert manifest["verification"]["verified"] and manifest["verification"]["worst_abs_diff"] <= 1e-4
-    assert manifest["inputs"]["layout"] == "images" and manifest["inputs"]["special_tokens"] == 1
+    assert manifest["inputs"]["layout"] == "images" and manifest["inputs"]["special_tokens"] == dino.special_tokens
     encoder = load(path)
     pixels = _pixels(2, 6, 9, seed=5)
     tokens, keep, _ = encoder.run_all(pixels)
-    reference = batched_reference(dino.description.image_batch.parts(dino.module), 1, pixels, IpcvConfig(0.5, 3, 2))
+    reference = batched_reference(dino.description.image_batch.parts(dino.module), dino.special_tokens, pixels,
+                                  IpcvConfig(0.5, 3, 2))
     assert torch.equal(keep, reference.keep)
     torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-4)
 
@@ -133,7 +139,7 @@ def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_
     pixels = _pixels(2, 6, 9, seed=7)
     tokens, keep, neighbors = load(tmp_path / "full.pt2").run_all(pixels)
     torch.testing.assert_close(tokens, _stock(dino, pixels), rtol=0, atol=1e-5)
-    assert torch.equal(keep, torch.arange(1 + 54).expand(2, -1)) and neighbors.shape == (2, 0, 10)
+    assert torch.equal(keep, torch.arange(dino.special_tokens + 54).expand(2, -1)) and neighbors.shape == (2, 0, 10)
 
 
 @pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "multiples of the patch size"),
@@ -180,7 +186,8 @@ def test_spread_selection_keeps_a_coarse_lattice_and_only_batched_towers_take_it
 
     program = compress(dino_captured, dino, IpcvConfig(0.25, 2, 2, 3, "spread")).module()
     _, keep, _ = program(_pixels(2, 8, 8))
-    lattice = [1 + r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)]  # every other row and column
-    assert keep[0].tolist() == [0, *lattice] and torch.equal(keep[0], keep[1])
+    s = dino.special_tokens
+    lattice = [s + r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)]  # every other row and column
+    assert keep[0].tolist() == [*range(s), *lattice] and torch.equal(keep[0], keep[1])
     with pytest.raises(UsageError, match="spread selection"):
         ipcv_passes(IpcvConfig(selection="spread"), tiny.description, tiny.depth, tiny.patch_size)

