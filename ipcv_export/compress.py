@@ -30,8 +30,7 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: i
     if _graph.with_role(graph, "keep"):
         selection = (_graph.one_with_role(graph, "keep"), _graph.one_with_role(graph, "neighbors"))
     else:
-        pixels = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "pixel_values")
-        both = _graph.insert(graph, tokens.no_selection, (pixels, neighbors, special_tokens, patch_size),
+        both = _graph.insert(graph, tokens.no_selection, (_graph.pixel_input(graph), neighbors, special_tokens, patch_size),
                              pass_name="compress", before=output)
         selection = tuple(_graph.insert(graph, operator.getitem, (both, i), pass_name="compress", before=output)
                           for i in range(2))

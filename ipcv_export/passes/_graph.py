@@ -79,6 +79,11 @@ def external_inputs(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return list(seen)
 
 
+def pixel_input(graph: fx.Graph) -> fx.Node:
+    """The graph's `pixel_values` input (every family's exportable module names its first input so)."""
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == "pixel_values")
+
+
 def is_tensor(node: fx.Node) -> bool:
     """True when the node's fake value is a tensor (not a size, a tuple or missing)."""
     return isinstance(node.meta.get("val"), torch.Tensor)

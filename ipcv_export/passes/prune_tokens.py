@@ -61,9 +61,7 @@ class PruneTokensPass(PassBase):
         if self.spread_patch is None:
             score = add(tokens.importance_score, (before, after), "score")
         else:
-            pixels = next(n for n in graph.nodes if n.op == "placeholder" and _graph.is_tensor(n)
-                          and n.meta["val"].ndim == 4)
-            width = add(torch.ops.aten.sym_size.int, (pixels, 3))
+            width = add(torch.ops.aten.sym_size.int, (_graph.pixel_input(graph), 3))
             columns = add(operator.floordiv, (width, self.spread_patch))
             score = add(tokens.spread_score, (after, self.special_tokens, columns), "score")
         n = add(torch.ops.aten.sym_size.int, (after, axis))
