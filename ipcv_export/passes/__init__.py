@@ -26,8 +26,8 @@ def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, p
     `patch_size` is needed for spread selection (towers that batch whole images)."""
     batch = description.image_batch
     if config.selection == "spread" and (batch is None or patch_size is None):
-        raise UsageError("spread selection is implemented for towers that batch whole images "
-                         "(DINOv2, LLaVA's CLIP) so far, not for packed towers")
+        raise UsageError("spread selection is implemented for towers that batch whole images so far, "
+                         "not for packed towers")
     return [
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
