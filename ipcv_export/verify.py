@@ -77,15 +77,17 @@ def _check(outputs: tuple, reference_of: Callable[..., ReferenceResult], toleran
     embeddings = embeddings.float()
     reference = reference_of()
     kept = kept.long().sort(-1).values
-    agreement = torch.isin(reference.keep.flatten(), kept.flatten()).float().mean().item() if kept.numel() else 1.0
     k_prime = reference.neighbors.shape[-1]
-    neighbors = neighbors[..., :k_prime].long().reshape(*reference.neighbors.shape[:-1], k_prime)
+    neighbors = neighbors[..., :k_prime].long()
+    missing = _missing(reference.keep, kept)
+    agreement = 1.0 - missing / reference.keep.numel() if reference.keep.numel() else 1.0
     if not tolerance.exact_selection:
         reference = reference_of(neighbors=neighbors, keep=kept)
         return _compare_values(grid, embeddings, reference, tolerance, 0, agreement)
     if not torch.equal(kept, reference.keep):
-        missing = int((kept != reference.keep).sum()) if kept.shape == reference.keep.shape else reference.keep.numel()
         raise ParityError(f"grid {grid}: kept set differs from the reference in {missing} of {reference.keep.numel()} tokens")
+    if neighbors.shape != reference.neighbors.shape:
+        raise ParityError(f"neighbour index shape {list(neighbors.shape)} != reference {list(reference.neighbors.shape)}")
     tied = _tied_rows(neighbors.reshape(-1, k_prime), reference.neighbors.reshape(-1, k_prime),
                       reference.distances.reshape(-1, reference.distances.shape[-1]))
     if len(tied):
@@ -103,10 +105,17 @@ def _compare_values(grid, embeddings, reference, tolerance: Tolerance, tied: int
     return ParityCheck(grid, diff, limit, tied, agreement)
 
 
+def _missing(reference_keep: torch.Tensor, kept: torch.Tensor) -> int:
+    """How many of the reference's kept tokens the file did not keep, image by image (all of them
+    when the file kept a different number per image or of images)."""
+    if kept.shape != reference_keep.shape:
+        return reference_keep.numel()
+    rows = zip(reference_keep.reshape(-1, reference_keep.shape[-1]), kept.reshape(-1, kept.shape[-1]))
+    return sum(int((~torch.isin(theirs, ours)).sum()) for theirs, ours in rows)
+
+
 def _tied_rows(neighbors: torch.Tensor, reference: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """Rows whose neighbour set differs from the reference's but only among tied distances."""
-    if neighbors.shape != reference.shape:
-        raise ParityError(f"neighbour index shape {list(neighbors.shape)} != reference {list(reference.shape)}")
     same = (neighbors.sort(-1).values == reference.sort(-1).values).all(-1)
     rows = (~same).nonzero().flatten()
     if len(rows) == 0:
