@@ -18,6 +18,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
 from . import attention
 from .cost import TowerShape, ipcv_flops
 from .description import ImageBatch, ModelDescription, TowerParts
+from .image_batch import ExportableImageBatch
 from .positions import resized_positions
 
 
@@ -28,20 +29,6 @@ def embed(model: Dinov2Model, pixel_values: torch.Tensor) -> torch.Tensor:
     tokens = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
     rows, cols = pixel_values.shape[2] // patch, pixel_values.shape[3] // patch
     return tokens + resized_positions(embeddings.position_embeddings, 1, rows, cols)
-
-
-class ExportableDinov2(torch.nn.Module):
-    """pixel_values [B, 3, H, W] -> final-norm tokens [B, 1 + (H/p)(W/p), D], through the stock layers."""
-
-    def __init__(self, model: Dinov2Model) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = embed(self.model, pixel_values)
-        for layer in self.model.encoder.layer:
-            hidden = layer(hidden)
-        return self.model.layernorm(hidden)
 
 
 def parts(model: Dinov2Model) -> TowerParts:
@@ -77,7 +64,7 @@ DINOV2 = ModelDescription(
     weight_prefixes=("", "dinov2.", "backbone."),
     block_path=r"encoder\.layer\.(\d+)$",
     build=build,
-    exportable=ExportableDinov2,
+    exportable=partial(ExportableImageBatch, parts=parts),
     attention_context=attention.batched,
     image_processor=image_processor,
     query_projection=(r"attention\.q_proj$", 0, 1),

@@ -28,6 +28,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from . import attention
 from .cost import TowerShape, ipcv_flops
 from .description import ImageBatch, ModelDescription, TowerParts
+from .image_batch import ExportableImageBatch
 from .positions import resized_positions
 
 
@@ -93,20 +94,6 @@ def parts(side: LlavaVisionSide) -> TowerParts:
                       side.config.vision_config.patch_size)
 
 
-class ExportableLlavaVision(torch.nn.Module):
-    """pixel_values [B, 3, H, W] -> image features [B, P, text width], through the stock modules."""
-
-    def __init__(self, side: LlavaVisionSide) -> None:
-        super().__init__()
-        self.side = side
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = embed(self.side, pixel_values)
-        for layer in self.side.vision_tower.encoder.layers[:self.side.feature_blocks]:
-            hidden = layer(hidden, None)
-        return head(self.side, hidden)
-
-
 def builder(family: LlavaFamily):
     def build(config: dict) -> LlavaVisionSide:
         """The whole config.json (the projector needs the LLM's width and the feature layer)."""
@@ -154,7 +141,7 @@ def description(architecture: str, model_type: str) -> ModelDescription:
         weight_prefixes=WEIGHT_NAMES,
         block_path=r"vision_tower\.encoder\.layers\.(\d+)$",
         build=builder(family),
-        exportable=ExportableLlavaVision,
+        exportable=partial(ExportableImageBatch, parts=parts),
         attention_context=attention.batched,
         image_processor=image_processor,
         query_projection=(r"self_attn\.q_proj$", 0, 1),
