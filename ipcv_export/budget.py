@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import IpcvConfig, UsageError
 from .flops import floor_ratio
 from .models import LoadedEncoder
+from .passes import check_supported
 
 SETTINGS = Path(__file__).with_name("budget_settings.json")
 FIELDS = ("retention", "prune_layer", "as_depth", "neighbors", "selection")
@@ -48,10 +49,9 @@ def choose_setting(encoder: LoadedEncoder, budget: float, tokens: int) -> tuple[
 
 
 def _runs_on(config: IpcvConfig, encoder: LoadedEncoder) -> bool:
-    if config.selection == "spread" and encoder.description.image_batch is None:
-        return False
     try:
         config.check(encoder.depth)
+        check_supported(config, encoder.description)
     except UsageError:
         return False
     return True

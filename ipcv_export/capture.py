@@ -10,14 +10,12 @@ patches as symbolic dimensions.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .tokens import RETENTION_SCALE, min_side, min_tokens
-from .inputs import engine_inputs
+from .inputs import engine_inputs, square_grid
 from .models import LoadedEncoder
+from .tokens import RETENTION_SCALE, min_side, min_tokens
 
 MAX_TOKENS = 65536
 EXAMPLE_GRID = torch.tensor([[1, 8, 8], [2, 4, 6]])
@@ -41,7 +39,7 @@ def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) 
     MAX_TOKENS / merge^2]. Batched: B images of H x W pixels, H and W multiples of the patch size
     with at least `min_side` patches per side (so that every image keeps a token)."""
     if encoder.description.image_batch:
-        p, side = encoder.patch_size, min_side(retention_e4)
+        p, side = encoder.patch_size, min_side(min_tokens(retention_e4))
         images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
         rows = torch.export.Dim("rows", min=side, max=MAX_SIDE)
         cols = torch.export.Dim("cols", min=side, max=MAX_SIDE)
@@ -56,11 +54,9 @@ def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, 
     """Empty inputs (shapes only, for FLOP counting) of one image of `tokens` patches: one segment
     for packed towers; for batched towers the most nearly square grid of that many patches."""
     if encoder.description.image_batch:
-        rows = math.isqrt(tokens)
-        while tokens % rows:
-            rows -= 1
+        rows, cols = square_grid(tokens)
         p = encoder.patch_size
-        return (torch.empty(1, encoder.channels, rows * p, tokens // rows * p),)
+        return (torch.empty(1, encoder.channels, rows * p, cols * p),)
     return (torch.empty(tokens, encoder.input_width), torch.zeros(tokens, 2, dtype=torch.int64),
             torch.zeros(tokens, dtype=torch.int64))
 

@@ -6,6 +6,8 @@ within a slice in merge x merge blocks (block-major), which is what the merger's
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -44,3 +46,12 @@ def engine_inputs(grid_thw: torch.Tensor, merge_size: int) -> tuple[torch.Tensor
     grid = check_grid(grid_thw, merge_size)
     return position_ids(grid, merge_size), segment_ids(grid)
 
+
+
+def square_grid(tokens: int, multiple: int = 1) -> tuple[int, int]:
+    """The most nearly square rows x columns patch grid with rows * columns = tokens, both
+    multiples of `multiple` (a packed tower's merge size): the image benchmarks and FLOP counts use."""
+    for rows in range(math.isqrt(tokens), 0, -1):
+        if tokens % rows == 0 and rows % multiple == 0 and (tokens // rows) % multiple == 0:
+            return rows, tokens // rows
+    raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {multiple}")

@@ -32,7 +32,7 @@ from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import CompatReport, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
-from .passes import ipcv_passes
+from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
 from .tokens import min_side, min_tokens
 from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_parity
@@ -82,7 +82,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             report(f"  budget {budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
                    f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
         config.check(encoder.depth)
-        ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size)  # the family supports config
+        check_supported(config, encoder.description)
         if format == "engine" and encoder.description.image_batch:
             raise UsageError(f"TensorRT engines are built for packed towers only so far; write {output.stem}.onnx "
                              "and build it with trtexec (shapes pixel_values:BxCxHxW)")
@@ -329,7 +329,7 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
 
 def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
     """The manifest's inputs and outputs of a tower that batches whole images."""
-    p, side, s = encoder.patch_size, min_side(config.retention_e4), encoder.special_tokens
+    p, side, s = encoder.patch_size, min_side(min_tokens(config.retention_e4)), encoder.special_tokens
     inputs = {"layout": "images", "patch_size": p, "merge_size": 1, "input_width": encoder.channels,
               "min_tokens": min_tokens(config.retention_e4), "special_tokens": s,
               "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],

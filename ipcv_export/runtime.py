@@ -10,7 +10,6 @@ ONNX files also carry the first two as metadata, so they load without the manife
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .inputs import engine_inputs
+from .tokens import min_side
 
 ONNX_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -68,7 +68,7 @@ class EncoderFile(ABC):
             raise ValueError(f"pixel_values must have shape [B, {self.input_width}, H, W], got {list(pixels.shape)}")
         if pixels.shape[2] % p or pixels.shape[3] % p:
             raise ValueError(f"image height and width must be multiples of the patch size {p}, got {list(pixels.shape[2:])}")
-        side = max(2, math.isqrt(self.min_tokens - 1) + 1)  # tokens.min_side
+        side = min_side(self.min_tokens)
         if min(pixels.shape[2:]) < side * p:
             raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
         return (pixels,)

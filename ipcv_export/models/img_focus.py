@@ -118,15 +118,20 @@ def _state_key(onnx_name: str) -> str:
     return key
 
 
-def photo_224() -> torch.Tensor:
-    """scikit-image's astronaut, resized to 224 x 224 and normalised as DINOv2 expects: [1, 3, 224, 224]."""
+def photo(name: str = "astronaut", side: int = 224) -> torch.Tensor:
+    """A scikit-image sample photograph as DINOv2 expects it: resized to side x side (bicubic),
+    ImageNet-normalised, [1, 3, side, side] (grey images as RGB)."""
     from PIL import Image
     from skimage import data
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    image = Image.fromarray(data.astronaut()).resize((224, 224), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    return ((pixels - mean[:, None, None]) / std[:, None, None])[None]
+    image = getattr(data, name)()
+    image = np.asarray(image[0] if isinstance(image, tuple) else image)  # stereo samples are pairs
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    resized = Image.fromarray(image[..., :3].astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
 
 
 def onnx_final_tokens(onnx_path: Path, pixels: torch.Tensor) -> np.ndarray:
@@ -144,7 +149,7 @@ def onnx_final_tokens(onnx_path: Path, pixels: torch.Tensor) -> np.ndarray:
 
 def check_conversion(model: torch.nn.Module, onnx_path: Path) -> float:
     """Max |ORT - converted| on the final-norm tokens of a real photo; UsageError above tolerance."""
-    pixels = photo_224()
+    pixels = photo()
     with torch.no_grad():
         ours = model(pixels).last_hidden_state.numpy()
     theirs = onnx_final_tokens(onnx_path, pixels)

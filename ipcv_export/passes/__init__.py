@@ -18,16 +18,24 @@ from .reintegrate_tokens import ReintegrateTokensPass
 from .remove_noop_casts import RemoveNoOpCastsPass
 from .stabilize_attention import StabilizeAttentionPass
 
-__all__ = ["ipcv_passes", "run_passes", "RemoveNoOpCastsPass"]
+__all__ = ["check_supported", "ipcv_passes", "run_passes", "RemoveNoOpCastsPass"]
+
+
+def check_supported(config: IpcvConfig, description: ModelDescription) -> None:
+    """UsageError unless the passes can apply `config` to this family: spread selection reads the
+    image grid, which only towers that batch whole images have."""
+    if config.selection == "spread" and description.image_batch is None:
+        raise UsageError("spread selection is implemented for towers that batch whole images so far, "
+                         "not for packed towers")
 
 
 def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None) -> list:
     """The ordered pass list for one configuration of an encoder family: ipcv.md's steps.
     `patch_size` is needed for spread selection (towers that batch whole images)."""
+    check_supported(config, description)
     batch = description.image_batch
-    if config.selection == "spread" and (batch is None or patch_size is None):
-        raise UsageError("spread selection is implemented for towers that batch whole images so far, "
-                         "not for packed towers")
+    if config.selection == "spread" and patch_size is None:
+        raise ValueError("spread selection needs the tower's patch size")
     return [
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
