@@ -58,6 +58,8 @@ def main() -> None:
                              "so the peak then reflects its growth policy more than the graph's live tensors)")
     parser.add_argument("--order", default="DEFAULT", choices=["DEFAULT", "PRIORITY_BASED", "MEMORY_EFFICIENT"],
                         help="ONNX Runtime's node execution order")
+    parser.add_argument("--opset", type=int, default=18,
+                        help="ONNX opset of the exported files; 23 writes attention as one Attention operator")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
@@ -67,7 +69,7 @@ def main() -> None:
     for retention in args.retentions:
         path = folder / f"rho{retention}.onnx"
         if not path.exists():
-            ipcv_export.export(encoder, path, retention=retention, report=lambda _line: None)
+            ipcv_export.export(encoder, path, retention=retention, opset=args.opset, report=lambda _line: None)
         for tokens in args.tokens:
             result = context.Queue()
             child = context.Process(target=run_once, args=(str(path), tokens, encoder.merge_size,

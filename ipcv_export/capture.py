@@ -25,11 +25,11 @@ MAX_IMAGES, MAX_SIDE = 256, 128
 
 def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
     """Packed towers: (pixel_values, position_ids, segment_ids) for a grid. Batched towers:
-    (pixel_values,) of two 5 x 7-patch images. Seeded random pixels."""
+    (pixel_values,) of two images of 5 x 7 grid multiples of patches. Seeded random pixels."""
     generator = torch.Generator().manual_seed(0)
     if encoder.description.image_batch:
-        p = encoder.patch_size
-        return (torch.randn(2, encoder.channels, 5 * p, 7 * p, generator=generator),)
+        cell = encoder.patch_size * encoder.merge_size
+        return (torch.randn(2, encoder.channels, 5 * cell, 7 * cell, generator=generator),)
     positions, segments = engine_inputs(grid_thw, encoder.merge_size)
     return torch.randn(len(segments), encoder.input_width, generator=generator), positions, segments
 
@@ -37,13 +37,15 @@ def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID
 def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) -> tuple[dict, ...]:
     """Packed: N = merge^2 * groups for all three inputs, groups in [ceil(min_tokens / merge^2),
     MAX_TOKENS / merge^2]. Batched: B images of H x W pixels, H and W multiples of the patch size
-    with at least `min_side` patches per side (so that every image keeps a token)."""
+    times the grid multiple, with at least `min_side` patches per side (so that every image keeps
+    a token)."""
     if encoder.description.image_batch:
-        p, side = encoder.patch_size, min_side(min_tokens(retention_e4))
+        multiple = encoder.merge_size
+        cell, side = encoder.patch_size * multiple, min_side(min_tokens(retention_e4), multiple) // multiple
         images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
-        rows = torch.export.Dim("rows", min=side, max=MAX_SIDE)
-        cols = torch.export.Dim("cols", min=side, max=MAX_SIDE)
-        return ({0: images, 2: rows * p, 3: cols * p},)
+        rows = torch.export.Dim("rows", min=side, max=MAX_SIDE // multiple)
+        cols = torch.export.Dim("cols", min=side, max=MAX_SIDE // multiple)
+        return ({0: images, 2: rows * cell, 3: cols * cell},)
     group = encoder.merge_size ** 2
     groups = torch.export.Dim("groups", min=max(1, -(-min_tokens(retention_e4) // group)), max=MAX_TOKENS // group)
     n = groups * group
@@ -54,7 +56,7 @@ def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, 
     """Empty inputs (shapes only, for FLOP counting) of one image of `tokens` patches: one segment
     for packed towers; for batched towers the most nearly square grid of that many patches."""
     if encoder.description.image_batch:
-        rows, cols = square_grid(tokens)
+        rows, cols = square_grid(tokens, encoder.merge_size)
         p = encoder.patch_size
         return (torch.empty(1, encoder.channels, rows * p, cols * p),)
     return (torch.empty(tokens, encoder.input_width), torch.zeros(tokens, 2, dtype=torch.int64),

@@ -196,7 +196,7 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
                 pixels = torch.randn(images, encoder.channels, rows * encoder.patch_size, cols * encoder.patch_size,
                                      generator=generator)
                 checks.append(check_batched_parity(runner.run_all, batch.parts(encoder.module), batch.special_tokens,
-                                                   config, pixels, tolerance))
+                                                   config, pixels, tolerance, batch.neighbors_across_images))
             else:
                 grid_thw = torch.tensor(case)
                 pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
@@ -329,11 +329,12 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
 
 def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
     """The manifest's inputs and outputs of a tower that batches whole images."""
-    p, side, s = encoder.patch_size, min_side(min_tokens(config.retention_e4)), encoder.special_tokens
-    inputs = {"layout": "images", "patch_size": p, "merge_size": 1, "input_width": encoder.channels,
+    p, s, multiple = encoder.patch_size, encoder.special_tokens, encoder.merge_size
+    side = min_side(min_tokens(config.retention_e4), multiple)
+    inputs = {"layout": "images", "patch_size": p, "merge_size": multiple, "input_width": encoder.channels,
               "min_tokens": min_tokens(config.retention_e4), "special_tokens": s,
               "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
-              "rules": f"H and W multiples of {p}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
+              "rules": f"H and W multiples of {p * multiple}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
                        f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}
     outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
                 "meaning": "every token of every image (special tokens first), the original encoder's output"},

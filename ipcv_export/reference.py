@@ -131,15 +131,16 @@ def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_th
 @torch.no_grad()
 def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, config: IpcvConfig,
                       neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-                      ngr: bool = True) -> ReferenceResult:
+                      ngr: bool = True, across_images: bool = False) -> ReferenceResult:
     """IPCV on a tower that batches whole images (ipcv.md, towers with a CLS token), through the
     stock parts: selection, neighbours and reconstruction per image; the special tokens always kept.
 
     An AS block is the stock block run on the rebuilt sequence, read at the kept rows: everything
     in a block but attention acts on each token alone, and attention rows are independent per
     query, so those rows are exactly "queries from kept rows, keys and values from all rows".
-    Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K].
-    `ngr=False` is the plain-pruning baseline of the fidelity study: removed tokens keep their
+    Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K]; with
+    `across_images`, neighbours are searched among the kept tokens of all images, and neighbors
+    and distances index the flattened [B * (S + K)] kept tokens. `ngr=False` is the plain-pruning baseline of the fidelity study: removed tokens keep their
     pruning-point states (no drift), in AS blocks and at reintegration.
     """
     blocks, s = parts.blocks, special_tokens
@@ -165,13 +166,17 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     rem = torch.arange(n).expand(batch, n)[removed_mask].reshape(batch, n - keep.shape[1])
     kept_then, removed_then = x_after[rows, keep], x_after[rows, rem]
 
-    # 2. NGR within each image: neighbours once, among its kept tokens, specials included.
-    distances = torch.cdist(removed_then.float(), kept_then.float())
+    # 2. NGR within each image (or across images): neighbours once, among the kept tokens, specials included.
+    candidates = kept_then.flatten(0, 1).expand(batch, -1, -1) if across_images else kept_then
+    distances = torch.cdist(removed_then.float(), candidates.float())
     if neighbors is None:
-        neighbors = distances.topk(min(config.neighbors, keep.shape[1]), largest=False).indices
+        neighbors = distances.topk(min(config.neighbors, candidates.shape[1]), largest=False).indices
 
     def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
-        drift = (kept_now - kept_then)[rows[:, :, None], neighbors].mean(2) if ngr else 0
+        drift = kept_now - kept_then
+        if across_images:
+            drift = drift.flatten(0, 1).expand(batch, -1, -1)
+        drift = drift[rows[:, :, None], neighbors].mean(2) if ngr else 0
         z = torch.empty_like(x_after)
         z[rows, keep] = kept_now
         z[rows, rem] = removed_then + drift
@@ -182,7 +187,8 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(blocks)))
     for index in range(config.prune_layer, len(blocks)):
         y = blocks[index](full_sequence(y))[rows, keep] if index in stabilized else blocks[index](y)
-    return ReferenceResult(parts.head(full_sequence(y)), keep, neighbors, distances)
+    return ReferenceResult(parts.head(full_sequence(y), pixel_values.shape[3] // parts.patch_size), keep, neighbors,
+                           distances)
 
 
 def spread_order(columns: int, patches: int) -> torch.Tensor:

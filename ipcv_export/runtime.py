@@ -63,14 +63,15 @@ class EncoderFile(ABC):
         return pixels, positions, segments
 
     def _image_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
-        p = self.patch_size
+        p, multiple = self.patch_size, self.merge_size
         if pixels.ndim != 4 or pixels.shape[1] != self.input_width:
             raise ValueError(f"pixel_values must have shape [B, {self.input_width}, H, W], got {list(pixels.shape)}")
-        if pixels.shape[2] % p or pixels.shape[3] % p:
-            raise ValueError(f"image height and width must be multiples of the patch size {p}, got {list(pixels.shape[2:])}")
-        side = min_side(self.min_tokens)
+        side = min_side(self.min_tokens, multiple)
         if min(pixels.shape[2:]) < side * p:
             raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
+        if pixels.shape[2] % (p * multiple) or pixels.shape[3] % (p * multiple):
+            unit = f"the patch size {p}" if multiple == 1 else f"{p * multiple} ({multiple} patches of {p})"
+            raise ValueError(f"image height and width must be multiples of {unit}, got {list(pixels.shape[2:])}")
         return (pixels,)
 
     @abstractmethod

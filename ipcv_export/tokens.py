@@ -42,11 +42,13 @@ def min_tokens(retention_e4: int) -> int:
     return -(-RETENTION_SCALE // retention_e4)
 
 
-def min_side(smallest: int) -> int:
+def min_side(smallest: int, multiple: int = 1) -> int:
     """Smallest number of patches per image side a batched tower's file accepts, for a file that
     needs `smallest` (= min_tokens) patches per image: at least 2 (sizes of 1 would be specialised
-    by the exporter), and a square of it holds `smallest` patches."""
-    return max(2, math.isqrt(smallest - 1) + 1)
+    by the exporter), a square of it holds `smallest` patches, and it is a multiple of `multiple`
+    (the tower's grid multiple)."""
+    side = max(2, math.isqrt(smallest - 1) + 1)
+    return -(-side // multiple) * multiple
 
 
 def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -160,13 +162,16 @@ NEIGHBOR_CHUNKS = 8
 its largest intermediate is [R / 8, K] distances: 0.5 GB at N = 65536, rho = 0.5."""
 
 
-def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
+def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int, across_batch: bool = False) -> torch.Tensor:
     """[..., R, k] indices into `kept` ([..., K, D]) of each removed token's nearest kept tokens
-    (fp32 L2), within the same batch entry.
+    (fp32 L2), within the same batch entry; with `across_batch`, among the kept tokens of every
+    batch entry, as indices into the flattened [B * K] kept tokens.
 
     When K < k only the first K columns are real neighbours; the others hold the index K, one past
     the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
     """
+    if across_batch:
+        return nearest_kept(kept.flatten(0, 1), removed.flatten(0, 1), neighbors).unflatten(0, removed.shape[:2])
     kept = kept.float()
     kept_norms = (kept * kept).sum(-1).unsqueeze(-2)
     chunks = row_chunks(removed, NEIGHBOR_CHUNKS, removed.ndim - 2)
@@ -189,11 +194,16 @@ def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor
 
 
 def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,
-                neighbor_index: torch.Tensor) -> torch.Tensor:
+                neighbor_index: torch.Tensor, across_batch: bool = False) -> torch.Tensor:
     """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [..., R, D].
+    `across_batch`: the indices point into the flattened batch (see `nearest_kept`).
 
     Index K in `neighbor_index` is padding (see `nearest_kept`): it reads a zero row and is not counted.
     """
+    if across_batch:
+        flat = reconstruct(kept_now.flatten(0, 1), kept_then.flatten(0, 1), removed_then.flatten(0, 1),
+                           neighbor_index.flatten(0, 1))
+        return flat.unflatten(0, removed_then.shape[:2])
     drift = kept_now - kept_then
     tokens_axis = drift.ndim - 2
     drift = torch.cat([drift, torch.zeros_like(drift.narrow(tokens_axis, 0, 1))], tokens_axis)

@@ -65,10 +65,10 @@ def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 
 def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], parts: TowerParts,
                          special_tokens: int, config: IpcvConfig, pixel_values: torch.Tensor,
-                         tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
+                         tolerance: Tolerance = TOLERANCES["fp32"], across_images: bool = False) -> ParityCheck:
     """The same checks for a tower that batches whole images: `run(pixel_values [B, C, H, W])`
     gives per-image kept and neighbour indices, compared image by image."""
-    reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config)
+    reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
 
 

@@ -35,11 +35,25 @@ def _stock_llava(side, pixels):
     return side.multi_modal_projector(features)
 
 
-STOCK = {"tiny-dinov2": _stock_dinov2, "tiny-llava-clip": _stock_llava, "tiny-llava-onevision-siglip": _stock_llava}
+def _stock_internvl(side, pixels):
+    """get_image_features of InternVL, with the grid's true shape (the stock method assumes square
+    tiles; its pixel_shuffle does not): the last layer's patch tokens, pixel-shuffled, projected."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    features = side.vision_tower(pixels).last_hidden_state[:, 1:]
+    grid = features.reshape(len(pixels), pixels.shape[2] // 14, pixels.shape[3] // 14, -1)
+    shuffled = InternVLModel.pixel_shuffle(None, grid, scale_factor=side.config.downsample_ratio)
+    return side.multi_modal_projector(shuffled.reshape(len(pixels), -1, shuffled.shape[-1]))
+
+
+STOCK = {"tiny-dinov2": _stock_dinov2, "tiny-llava-clip": _stock_llava, "tiny-llava-onevision-siglip": _stock_llava,
+         "tiny-internvl": _stock_internvl}
 SIZES = [(1, 8, 8), (2, 5, 7), (3, 12, 9)]  # (images, rows, columns) of 14-px patches; 8 x 8 is the native grid
 
 
-def _pixels(images: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+def _pixels(images: int, rows: int, cols: int, seed: int = 0, multiple: int = 1) -> torch.Tensor:
+    """Seeded images of rows x columns patches, each side rounded up to the tower's grid multiple."""
+    rows, cols = (-(-side // multiple) * multiple for side in (rows, cols))
     return torch.randn(images, 3, rows * 14, cols * 14, generator=torch.Generator().manual_seed(seed))
 
 
@@ -53,6 +67,10 @@ def dino_captured(dino):
     return capture(dino)
 
 
+def _across(encoder) -> bool:
+    return encoder.description.image_batch.neighbors_across_images
+
+
 def _stock(encoder, pixels):
     with torch.no_grad():
         return STOCK[encoder.source["builtin"]](encoder.module, pixels)
@@ -60,7 +78,7 @@ def _stock(encoder, pixels):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_captured_tower_equals_transformers_forward(dino, dino_captured, size):
-    pixels = _pixels(*size)
+    pixels = _pixels(*size, multiple=dino.merge_size)
     torch.testing.assert_close(dino_captured.module()(pixels), _stock(dino, pixels), rtol=0, atol=1e-5)
 
 
@@ -80,10 +98,10 @@ def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
     program = compress(dino_captured, dino, config).module()
     parts = dino.description.image_batch.parts(dino.module)
     for seed, size in enumerate(SIZES):
-        pixels = _pixels(*size, seed=seed)
+        pixels = _pixels(*size, seed=seed, multiple=dino.merge_size)
         tokens, keep, neighbors = program(pixels)
-        reference = batched_reference(parts, dino.special_tokens, pixels, config)
-        patches = size[1] * size[2]
+        reference = batched_reference(parts, dino.special_tokens, pixels, config, across_images=_across(dino))
+        patches = pixels.shape[2] * pixels.shape[3] // 14 ** 2
         assert keep.shape == (size[0], dino.special_tokens + patches * config.retention_e4 // 10_000)
         assert torch.equal(keep, reference.keep)
         assert torch.equal(neighbors[..., :reference.neighbors.shape[-1]], reference.neighbors)
@@ -124,10 +142,10 @@ def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
     assert manifest["verification"]["verified"] and manifest["verification"]["worst_abs_diff"] <= 1e-4
     assert manifest["inputs"]["layout"] == "images" and manifest["inputs"]["special_tokens"] == dino.special_tokens
     encoder = load(path)
-    pixels = _pixels(2, 6, 9, seed=5)
+    pixels = _pixels(2, 6, 9, seed=5, multiple=dino.merge_size)
     tokens, keep, _ = encoder.run_all(pixels)
     reference = batched_reference(dino.description.image_batch.parts(dino.module), dino.special_tokens, pixels,
-                                  IpcvConfig(0.5, 3, 2))
+                                  IpcvConfig(0.5, 3, 2), across_images=_across(dino))
     assert torch.equal(keep, reference.keep)
     torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-4)
 
@@ -136,13 +154,14 @@ def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_
     """rho = 1: nothing pruned; kept_index lists every token (CLS included, even where the head drops it)."""
     result = export(dino, tmp_path / "full.pt2", retention=1.0, format="exported-program", report=lambda _line: None)
     assert result.manifest["verification"]["verified"]
-    pixels = _pixels(2, 6, 9, seed=7)
+    pixels = _pixels(2, 6, 9, seed=7, multiple=dino.merge_size)
     tokens, keep, neighbors = load(tmp_path / "full.pt2").run_all(pixels)
     torch.testing.assert_close(tokens, _stock(dino, pixels), rtol=0, atol=1e-5)
-    assert torch.equal(keep, torch.arange(dino.special_tokens + 54).expand(2, -1)) and neighbors.shape == (2, 0, 10)
+    patches = pixels.shape[2] * pixels.shape[3] // 14 ** 2
+    assert torch.equal(keep, torch.arange(dino.special_tokens + patches).expand(2, -1)) and neighbors.shape == (2, 0, 10)
 
 
-@pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "multiples of the patch size"),
+@pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "must be multiples of"),
                                             ((2, 3, 14, 112), "too small"), ((3, 112, 112), r"\[B, 3, H, W\]")])
 def test_bad_image_batches_are_refused(dino_file, shape, message):
     with pytest.raises(ValueError, match=message):
@@ -158,9 +177,10 @@ def test_engines_of_batched_towers_are_refused_before_any_work(dino, tmp_path):
 
 
 @pytest.mark.parametrize("builtin, model_class", [("tiny-llava-clip", "LlavaForConditionalGeneration"),
-                                                  ("tiny-llava-onevision-siglip", "LlavaOnevisionForConditionalGeneration")])
+                                                  ("tiny-llava-onevision-siglip", "LlavaOnevisionForConditionalGeneration"),
+                                                  ("tiny-internvl", "InternVLForConditionalGeneration")])
 def test_llava_checkpoint_folder_loads_tower_and_projector_only(builtin, model_class, tmp_path):
-    """A LLaVA folder saved by transformers: the tower and projector load, the LLM is never read."""
+    """A LLaVA or InternVL folder saved by transformers: the tower and projector load, the LLM is never read."""
     import json
 
     import transformers
@@ -178,11 +198,53 @@ def test_llava_checkpoint_folder_loads_tower_and_projector_only(builtin, model_c
     assert {key.split(".")[0] for key in loaded.module.state_dict()} == {"vision_tower", "multi_modal_projector"}
     pixels = _pixels(2, 8, 8)
     with torch.no_grad():
-        ours = _stock_llava(loaded.module, pixels)
-        theirs = _stock_llava(full.model, pixels)
+        ours = STOCK[builtin](loaded.module, pixels)
+        theirs = STOCK[builtin](full.model, pixels)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     if builtin == "tiny-llava-clip":  # and the model's own entry point agrees with the test's reading of it
         with torch.no_grad():
             features = full.model.get_image_features(pixels, vision_feature_layer=-2,
                                                      vision_feature_select_strategy="default").pooler_output
         torch.testing.assert_close(ours, torch.stack(list(features)), rtol=0, atol=1e-6)
+
+
+def test_internvl_reading_is_get_image_features():
+    """The test's reading of InternVL (any grid) is the model's own entry point on square tiles."""
+    from transformers import InternVLConfig, InternVLModel
+
+    encoder = load_encoder("tiny-internvl")
+    model = InternVLModel(InternVLConfig(**encoder.module.config.to_dict())).eval()
+    model.load_state_dict(encoder.module.state_dict(), strict=False)
+    for side in (8, 12):
+        pixels = _pixels(2, side, side, seed=side)
+        with torch.no_grad():
+            theirs = model.get_image_features(pixels).pooler_output
+        torch.testing.assert_close(_stock_internvl(encoder.module, pixels), theirs, rtol=0, atol=1e-6)
+
+
+def test_internvl_neighbours_come_from_every_tile():
+    """ipcv.md: InternViT searches neighbours among the kept tokens of all tiles of a call, so a
+    tile's removed tokens may take neighbours from another tile; with one tile the result is the
+    per-image search."""
+    encoder = load_encoder("tiny-internvl")
+    program = compress(capture(encoder), encoder, IpcvConfig(0.35, 2, 2, 10)).module()
+    pixels = _pixels(3, 8, 8, seed=4)
+    _, keep, neighbors = program(pixels)
+    kept_per_tile = keep.shape[1]
+    owner = torch.div(neighbors, kept_per_tile, rounding_mode="floor")
+    assert (owner != torch.arange(3)[:, None, None]).any()
+    assert neighbors.max() < 3 * kept_per_tile
+    _, keep_one, neighbors_one = program(pixels[:1])
+    reference = batched_reference(encoder.description.image_batch.parts(encoder.module), 1, pixels[:1],
+                                  IpcvConfig(0.35, 2, 2, 10))
+    assert torch.equal(neighbors_one, reference.neighbors)
+
+
+def test_grid_sides_must_be_multiples_of_the_grid_multiple(dino, dino_file):
+    """InternVL's pixel shuffle folds 2 x 2 patches: its files refuse odd grids; the others take them."""
+    odd = torch.zeros(1, 3, 9 * 14, 8 * 14)
+    if dino.merge_size == 1:
+        assert load(dino_file[0])(odd).shape[0] == 1
+    else:
+        with pytest.raises(ValueError, match=r"multiples of 28 \(2 patches of 14\)"):
+            load(dino_file[0])(odd)

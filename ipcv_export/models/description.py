@@ -12,12 +12,13 @@ import torch
 @dataclass(frozen=True)
 class TowerParts:
     """A batched tower's stock parts, for the eager reference: embed(pixels) -> [B, T, D] tokens,
-    the blocks ([B, T, D] -> [B, T, D]), the head that follows them (norm, projector), and the
-    patch size (pixels per grid cell)."""
+    the blocks ([B, T, D] -> [B, T, D]), the head that follows them (norm, projector; it gets the
+    tokens and the grid's patches per row, which a pixel shuffle needs), and the patch size
+    (pixels per grid cell)."""
 
     embed: Callable[[torch.Tensor], torch.Tensor]
     blocks: list[Callable[[torch.Tensor], torch.Tensor]]
-    head: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor, int], torch.Tensor]
     patch_size: int
 
 
@@ -29,10 +30,16 @@ class ImageBatch:
 
     special_tokens: tokens before the patches (CLS, registers) that are always kept, never scored.
     parts: stock module -> TowerParts.
+    grid_multiple: each side of an image's patch grid must be a multiple of this (a head that folds
+        2 x 2 patches into one token needs 2).
+    neighbors_across_images: NGR searches a removed token's neighbours among the kept tokens of
+        every image of the call, not only its own (ipcv.md; InternViT's authors do).
     """
 
     special_tokens: int
     parts: Callable[[torch.nn.Module], TowerParts]
+    grid_multiple: int = 1
+    neighbors_across_images: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,13 @@ def embed(model: Dinov2Model, pixel_values: torch.Tensor) -> torch.Tensor:
     return tokens + resized_positions(embeddings.position_embeddings, 1, rows, cols)
 
 
+def head(model: Dinov2Model, hidden: torch.Tensor, columns: int) -> torch.Tensor:
+    """The final LayerNorm (a per-token head: the grid's shape does not matter)."""
+    return model.layernorm(hidden)
+
+
 def parts(model: Dinov2Model) -> TowerParts:
-    return TowerParts(partial(embed, model), list(model.encoder.layer), model.layernorm, model.config.patch_size)
+    return TowerParts(partial(embed, model), list(model.encoder.layer), partial(head, model), model.config.patch_size)
 
 
 def build(vision_config: dict) -> Dinov2Model:

@@ -26,4 +26,4 @@ class ExportableImageBatch(torch.nn.Module):
         hidden = self.parts.embed(pixel_values)
         for block in self.parts.blocks:
             hidden = block(hidden)
-        return self.parts.head(hidden)
+        return self.parts.head(hidden, pixel_values.shape[3] // self.parts.patch_size)

@@ -80,8 +80,9 @@ def embed(side: LlavaVisionSide, pixel_values: torch.Tensor) -> torch.Tensor:
     return tower.pre_layrnorm(tokens) if side.family.pre_norm else tokens
 
 
-def head(side: LlavaVisionSide, hidden: torch.Tensor) -> torch.Tensor:
-    """What the LLM consumes: the selected layer's tokens (without the first by default), projected."""
+def head(side: LlavaVisionSide, hidden: torch.Tensor, columns: int) -> torch.Tensor:
+    """What the LLM consumes: the selected layer's tokens (without the first by default), projected
+    token by token (the grid's shape does not matter)."""
     if side.config.vision_feature_select_strategy == "default":
         # a gather, not a slice: a strided slice's contiguity check would make the exporter guard B != 1
         hidden = hidden.index_select(1, torch.arange(1, hidden.shape[1], device=hidden.device))

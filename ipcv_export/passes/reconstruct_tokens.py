@@ -16,12 +16,13 @@ class ReconstructTokensPass(PassBase):
         nbr = nearest_kept(A, B, k)                       (role neighbors)
     so that `removed_states(y)` below becomes rec(y) = B + mean_{n in nbr}(y_n - A_n) instead of
     the plain pruning fill B. Consumers (AS blocks, reintegration) call `removed_states`.
+    With `across_images` (batched towers), neighbours come from the kept tokens of every image.
     Requires: PruneTokensPass ran. Ensures: the neighbour search is computed exactly once.
     """
 
-    def __init__(self, neighbors: int) -> None:
+    def __init__(self, neighbors: int, across_images: bool = False) -> None:
         super().__init__()
-        self.neighbors = neighbors
+        self.neighbors, self.across_images = neighbors, across_images
 
     def requires(self, gm: fx.GraphModule) -> None:
         _graph.one_with_role(gm.graph, "removed_state")
@@ -31,8 +32,8 @@ class ReconstructTokensPass(PassBase):
         if _graph.with_role(graph, "neighbors"):
             return PassResult(gm, False)
         kept, removed = _graph.one_with_role(graph, "kept_state"), _graph.one_with_role(graph, "removed_state")
-        _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors), pass_name=NAME,
-                      role="neighbors", after=removed)
+        _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors, self.across_images),
+                      pass_name=NAME, role="neighbors", after=removed)
         _graph.finish(gm)
         return PassResult(gm, True)
 
@@ -44,6 +45,7 @@ def removed_states(graph: fx.Graph, kept_now: fx.Node, *, pass_name: str) -> fx.
     neighbors = _graph.with_role(graph, "neighbors")
     if not neighbors:
         return removed
-    args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0])
+    across_images = neighbors[0].args[3]  # as the search was made
+    args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0], across_images)
     return _graph.insert(graph, tokens.reconstruct, args, pass_name=pass_name, role="reconstruction",
                          after=_graph.latest(graph, args))
