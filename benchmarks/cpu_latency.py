@@ -22,7 +22,6 @@ import onnxruntime
 import torch
 
 import ipcv_export
-from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import floor_ratio
 from ipcv_export.inputs import engine_inputs, square_grid
 from ipcv_export.models import load_encoder
@@ -80,7 +79,7 @@ def main() -> None:
         original = median_ms(files[1.0], feeds, args.threads, args.runs)
         for retention in args.retentions:
             ipcv = median_ms(files[retention], feeds, args.threads, args.runs)
-            floor = floor_ratio(encoder, IpcvConfig(retention), tokens)
+            floor = floor_ratio(encoder, encoder.method_config(retention=retention), tokens)
             print(f"{retention:5.2f} {tokens:6d} {original:9.1f} {ipcv:9.1f} {ipcv / original:6.3f} "
                   f"{floor:6.3f} {ipcv / original / floor:11.3f}")
 

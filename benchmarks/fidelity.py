@@ -94,7 +94,7 @@ def tome(retention: float, prune_layer: int) -> Callable:
         y = states[None]
         for block in parts.blocks[prune_layer:]:
             y = block(y)
-        return parts.head(y[:, owner])
+        return parts.head(y[:, owner], pixels.shape[3] // parts.patch_size)
     return run
 
 
@@ -133,7 +133,7 @@ def downsample(retention: float) -> Callable:
         x = parts.embed(small)
         for block in parts.blocks:
             x = block(x)
-        out = parts.head(x)
+        out = parts.head(x, small_cols)
         grid = out[:, 1:].reshape(1, small_rows, small_cols, -1).permute(0, 3, 1, 2)
         grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False)
         return torch.cat([out[:, :1], grid.flatten(2).transpose(1, 2)], 1)

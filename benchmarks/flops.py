@@ -15,7 +15,6 @@ import warnings
 
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
-from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import floor_ratio, program_flops
 from ipcv_export.models import load_encoder
 
@@ -33,10 +32,12 @@ def main() -> None:
     start = time.perf_counter()
     encoder = load_encoder(args.model)
     original = capture(encoder)
-    print(f"model {args.model}: loaded and captured in {time.perf_counter() - start:.0f} s; l_p=3, Delta=7, k=10")
+    defaults = encoder.method_config()
+    print(f"model {args.model}: loaded and captured in {time.perf_counter() - start:.0f} s; "
+          f"l_p={defaults.prune_layer}, Delta={defaults.as_depth}, k={defaults.neighbors}")
     print(f"{'rho':>5s} {'N':>6s} {'orig GFLOP':>11s} {'IPCV GFLOP':>11s} {'ratio':>7s} {'floor':>7s} {'ratio/floor':>11s}")
     for retention in RETENTIONS:
-        config = IpcvConfig(retention)
+        config = encoder.method_config(retention=retention)
         program = compress(original, encoder, config)
         for tokens in args.tokens:
             before = program_flops(original, encoder, tokens)

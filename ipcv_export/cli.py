@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import FORMATS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import FORMATS, NGR_WEIGHTINGS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
 from .lower.onnx import DEFAULT_OPSET
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
@@ -35,7 +35,7 @@ exit codes:
 """
 
 
-METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection")
+METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection", "--ngr-weighting")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,16 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--retention", type=_number(float), default=d.retention,
                         help=f"fraction rho of tokens computed in full after the pruning block, in (0, 1]; "
                              f"1 exports the original encoder (default {d.retention})")
-    method.add_argument("--prune-layer", type=_number(int), default=d.prune_layer,
-                        help=f"block l_p before which tokens are pruned, in [1, depth-1] (default {d.prune_layer})")
-    method.add_argument("--as-depth", type=_number(int), default=d.as_depth,
-                        help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth})")
+    method.add_argument("--prune-layer", type=_number(int),
+                        help=f"block l_p before which tokens are pruned, in [1, depth-1] (default {d.prune_layer}; "
+                             "InternViT: 7, as its authors)")
+    method.add_argument("--as-depth", type=_number(int),
+                        help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth}; InternViT: 3)")
     method.add_argument("--neighbors", type=_number(int), default=d.neighbors,
                         help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors})")
     method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
                              "coarse-to-fine spread over each image's grid (towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
+    method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
+                        help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "
+                             f"weighted by inverse squared distance at the pruning point (default {d.ngr_weighting})")
     method.add_argument("--budget", type=_number(float), metavar="F",
                         help="instead of the settings above: the best measured setting (FIDELITY.md, DINOv2 "
                              "on real photos) whose FLOPs on this model at --opt-patches are at most F of the "
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
-               as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection, budget=args.budget,
+               as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
+               ngr_weighting=args.ngr_weighting, budget=args.budget,
                format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
                opset=args.opset, verify=not args.skip_verify, timing_cache=args.timing_cache,

@@ -17,16 +17,23 @@ a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better f
 on a trained DINOv2; towers that batch whole images only)."""
 
 
+NGR_WEIGHTINGS = ("mean", "similarity")
+"""How NGR averages the neighbours' drift: `mean`, the paper's plain mean; `similarity`, weights by
+inverse squared distance at the pruning point (tokens.neighbor_weights; the paper leaves the
+weighting open)."""
+
+
 @dataclass(frozen=True)
 class IpcvConfig:
     """retention rho in (0, 1]; prune_layer l_p >= 1; as_depth Delta >= 0; neighbors k >= 1;
-    selection one of SELECTIONS."""
+    selection one of SELECTIONS; ngr_weighting one of NGR_WEIGHTINGS."""
 
     retention: float = 0.5
     prune_layer: int = 3
     as_depth: int = 7
     neighbors: int = 10
     selection: str = "score"
+    ngr_weighting: str = "mean"
 
     @property
     def retention_e4(self) -> int:
@@ -44,6 +51,8 @@ class IpcvConfig:
             raise UsageError(f"neighbors must be >= 1, got {self.neighbors}")
         if self.selection not in SELECTIONS:
             raise UsageError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+        if self.ngr_weighting not in NGR_WEIGHTINGS:
+            raise UsageError(f"unknown NGR weighting {self.ngr_weighting!r}; choose from {', '.join(NGR_WEIGHTINGS)}")
         return self
 
 

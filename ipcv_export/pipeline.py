@@ -54,8 +54,9 @@ class ExportResult:
     manifest: dict = field(default_factory=dict)
 
 
-def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int = 3,
-           as_depth: int = 7, neighbors: int = 10, selection: str = "score", budget: float | None = None,
+def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int | None = None,
+           as_depth: int | None = None, neighbors: int = 10, selection: str = "score", ngr_weighting: str = "mean",
+           budget: float | None = None,
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int = 5120, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
@@ -64,11 +65,11 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
     The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
     `format` names one of FORMATS. `budget` (a FLOP fraction) replaces the method settings by the
-    best measured setting that fits it on this model (see budget.py). Raises UsageError (bad input), ParityError (the file disagrees
+    best measured setting that fits it on this model (see budget.py). `prune_layer` and `as_depth`
+    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7. Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
     """
-    config = IpcvConfig(retention, prune_layer, as_depth, neighbors, selection)
     output = Path(output)
     format = _check_output(output, format, precision)
     timing_cache = Path(timing_cache) if timing_cache else None
@@ -76,6 +77,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
     with _stage("load", timings, report):
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
+        config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
+                                       neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting)
         chosen = None
         if budget is not None:
             config, chosen = choose_setting(encoder, budget, opt_patches)
@@ -134,7 +137,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
 def _describe(config: IpcvConfig) -> str:
     return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
-            f"selection={config.selection}")
+            f"selection={config.selection}, NGR weighting={config.ngr_weighting}")
 
 
 def _check_output(output: Path, format: str | None, precision: str) -> str:
@@ -290,7 +293,8 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "source": encoder.source,
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
-                 "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection},
+                 "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection,
+                 "ngr_weighting": config.ngr_weighting},
         "inputs": inputs,
         "outputs": outputs,
         "preprocessing": encoder.preprocessing,

@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
 from .models.description import TowerParts
+from .tokens import WEIGHT_EPSILON
 
 BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -72,8 +73,10 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     if neighbors is None:
         neighbors = distances.topk(k_prime, largest=False).indices
 
+    weights = ngr_weights(removed_then, kept_then[neighbors], config)
+
     def reconstruct(kept_now: torch.Tensor) -> torch.Tensor:
-        return removed_then + (kept_now - kept_then)[neighbors].mean(1)
+        return removed_then + mean_drift((kept_now - kept_then)[neighbors], weights)
 
     def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
         z = torch.empty(n, kept_now.shape[1], dtype=kept_now.dtype)
@@ -92,6 +95,20 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
 
     # 5. Reintegrate every token in its place, then the merger as it is.
     return ReferenceResult(visual.merger(full_sequence(y)), keep, neighbors, distances)
+
+
+def ngr_weights(removed: torch.Tensor, neighbor_states: torch.Tensor, config: IpcvConfig) -> torch.Tensor | None:
+    """[..., R, k'] weights of each removed token's neighbours ([..., R, k', D] states at l_p) for
+    `ngr_weighting="similarity"`: inverse squared distances, normalised; None for the plain mean."""
+    if config.ngr_weighting == "mean":
+        return None
+    inverse = 1 / ((neighbor_states.float() - removed.float().unsqueeze(-2)).pow(2).sum(-1) + WEIGHT_EPSILON)
+    return inverse / inverse.sum(-1, keepdim=True)
+
+
+def mean_drift(drift: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """[..., R, D] average of the neighbours' drift [..., R, k', D]: plain, or weighted."""
+    return drift.mean(-2) if weights is None else (drift * weights.unsqueeze(-1)).sum(-2)
 
 
 def _stock_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -172,11 +189,13 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     if neighbors is None:
         neighbors = distances.topk(min(config.neighbors, candidates.shape[1]), largest=False).indices
 
+    weights = ngr_weights(removed_then, candidates[rows[:, :, None], neighbors], config)
+
     def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
         drift = kept_now - kept_then
         if across_images:
             drift = drift.flatten(0, 1).expand(batch, -1, -1)
-        drift = drift[rows[:, :, None], neighbors].mean(2) if ngr else 0
+        drift = mean_drift(drift[rows[:, :, None], neighbors], weights) if ngr else 0
         z = torch.empty_like(x_after)
         z[rows, keep] = kept_now
         z[rows, rem] = removed_then + drift

@@ -194,23 +194,52 @@ def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor
 
 
 def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,
-                neighbor_index: torch.Tensor, across_batch: bool = False) -> torch.Tensor:
-    """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [..., R, D].
+                neighbor_index: torch.Tensor, across_batch: bool = False,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """NGR: removed_then + mean over neighbours of (kept_now - kept_then), shape [..., R, D];
+    with `weights` ([..., R, k], from `neighbor_weights`), their weighted sum instead.
     `across_batch`: the indices point into the flattened batch (see `nearest_kept`).
 
     Index K in `neighbor_index` is padding (see `nearest_kept`): it reads a zero row and is not counted.
     """
     if across_batch:
         flat = reconstruct(kept_now.flatten(0, 1), kept_then.flatten(0, 1), removed_then.flatten(0, 1),
-                           neighbor_index.flatten(0, 1))
+                           neighbor_index.flatten(0, 1), weights=None if weights is None else weights.flatten(0, 1))
         return flat.unflatten(0, removed_then.shape[:2])
-    drift = kept_now - kept_then
-    tokens_axis = drift.ndim - 2
-    drift = torch.cat([drift, torch.zeros_like(drift.narrow(tokens_axis, 0, 1))], tokens_axis)
-    r, k = neighbor_index.shape[-2:]
-    gathered = take(drift, neighbor_index.flatten(-2), tokens_axis).unflatten(tokens_axis, (r, k))
-    count = (neighbor_index < kept_now.shape[-2]).sum(-1, keepdim=True).to(drift.dtype)
+    gathered = _gather_neighbors(kept_now - kept_then, neighbor_index)
+    if weights is not None:
+        return removed_then + (gathered * weights.to(gathered.dtype).unsqueeze(-1)).sum(-2)
+    count = (neighbor_index < kept_now.shape[-2]).sum(-1, keepdim=True).to(gathered.dtype)
     return removed_then + gathered.sum(-2) / count
+
+
+def _gather_neighbors(kept: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
+    """[..., R, k, D] rows of `kept` ([..., K, D]) at `neighbor_index`; the padding index K reads zeros."""
+    tokens_axis = kept.ndim - 2
+    padded = torch.cat([kept, torch.zeros_like(kept.narrow(tokens_axis, 0, 1))], tokens_axis)
+    r, k = neighbor_index.shape[-2:]
+    return take(padded, neighbor_index.flatten(-2), tokens_axis).unflatten(tokens_axis, (r, k))
+
+
+WEIGHT_EPSILON = 1e-6
+"""Added to squared distances before inverting them: a neighbour at distance 0 (a duplicate state)
+then takes nearly all the weight instead of dividing by zero."""
+
+
+def neighbor_weights(kept: torch.Tensor, removed: torch.Tensor, neighbor_index: torch.Tensor,
+                     across_batch: bool = False) -> torch.Tensor:
+    """[..., R, k] fp32 NGR weights by similarity: each removed token's neighbours weighted by
+    inverse squared distance at the pruning point (1 / (d^2 + eps), normalised to sum to 1; the
+    interpolation of PointNet++'s feature propagation), so nearer neighbours lend more of their
+    drift. Padding neighbours weigh 0. Computed once, next to the neighbour search."""
+    if across_batch:
+        flat = neighbor_weights(kept.flatten(0, 1), removed.flatten(0, 1), neighbor_index.flatten(0, 1))
+        return flat.unflatten(0, removed.shape[:2])
+    gathered = _gather_neighbors(kept.float(), neighbor_index)
+    difference = gathered - removed.float().unsqueeze(-2)
+    inverse = 1.0 / ((difference * difference).sum(-1) + WEIGHT_EPSILON)
+    inverse = torch.where(neighbor_index < kept.shape[-2], inverse, torch.zeros_like(inverse))
+    return inverse / inverse.sum(-1, keepdim=True)
 
 
 def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

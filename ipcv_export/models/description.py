@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,6 +69,8 @@ class ModelDescription:
         positions and segment ids); else how the tower batches whole images.
     whole_config: `build` takes the whole config.json, not its vision_config (a projector needs
         the LLM's width; LLaVA's feature layer is a top-level setting).
+    method_defaults: IpcvConfig fields whose default differs for this family (InternViT's authors
+        prune at l_p = 7 with Delta = 3); the user's values win.
     """
 
     architecture: str
@@ -84,3 +86,4 @@ class ModelDescription:
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
     image_batch: ImageBatch | None = None
     whole_config: bool = False
+    method_defaults: dict[str, int] = field(default_factory=dict)

@@ -105,4 +105,5 @@ INTERNVL_VIT = ModelDescription(
     flop_floor=flop_floor,
     image_batch=ImageBatch(special_tokens=1, parts=parts, grid_multiple=2, neighbors_across_images=True),
     whole_config=True,
+    method_defaults={"prune_layer": 7, "as_depth": 3},
 )

@@ -40,7 +40,8 @@ def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, p
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
                         patch_size if config.selection == "spread" else None),
-        ReconstructTokensPass(config.neighbors, bool(batch and batch.neighbors_across_images)),
+        ReconstructTokensPass(config.neighbors, bool(batch and batch.neighbors_across_images),
+                              config.ngr_weighting == "similarity"),
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),
         ReintegrateTokensPass(depth),
     ]

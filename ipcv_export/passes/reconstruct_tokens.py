@@ -17,12 +17,14 @@ class ReconstructTokensPass(PassBase):
     so that `removed_states(y)` below becomes rec(y) = B + mean_{n in nbr}(y_n - A_n) instead of
     the plain pruning fill B. Consumers (AS blocks, reintegration) call `removed_states`.
     With `across_images` (batched towers), neighbours come from the kept tokens of every image.
+    With `weighted`, also once: w = neighbor_weights(A, B, nbr) (role neighbor_weights), and
+    rec(y) = B + sum_n w_n (y_n - A_n).
     Requires: PruneTokensPass ran. Ensures: the neighbour search is computed exactly once.
     """
 
-    def __init__(self, neighbors: int, across_images: bool = False) -> None:
+    def __init__(self, neighbors: int, across_images: bool = False, weighted: bool = False) -> None:
         super().__init__()
-        self.neighbors, self.across_images = neighbors, across_images
+        self.neighbors, self.across_images, self.weighted = neighbors, across_images, weighted
 
     def requires(self, gm: fx.GraphModule) -> None:
         _graph.one_with_role(gm.graph, "removed_state")
@@ -32,8 +34,11 @@ class ReconstructTokensPass(PassBase):
         if _graph.with_role(graph, "neighbors"):
             return PassResult(gm, False)
         kept, removed = _graph.one_with_role(graph, "kept_state"), _graph.one_with_role(graph, "removed_state")
-        _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors, self.across_images),
-                      pass_name=NAME, role="neighbors", after=removed)
+        neighbors = _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors, self.across_images),
+                                  pass_name=NAME, role="neighbors", after=removed)
+        if self.weighted:
+            _graph.insert(graph, tokens.neighbor_weights, (kept, removed, neighbors, self.across_images),
+                          pass_name=NAME, role="neighbor_weights", after=neighbors)
         _graph.finish(gm)
         return PassResult(gm, True)
 
@@ -46,6 +51,8 @@ def removed_states(graph: fx.Graph, kept_now: fx.Node, *, pass_name: str) -> fx.
     if not neighbors:
         return removed
     across_images = neighbors[0].args[3]  # as the search was made
-    args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0], across_images)
+    weights = _graph.with_role(graph, "neighbor_weights")
+    args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0], across_images,
+            weights[0] if weights else None)
     return _graph.insert(graph, tokens.reconstruct, args, pass_name=pass_name, role="reconstruction",
                          after=_graph.latest(graph, args))
