@@ -149,8 +149,11 @@ def methods(encoder) -> list[Method]:
         paper = IpcvConfig(rho, 3, 7, 10)
         found += [Method("IPCV (paper: l_p 3, Δ 7, k 10)", f"ρ={rho}", ipcv(paper), cost(paper)),
                   Method("IPCV k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 3)), cost(paper)),
+                  Method("IPCV similarity-weighted NGR (k 10)", f"ρ={rho}",
+                         ipcv(IpcvConfig(rho, 3, 7, 10, ngr_weighting="similarity")), cost(paper)),
                   Method("IPCV spread selection", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 10, "spread")), cost(paper)),
                   Method("IPCV random selection", f"ρ={rho}", ipcv(paper, random_keep=True), cost(paper)),
+                  Method("IPCV hybrid selection", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 7, 10, "hybrid")), cost(paper)),
                   Method("plain pruning", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10), ngr=False), cost(IpcvConfig(rho, 3, 0))),
                   Method("prune + NGR at end", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10)), cost(IpcvConfig(rho, 3, 0))),
                   Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
@@ -158,7 +161,10 @@ def methods(encoder) -> list[Method]:
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
-                  Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "spread")), cost(late))]
+                  Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "spread")), cost(late)),
+                  Method("IPCV late hybrid k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "hybrid")), cost(late)),
+                  Method("IPCV late spread k=10 similarity", f"ρ={rho}",
+                         ipcv(IpcvConfig(rho, 6, 3, 10, "spread", "similarity")), cost(late))]
     return found
 
 
@@ -235,6 +241,9 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/fidelity"))
     parser.add_argument("--sweep", action="store_true", help="measure the SWEEP settings for --budget instead")
     parser.add_argument("--settings-out", type=Path, default=Path("ipcv_export/budget_settings.json"))
+    parser.add_argument("--methods", nargs="+", metavar="TEXT",
+                        help="only the methods whose name contains one of these; prints their table and writes "
+                             "nothing (a focused comparison)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -244,8 +253,11 @@ def main() -> None:
     if args.sweep:
         sweep(parts, args.sizes, photos, args.settings_out, args.model)
         return
-    check_markers(args.out)
     found = methods(encoder)
+    if args.methods:
+        found = [m for m in found if any(text in m.family for text in args.methods)]
+    else:
+        check_markers(args.out)
     rows: list[dict] = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -262,9 +274,10 @@ def main() -> None:
                 print(f"  {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
             _count_baselines(rows, found, parts, side)
     report = render(rows, args)
-    write_between_markers(args.out, report)
-    plot(rows, args.plots)
-    pictures(parts, found, args.plots)
+    if not args.methods:
+        write_between_markers(args.out, report)
+        plot(rows, args.plots)
+        pictures(parts, found, args.plots)
     print(report)
 
 

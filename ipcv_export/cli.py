@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors})")
     method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
-                             "coarse-to-fine spread over each image's grid (towers that batch whole images; "
+                             "coarse-to-fine spread over each image's grid; 'hybrid' = half by the spread, half by the "
+                             "score (spread and hybrid: towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "

@@ -11,10 +11,11 @@ class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
 
 
-SELECTIONS = ("score", "spread")
+SELECTIONS = ("score", "spread", "hybrid")
 """How the kept tokens are chosen: `score`, ipcv.md's importance score (the paper's); `spread`,
 a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better fidelity per FLOP
-on a trained DINOv2; towers that batch whole images only)."""
+on a trained DINOv2); `hybrid`, half of them by the spread order (coverage), the other half by
+the score. spread and hybrid: towers that batch whole images only."""
 
 
 NGR_WEIGHTINGS = ("mean", "similarity")

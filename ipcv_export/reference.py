@@ -157,8 +157,9 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     query, so those rows are exactly "queries from kept rows, keys and values from all rows".
     Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K]; with
     `across_images`, neighbours are searched among the kept tokens of all images, and neighbors
-    and distances index the flattened [B * (S + K)] kept tokens. `ngr=False` is the plain-pruning baseline of the fidelity study: removed tokens keep their
-    pruning-point states (no drift), in AS blocks and at reintegration.
+    and distances index the flattened [B * (S + K)] kept tokens. `ngr=False` is the plain-pruning
+    baseline of the fidelity study: removed tokens keep their pruning-point states (no drift), in
+    AS blocks and at reintegration.
     """
     blocks, s = parts.blocks, special_tokens
     x = parts.embed(pixel_values)
@@ -169,14 +170,16 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     rows = torch.arange(batch)[:, None]
 
     # 1. Prune, per image: the K patch tokens block l_p-1 changed most (or the first K of the
-    # spread order); specials always kept.
+    # spread order, or hybrid: half and half); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
     if keep is None:
+        order = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)
+        score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
         if config.selection == "spread":
-            best = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)[:k].sort().values.expand(batch, k)
-        else:
-            score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
-            best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
+            score = torch.zeros(batch, n - s).index_fill_(1, order[:k], 1.0)
+        elif config.selection == "hybrid":  # the first K // 2 of the spread order, then the best scores
+            score = score.index_fill(1, order[:k // 2], torch.inf)
+        best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
         keep = torch.cat([torch.arange(s).expand(batch, s), best + s], 1)
     removed_mask = torch.ones(batch, n, dtype=torch.bool)
     removed_mask[rows, keep] = False

@@ -57,7 +57,7 @@ def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (delta * delta).sum(-1)
 
 
-def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
+def kth_largest(score: torch.Tensor, k: int | torch.SymInt | torch.Tensor) -> torch.Tensor:
     """The K-th largest value of each row of a non-negative [..., N] score ([..., 1]), found by
     bisection on its value.
 
@@ -65,7 +65,7 @@ def kth_largest(score: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
     The invariant count(score >= lo) >= K holds throughout, so the answer is the smallest
     score at or above the final lower bound.
     """
-    k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
+    k_t = k if isinstance(k, torch.Tensor) else torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
     hi = score.amax(-1, keepdim=True) * 2 + torch.finfo(score.dtype).tiny
     lo = torch.zeros_like(hi)
     for _ in range(BISECTION_STEPS):
@@ -122,6 +122,16 @@ def spread_score(hidden: torch.Tensor, special_tokens: int, columns: int | torch
         code = code + (row_bit + column_bit - 2 * row_bit * column_bit) * 2 ** high + row_bit * 2 ** (high - 1)
     score = torch.cat([torch.zeros(special_tokens, dtype=torch.int64, device=hidden.device), 4 ** SPREAD_BITS - code])
     return score.to(torch.float32).expand(hidden.shape[:-1])
+
+
+def hybrid_score(importance: torch.Tensor, spread: torch.Tensor, k: int | torch.SymInt) -> torch.Tensor:
+    """[..., N] scores that make `select_tokens(., K)` keep the first K // 2 patches of the spread
+    order (coverage: one patch per cell of a lattice) and then the K - K // 2 others that score
+    best on `importance`. The spread part is lifted above every importance score."""
+    base = torch.div(torch.scalar_tensor(k, dtype=torch.int64, device=spread.device), 2, rounding_mode="trunc")
+    in_base = spread >= kth_largest(spread, base)
+    lifted = importance.amax(-1, keepdim=True) * 2 + 1
+    return torch.where(in_base, lifted, importance)
 
 
 def _bit(x: torch.Tensor, b: int) -> torch.Tensor:

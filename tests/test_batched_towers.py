@@ -91,8 +91,10 @@ def test_reference_at_full_retention_is_the_stock_tower(dino):
 
 
 @pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3),
-                                    IpcvConfig(0.35, 2, 2, 3, "spread"), IpcvConfig(0.35, 2, 2, 4, ngr_weighting="similarity")],
-                         ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as", "rho0.35-spread", "rho0.35-similarity"])
+                                    IpcvConfig(0.35, 2, 2, 3, "spread"), IpcvConfig(0.35, 2, 2, 4, ngr_weighting="similarity"),
+                                    IpcvConfig(0.5, 2, 2, 3, "hybrid")],
+                         ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as", "rho0.35-spread", "rho0.35-similarity",
+                              "rho0.5-hybrid"])
 def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
     config.check(dino.depth)
     program = compress(dino_captured, dino, config).module()

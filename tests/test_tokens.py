@@ -165,3 +165,16 @@ def test_neighbours_across_the_batch_index_the_flattened_kept_tokens():
     now = kept + torch.randn(3, 6, 4, generator=g)
     rebuilt = tokens.reconstruct(now, kept, removed, index, across_batch=True)
     torch.testing.assert_close(rebuilt, removed + (now - kept).flatten(0, 1)[index].mean(-2), rtol=0, atol=1e-6)
+
+
+def test_hybrid_selection_keeps_half_by_spread_then_the_best_scores():
+    from ipcv_export.reference import spread_order
+
+    columns, rows, k = 6, 4, 9
+    score = torch.rand(2, rows * columns, generator=torch.Generator().manual_seed(3))
+    spread = tokens.spread_score(torch.zeros(2, rows * columns, 1), 0, columns)
+    keep, _, _ = tokens.select_tokens(tokens.hybrid_score(score, spread, k), k)
+    base = spread_order(columns, rows * columns)[:k // 2]
+    for row in range(2):
+        rest = score[row].index_fill(0, base, -1.0).topk(k - k // 2).indices
+        assert torch.equal(keep[row], torch.cat([base, rest]).sort().values)

@@ -22,24 +22,24 @@ __all__ = ["check_supported", "ipcv_passes", "run_passes", "RemoveNoOpCastsPass"
 
 
 def check_supported(config: IpcvConfig, description: ModelDescription) -> None:
-    """UsageError unless the passes can apply `config` to this family: spread selection reads the
-    image grid, which only towers that batch whole images have."""
-    if config.selection == "spread" and description.image_batch is None:
-        raise UsageError("spread selection is implemented for towers that batch whole images so far, "
+    """UsageError unless the passes can apply `config` to this family: spread and hybrid selection
+    read the image grid, which only towers that batch whole images have."""
+    if config.selection != "score" and description.image_batch is None:
+        raise UsageError(f"{config.selection} selection is implemented for towers that batch whole images so far, "
                          "not for packed towers")
 
 
 def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None) -> list:
     """The ordered pass list for one configuration of an encoder family: ipcv.md's steps.
-    `patch_size` is needed for spread selection (towers that batch whole images)."""
+    `patch_size` is needed for spread and hybrid selection (towers that batch whole images)."""
     check_supported(config, description)
     batch = description.image_batch
-    if config.selection == "spread" and patch_size is None:
-        raise ValueError("spread selection needs the tower's patch size")
+    if config.selection != "score" and patch_size is None:
+        raise ValueError(f"{config.selection} selection needs the tower's patch size")
     return [
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
-                        patch_size if config.selection == "spread" else None),
+                        config.selection, patch_size),
         ReconstructTokensPass(config.neighbors, bool(batch and batch.neighbors_across_images),
                               config.ngr_weighting == "similarity"),
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),

@@ -23,18 +23,20 @@ class PruneTokensPass(PassBase):
         blocks l_p..depth-1 read the kept stream (block l_p reads A), and every full-sequence
         table they read (rotary cos/sin, segment ids: tensors whose first dim is N) is replaced by
         its rows at `keep`, every read of N by S + K.
-    With `spread_patch` p (towers that batch images [B, C, H, W] as their first input), the score
-    is `spread_score(x', S, W // p)` instead: a fixed coarse-to-fine order of each image's grid.
+    With selection "spread" (towers that batch images [B, C, H, W] as their first input, patch
+    size p), the score is `spread_score(x', S, W // p)` instead: a fixed coarse-to-fine order of
+    each image's grid; with "hybrid", `hybrid_score(score, spread_score(...), K)`: the first K // 2
+    of that order, then the best of the rest by the importance score.
     The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
     """
 
     def __init__(self, retention_e4: int, prune_layer: int, depth: int, special_tokens: int = 0,
-                 spread_patch: int | None = None) -> None:
+                 selection: str = "score", patch_size: int | None = None) -> None:
         super().__init__()
         self.retention_e4, self.prune_layer, self.depth = retention_e4, prune_layer, depth
         self.special_tokens = special_tokens
-        self.spread_patch = spread_patch
+        self.selection, self.patch_size = selection, patch_size
 
     def requires(self, gm: fx.GraphModule) -> None:
         if not _graph.with_role(gm.graph, "block_input"):
@@ -58,14 +60,15 @@ class PruneTokensPass(PassBase):
             return cursor
 
         cursor = after
-        if self.spread_patch is None:
-            score = add(tokens.importance_score, (before, after), "score")
-        else:
-            width = add(torch.ops.aten.sym_size.int, (_graph.pixel_input(graph), 3))
-            columns = add(operator.floordiv, (width, self.spread_patch))
-            score = add(tokens.spread_score, (after, self.special_tokens, columns), "score")
         n = add(torch.ops.aten.sym_size.int, (after, axis))
         k = add(tokens.kept_count, (n, self.retention_e4, self.special_tokens))
+        if self.selection != "spread":
+            score = add(tokens.importance_score, (before, after), "score")
+        if self.selection != "score":
+            width = add(torch.ops.aten.sym_size.int, (_graph.pixel_input(graph), 3))
+            columns = add(operator.floordiv, (width, self.patch_size))
+            spread = add(tokens.spread_score, (after, self.special_tokens, columns))
+            score = spread if self.selection == "spread" else add(tokens.hybrid_score, (score, spread, k))
         plan = add(tokens.select_tokens, (score, k, self.special_tokens))
         keep = add(operator.getitem, (plan, 0), "keep")
         add(operator.getitem, (plan, 1), "rem")
