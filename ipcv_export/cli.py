@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest N of the profile; the TensorRT check evaluates TopK sizes there (default {shape.max_tokens})")
     target.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache, read and updated across builds")
     target.add_argument("--opset", type=_number(int), default=DEFAULT_OPSET,
-                        help=f"ONNX opset, 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET})")
+                        help=f"ONNX opset, 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET}); 23 writes attention as "
+                             "ONNX's Attention operator, which ONNX Runtime runs without holding the N x N scores "
+                             "(the memory route for large N; TensorRT cannot parse it)")
     target.add_argument("--skip-verify", action="store_true",
                         help="do not check the file against the eager reference (loud, and recorded in the manifest)")
     p.add_argument("--list-models", action="store_true", help="list the built-in models and exit")

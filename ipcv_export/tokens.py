@@ -180,12 +180,10 @@ def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int, acro
     When K < k only the first K columns are real neighbours; the others hold the index K, one past
     the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
     """
-    if across_batch:
-        return nearest_kept(kept.flatten(0, 1), removed.flatten(0, 1), neighbors).unflatten(0, removed.shape[:2])
-    kept = kept.float()
-    kept_norms = (kept * kept).sum(-1).unsqueeze(-2)
-    chunks = row_chunks(removed, NEIGHBOR_CHUNKS, removed.ndim - 2)
-    return torch.cat([_nearest(kept, kept_norms, chunk.float(), neighbors) for chunk in chunks], -2)
+    candidates = (kept.flatten(0, 1) if across_batch else kept).float()  # across: one [B * K, D] pool
+    norms = (candidates * candidates).sum(-1).unsqueeze(-2)
+    chunks = row_chunks(removed, NEIGHBOR_CHUNKS, removed.ndim - 2)  # each image's removed tokens, in slices
+    return torch.cat([_nearest(candidates, norms, chunk.float(), neighbors) for chunk in chunks], -2)
 
 
 def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]:
