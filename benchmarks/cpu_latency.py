@@ -64,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
     files = {}
     for retention in [1.0, *args.retentions]:
@@ -72,7 +73,9 @@ def main() -> None:
         ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
         print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
 
-    print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; l_p=3, Delta=7, k=10")
+    defaults = encoder.method_config()
+    print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; "
+          f"l_p={defaults.prune_layer}, Delta={defaults.as_depth}, k={defaults.neighbors}")
     print(f"{'rho':>5s} {'N':>6s} {'orig ms':>9s} {'IPCV ms':>9s} {'ratio':>6s} {'floor':>6s} {'ratio/floor':>11s}")
     for tokens in args.tokens:
         feeds = single_image_feeds(encoder, tokens)

@@ -63,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
     context = multiprocessing.get_context("spawn")
     print(f"{'rho':>5s} {'N':>6s} {'peak RSS GB':>11s} {'run s':>7s}")

@@ -58,7 +58,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
            as_depth: int | None = None, neighbors: int = 10, selection: str = "score", ngr_weighting: str = "mean",
            budget: float | None = None,
            format: str | None = None, precision: str = "fp32",
-           min_patches: int = 64, opt_patches: int = 5120, max_patches: int = 16384,
+           min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
     """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
@@ -66,7 +66,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
     `format` names one of FORMATS. `budget` (a FLOP fraction) replaces the method settings by the
     best measured setting that fits it on this model (see budget.py). `prune_layer` and `as_depth`
-    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7. Raises UsageError (bad input), ParityError (the file disagrees
+    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7.
+    `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120. Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
     """
@@ -79,6 +80,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
         config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
                                        neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting)
+        if opt_patches is None:
+            opt_patches = encoder.native_patches or ShapeProfile().opt_tokens
         chosen = None
         if budget is not None:
             config, chosen = choose_setting(encoder, budget, opt_patches)
@@ -86,11 +89,9 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                    f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
         config.check(encoder.depth)
         check_supported(config, encoder.description)
-        if format == "engine" and encoder.description.image_batch:
-            raise UsageError(f"TensorRT engines are built for packed towers only so far; write {output.stem}.onnx "
-                             "and build it with trtexec (shapes pixel_values:BxCxHxW)")
+        largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
         profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
-            encoder.merge_size, min_tokens(config.retention_e4), MAX_TOKENS)
+            encoder.merge_size, min_tokens(config.retention_e4), largest)
     with _stage("capture", timings, report):
         original = capture(encoder)
     with _stage("passes", timings, report):
@@ -120,9 +121,10 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                                                  verify, timings, report, verbose)
         if format == "engine":
             if not tensorrt.tensorrt_available():
-                _missing_tensorrt(lowered_path, output, profile, encoder, precision, timing_cache, manifest, timings)
+                _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
             with _stage("build", timings, report, "(TensorRT)"):
-                tensorrt.build_engine(lowered_path, staged, profile, encoder.input_width, precision, timing_cache)
+                tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
+                                      precision, timing_cache)
             lowered_path.unlink()
             manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
                                                      verify, timings, report, verbose)
@@ -219,15 +221,15 @@ def _open(path: Path, runtime: str, manifest: dict) -> EncoderFile:
     return TorchEncoder(path, manifest)
 
 
-def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, encoder: LoadedEncoder,
-                      precision: str, timing_cache: Path | None, manifest: dict,
+def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, precision: str, timing_cache: Path | None, manifest: dict,
                       timings: dict[str, float]) -> None:
     """Keep the checked ONNX file beside the requested engine path, then raise TensorRTMissing."""
     kept = output.with_suffix(".onnx")
     manifest["format"] = "onnx"
     manifest["timings_s"] = timings
     manifest["tensorrt_build"] = {"built": False, "reason": "tensorrt is not importable",
-                                  "command": tensorrt.trtexec_command(kept, output, profile, encoder.input_width,
+                                  "command": tensorrt.trtexec_command(kept, output,
+                                                                     tensorrt.profile_shapes(manifest["inputs"], profile),
                                                                      precision, timing_cache)}
     _write_manifest(onnx_path, manifest)
     _commit(onnx_path, kept)

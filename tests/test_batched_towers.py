@@ -8,6 +8,9 @@ within 1e-5 (same operations, different kernels); ONNX files within the parity g
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import program_flops
+from ipcv_export.lower.tensorrt import tensorrt_available
 from ipcv_export.models import load_encoder
 from ipcv_export.reference import batched_reference
 
@@ -172,12 +176,31 @@ def test_bad_image_batches_are_refused(dino_file, shape, message):
         load(dino_file[0])(torch.zeros(shape))
 
 
-def test_engines_of_batched_towers_are_refused_before_any_work(dino, tmp_path):
-    from ipcv_export.config import UsageError
+def test_engine_profile_spans_images_and_grid_sizes(dino):
+    """An engine of a batched tower gets one profile over (images, height, width): 1 to 16 images,
+    sides from the min to the max patches per image, tuned for the native size; trtexec is told
+    the same shapes."""
+    from ipcv_export.config import ShapeProfile
+    from ipcv_export.lower import tensorrt
 
-    with pytest.raises(UsageError, match="packed towers only"):
-        export(dino, tmp_path / "x.engine", report=lambda _line: None)
-    assert not list(tmp_path.iterdir())
+    inputs = {"layout": "images", "input_width": 3, "patch_size": 14, "merge_size": dino.merge_size}
+    shapes = tensorrt.profile_shapes(inputs, ShapeProfile(64, dino.native_patches, 16384))
+    assert shapes == {"pixel_values": ((1, 3, 112, 112), (1, 3, 112, 112), (16, 3, 1792, 1792))}
+    command = tensorrt.trtexec_command(Path("t.onnx"), Path("t.engine"), shapes, "fp16")
+    assert "--minShapes=pixel_values:1x3x112x112" in command and "--maxShapes=pixel_values:16x3x1792x1792" in command
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="tensorrt is installed: the missing-TensorRT path cannot run")
+def test_engine_request_without_tensorrt_keeps_the_checked_onnx(tmp_path):
+    """InternViT (cross-tile neighbours, pixel shuffle): the file passes the static TensorRT check."""
+    from ipcv_export.lower.tensorrt import TensorRTMissing
+
+    with pytest.raises(TensorRTMissing, match="maxShapes=pixel_values:16x3x1792x1792"):
+        export("tiny-internvl", tmp_path / "tower.engine", precision="fp16", report=lambda _line: None)
+    manifest = json.loads((tmp_path / "tower.onnx.json").read_text())
+    assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]
+    assert manifest["profile"]["opt_tokens"] == 64  # the tiny tower's native 8 x 8 grid
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.onnx", "tower.onnx.json"]
 
 
 @pytest.mark.parametrize("builtin, model_class", [("tiny-llava-clip", "LlavaForConditionalGeneration"),
@@ -185,7 +208,6 @@ def test_engines_of_batched_towers_are_refused_before_any_work(dino, tmp_path):
                                                   ("tiny-internvl", "InternVLForConditionalGeneration")])
 def test_llava_checkpoint_folder_loads_tower_and_projector_only(builtin, model_class, tmp_path):
     """A LLaVA or InternVL folder saved by transformers: the tower and projector load, the LLM is never read."""
-    import json
 
     import transformers
 

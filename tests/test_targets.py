@@ -104,8 +104,8 @@ def test_engine_without_tensorrt_keeps_the_checked_onnx_and_says_how(tiny, tmp_p
 
 
 def test_trtexec_command_and_profile_checks(tmp_path):
-    command = tensorrt.trtexec_command(tmp_path / "a b.onnx", tmp_path / "e.engine", ShapeProfile(64, 1024, 4096), 588,
-                                       "bf16", tmp_path / "cache")
+    shapes = tensorrt.profile_shapes({"input_width": 588}, ShapeProfile(64, 1024, 4096))
+    command = tensorrt.trtexec_command(tmp_path / "a b.onnx", tmp_path / "e.engine", shapes, "bf16", tmp_path / "cache")
     assert f"'--onnx={tmp_path}/a b.onnx'" in command and "--bf16" in command
     assert "--minShapes=pixel_values:64x588,position_ids:64x2,segment_ids:64" in command
     assert f"--timingCacheFile={tmp_path}/cache" in command

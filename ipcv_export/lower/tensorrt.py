@@ -1,9 +1,10 @@
 """ONNX file -> serialized TensorRT engine, with the TensorRT Python API (TensorRT 10).
 
-The engine is built from the verified ONNX file with one optimisation profile over N, the
-precision flag asked for, and a timing cache file reused across builds (it makes rebuilds of the
-same model take seconds instead of minutes). Where `tensorrt` is not importable, the pipeline
-keeps the ONNX file and prints `trtexec_command(...)`, which builds the same engine.
+The engine is built from the verified ONNX file with one optimisation profile (over N for packed
+towers; over the number of images and their height and width for towers that batch whole
+images), the precision flag asked for, and a timing cache file reused across builds (it makes
+rebuilds of the same model take seconds instead of minutes). Where `tensorrt` is not importable,
+the pipeline keeps the ONNX file and prints `trtexec_command(...)`, which builds the same engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from ..config import ShapeProfile, UsageError
+from ..tokens import min_side
 
 INSTALL_HINT = "pip install tensorrt (needs NVIDIA's package index and a CUDA GPU)"
 
@@ -25,20 +27,42 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def input_shapes(tokens: int, input_width: int) -> dict[str, tuple[int, ...]]:
-    """The engine's input shapes for N = tokens (names as in lower/onnx.py)."""
-    return {"pixel_values": (tokens, input_width), "position_ids": (tokens, 2), "segment_ids": (tokens,)}
+ENGINE_MAX_IMAGES = 16
+"""Images (tiles) per call an engine of a batched tower accepts: InternVL's 12 tiles and a
+thumbnail, LLaVA-NeXT's 5 tiles fit."""
+
+Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+"""Input name -> (min, opt, max) shape of the optimisation profile."""
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, profile: ShapeProfile, input_width: int,
-                    precision: str, timing_cache: Path | None = None) -> str:
+def profile_shapes(inputs: dict, profile: ShapeProfile) -> Shapes:
+    """The profile's input shapes from the manifest's `inputs` (names as in lower/onnx.py).
+    Packed towers: N = min / opt / max patches per call. Batched towers: 1 / 1 / ENGINE_MAX_IMAGES
+    images, each side the smallest square side (a multiple of the grid multiple) that holds the
+    min / opt / max patches per image."""
+    if inputs.get("layout") != "images":
+        width = inputs["input_width"]
+        return {name: tuple(shape(n) for n in (profile.min_tokens, profile.opt_tokens, profile.max_tokens))
+                for name, shape in (("pixel_values", lambda n: (n, width)), ("position_ids", lambda n: (n, 2)),
+                                    ("segment_ids", lambda n: (n,)))}
+    channels, pixels = inputs["input_width"], inputs["patch_size"]
+
+    def images(count: int, patches: int) -> tuple[int, ...]:
+        side = min_side(patches, inputs["merge_size"]) * pixels
+        return (count, channels, side, side)
+
+    return {"pixel_values": (images(1, profile.min_tokens), images(1, profile.opt_tokens),
+                             images(ENGINE_MAX_IMAGES, profile.max_tokens))}
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, shapes: Shapes, precision: str,
+                    timing_cache: Path | None = None) -> str:
     """The trtexec command line that builds the same engine as `build_engine`."""
-    def shapes(tokens: int) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in input_shapes(tokens, input_width).items())
+    def flag(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, bounds[which]))}" for name, bounds in shapes.items())
 
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-            f"--minShapes={shapes(profile.min_tokens)}", f"--optShapes={shapes(profile.opt_tokens)}",
-            f"--maxShapes={shapes(profile.max_tokens)}"]
+            f"--minShapes={flag(0)}", f"--optShapes={flag(1)}", f"--maxShapes={flag(2)}"]
     if precision != "fp32":
         args.append(f"--{precision}")
     if timing_cache is not None:
@@ -46,9 +70,9 @@ def trtexec_command(onnx_path: Path, engine_path: Path, profile: ShapeProfile, i
     return shlex.join(args)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, input_width: int,
-                 precision: str = "fp32", timing_cache: Path | None = None) -> Path:
-    """Parse `onnx_path`, build for `profile` and `precision`, write the serialized engine.
+def build_engine(onnx_path: Path, engine_path: Path, shapes: Shapes, precision: str = "fp32",
+                 timing_cache: Path | None = None) -> Path:
+    """Parse `onnx_path`, build for the profile `shapes` and `precision`, write the serialized engine.
 
     The caller makes the write atomic (engine_path is a temporary name). The timing cache is read
     if it exists and written back after the build.
@@ -72,9 +96,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: ShapeProfile, inpu
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
     optimisation = builder.create_optimization_profile()
-    for name, minimum in input_shapes(profile.min_tokens, input_width).items():
-        optimisation.set_shape(name, minimum, input_shapes(profile.opt_tokens, input_width)[name],
-                               input_shapes(profile.max_tokens, input_width)[name])
+    for name, (minimum, optimum, maximum) in shapes.items():
+        optimisation.set_shape(name, minimum, optimum, maximum)
     config.add_optimization_profile(optimisation)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.exists() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)

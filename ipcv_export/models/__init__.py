@@ -76,6 +76,16 @@ class LoadedEncoder:
         return self.vision_config.patch_size
 
     @property
+    def native_patches(self) -> int | None:
+        """Patches of one image at the size a batched tower was trained for (its position table's
+        grid: 576 for CLIP-336); None for packed towers, whose images come in any size."""
+        if not self.description.image_batch:
+            return None
+        size = self.vision_config.image_size
+        side = size if isinstance(size, int) else size[0]
+        return (side // self.patch_size) ** 2
+
+    @property
     def channels(self) -> int:
         c = self.vision_config
         return c.in_channels if hasattr(c, "in_channels") else c.num_channels
