@@ -27,8 +27,8 @@ from ipcv_export.capture import counting_inputs
 from ipcv_export.inputs import engine_inputs, square_grid
 from ipcv_export.models import load_encoder
 
-FLOOR_OPS = {"MatMul", "Gemm", "Conv"}
-"""Operator types whose work the FLOP floor counts."""
+FLOOR_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv"}
+"""Operator types whose work the FLOP floor counts (FusedMatMul: ORT's MatMul with a folded transpose or scale)."""
 
 
 def inputs_for(encoder, tokens: int) -> dict[str, np.ndarray]:
