@@ -35,7 +35,8 @@ exit codes:
 """
 
 
-METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection", "--ngr-weighting")
+METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection", "--ngr-weighting",
+                "--per-image-selection")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "
                              f"weighted by inverse squared distance at the pruning point (default {d.ngr_weighting})")
+    method.add_argument("--per-image-selection", action="store_true",
+                        help="packed towers (Qwen): each image or video slice keeps its own share of tokens, the few "
+                             "slots left go to the best of the rest; the authors select over the whole call (default). "
+                             "Towers that batch whole images always select per image")
     method.add_argument("--budget", type=_number(float), metavar="F",
                         help="instead of the settings above: the best measured setting (FIDELITY.md, DINOv2 "
                              "on real photos) whose FLOPs on this model at --opt-patches are at most F of the "
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
                as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
-               ngr_weighting=args.ngr_weighting, budget=args.budget,
+               ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, budget=args.budget,
                format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
                opset=args.opset, verify=not args.skip_verify, timing_cache=args.timing_cache,

@@ -27,7 +27,9 @@ weighting open)."""
 @dataclass(frozen=True)
 class IpcvConfig:
     """retention rho in (0, 1]; prune_layer l_p >= 1; as_depth Delta >= 0; neighbors k >= 1;
-    selection one of SELECTIONS; ngr_weighting one of NGR_WEIGHTINGS."""
+    selection one of SELECTIONS; ngr_weighting one of NGR_WEIGHTINGS; per_image_selection: packed
+    towers select within each image (a deviation from the authors' call-wide selection; towers
+    that batch whole images always select per image)."""
 
     retention: float = 0.5
     prune_layer: int = 3
@@ -35,6 +37,7 @@ class IpcvConfig:
     neighbors: int = 10
     selection: str = "score"
     ngr_weighting: str = "mean"
+    per_image_selection: bool = False
 
     @property
     def retention_e4(self) -> int:

@@ -56,7 +56,7 @@ class ExportResult:
 
 def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int | None = None,
            as_depth: int | None = None, neighbors: int = 10, selection: str = "score", ngr_weighting: str = "mean",
-           budget: float | None = None,
+           per_image_selection: bool = False, budget: float | None = None,
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
@@ -79,7 +79,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     with _stage("load", timings, report):
         encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
         config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
-                                       neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting)
+                                       neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting,
+                                       per_image_selection=per_image_selection)
         if opt_patches is None:
             opt_patches = encoder.native_patches or ShapeProfile().opt_tokens
         chosen = None
@@ -139,7 +140,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
 
 def _describe(config: IpcvConfig) -> str:
     return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
-            f"selection={config.selection}, NGR weighting={config.ngr_weighting}")
+            f"selection={config.selection}, NGR weighting={config.ngr_weighting}, "
+            f"per-image selection={config.per_image_selection}")
 
 
 def _check_output(output: Path, format: str | None, precision: str) -> str:
@@ -296,7 +298,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
                  "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection,
-                 "ngr_weighting": config.ngr_weighting},
+                 "ngr_weighting": config.ngr_weighting, "per_image_selection": config.per_image_selection},
         "inputs": inputs,
         "outputs": outputs,
         "preprocessing": encoder.preprocessing,

@@ -63,7 +63,8 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     score = (x_after.float() - x.float()).pow(2).sum(-1)
     k = min(max((n * config.retention_e4) // 10_000, 1), n)
     if keep is None:
-        keep = torch.sort(score, descending=True, stable=True).indices[:k].sort().values
+        keep = (per_image_keep(score, images, k, config.retention_e4) if config.per_image_selection
+                else torch.sort(score, descending=True, stable=True).indices[:k].sort().values)
     rem = torch.ones(n, dtype=torch.bool).index_fill_(0, keep, False).nonzero().flatten()
     kept_then, removed_then = x_after[keep], x_after[rem]
 
@@ -95,6 +96,19 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
 
     # 5. Reintegrate every token in its place, then the merger as it is.
     return ReferenceResult(visual.merger(full_sequence(y)), keep, neighbors, distances)
+
+
+def per_image_keep(score: torch.Tensor, segments: torch.Tensor, k: int, retention_e4: int) -> torch.Tensor:
+    """Per-image selection (config.per_image_selection): each segment's best (N_s * rho) // 10^4
+    tokens, then the best of the others until K; ascending indices."""
+    order = torch.sort(score, descending=True, stable=True).indices
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    for segment in segments.unique():
+        members = order[segments[order] == segment]
+        chosen[members[:len(members) * retention_e4 // 10_000]] = True
+    others = order[~chosen[order]]
+    chosen[others[:k - int(chosen.sum())]] = True
+    return chosen.nonzero().flatten()
 
 
 def ngr_weights(removed: torch.Tensor, neighbor_states: torch.Tensor, config: IpcvConfig) -> torch.Tensor | None:

@@ -66,16 +66,23 @@ def kth_largest(score: torch.Tensor, k: int | torch.SymInt | torch.Tensor) -> to
     score at or above the final lower bound.
     """
     k_t = k if isinstance(k, torch.Tensor) else torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
+    lo = _bisect(score, k_t, lambda at_least: at_least.sum(-1, keepdim=True))
+    inf = torch.full_like(score, float("inf"))
+    return torch.where(score >= lo, score, inf).amin(-1, keepdim=True)
+
+
+def _bisect(score: torch.Tensor, wanted: torch.Tensor, count) -> torch.Tensor:
+    """Largest lower bound lo with count(score >= lo) >= wanted, by bisection on the value
+    (`count` sums the mask over a row, or over each token's segment)."""
     hi = score.amax(-1, keepdim=True) * 2 + torch.finfo(score.dtype).tiny
     lo = torch.zeros_like(hi)
     for _ in range(BISECTION_STEPS):
         geometric = hi * 2.0**-16
         mid = torch.where(lo < geometric, geometric, lo + (hi - lo) * 0.5)
-        enough = (score >= mid).sum(-1, keepdim=True) >= k_t
+        enough = count(score >= mid) >= wanted
         lo = torch.where(enough, mid, lo)
         hi = torch.where(enough, hi, mid)
-    inf = torch.full_like(score, float("inf"))
-    return torch.where(score >= lo, score, inf).amin(-1, keepdim=True)
+    return lo
 
 
 def select_tokens(score: torch.Tensor, k: int | torch.SymInt,
@@ -89,16 +96,63 @@ def select_tokens(score: torch.Tensor, k: int | torch.SymInt,
     """
     score = score[..., special_tokens:]
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
-    keep_mask = best_mask(score, kth_largest(score, k), k_t)
-    kept_before = count_up_to(keep_mask) - 1
-    removed_before = count_up_to(~keep_mask) - 1
-    slot = torch.where(keep_mask, kept_before, removed_before + k_t)
-    order = torch.zeros_like(slot).scatter(-1, slot, torch.arange(score.shape[-1], device=score.device).expand_as(slot))
-    keep, rem = order[..., :k], order[..., k:]
+    keep, rem, slot = _split(best_mask(score, kth_largest(score, k), k_t), k)
     if special_tokens:
         specials = torch.arange(special_tokens, device=score.device).expand(*slot.shape[:-1], special_tokens)
         return torch.cat([specials, keep + special_tokens], -1), rem + special_tokens, torch.cat([specials, slot + special_tokens], -1)
     return keep, rem, slot
+
+
+def _split(keep_mask: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, rem, slot) of a mask with exactly K True per row (see `select_tokens`)."""
+    k_t = torch.scalar_tensor(k, dtype=torch.int64, device=keep_mask.device)
+    slot = torch.where(keep_mask, count_up_to(keep_mask) - 1, count_up_to(~keep_mask) - 1 + k_t)
+    index = torch.arange(keep_mask.shape[-1], device=keep_mask.device).expand_as(slot)
+    order = torch.zeros_like(slot).scatter(-1, slot, index)
+    return order[..., :k], order[..., k:], slot
+
+
+def select_per_segment(score: torch.Tensor, k: int | torch.SymInt, segment: torch.Tensor,
+                       retention_e4: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image selection for a packed sequence ([N] score, `segment` [N] ids in contiguous
+    runs: images or temporal slices), as (keep, rem, slot) like `select_tokens`. Each segment of
+    N_s tokens keeps its own best Q_s = (N_s * rho_e4) // 10^4; the K - sum(Q_s) slots left
+    (fewer than the number of segments: each Q_s rounds down) go to the best of the rest over the
+    whole call, so K stays (N * rho_e4) // 10^4 and shapes follow from N alone. Ties go to the
+    lower index. A deviation from the authors, who select over the whole call (ipcv.md)."""
+    first, last = run_bounds(segment)
+    quota = torch.div((last - first + 1) * retention_e4, RETENTION_SCALE, rounding_mode="trunc")
+    threshold = _bisect(score, quota, lambda at_least: _segment_sum(at_least, first, last))
+    above, tied = score > threshold, score == threshold
+    tied_before = count_up_to(tied) - _segment_prefix(tied, first)
+    own = above | (tied & (tied_before <= quota - _segment_sum(above, first, last)))
+    rest = torch.where(own, torch.full_like(score, -1.0), score)  # scores are >= 0: owned tokens never win again
+    left = torch.scalar_tensor(k, dtype=torch.int64, device=score.device) - own.sum()
+    return _split(own | best_mask(rest, kth_largest(rest, left), left), k)
+
+
+def run_bounds(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] index of the first and of the last token of each token's run of equal `segment` ids.
+    Start positions are compacted by a permutation scatter (ONNX has no CumMax or searchsorted)."""
+    n = segment.shape[0]
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=segment.device), segment[1:] != segment[:-1]])
+    run = count_up_to(starts) - 1
+    runs = starts.sum()
+    slot = torch.where(starts, run, count_up_to(~starts) - 1 + runs)
+    first_of_run = torch.zeros_like(run).scatter(0, slot, torch.arange(n, device=segment.device))
+    following = torch.minimum(run + 1, torch.full_like(run, n - 1))  # Min, not Clip: TensorRT clips floats only
+    last = torch.where(run + 1 < runs, first_of_run.index_select(0, following) - 1, torch.full_like(run, n - 1))
+    return first_of_run.index_select(0, run), last
+
+
+def _segment_prefix(mask: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Running count of `mask` before each token's run starts."""
+    return (count_up_to(mask) - mask.to(torch.int64)).index_select(0, first)
+
+
+def _segment_sum(mask: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[N] count of True values of `mask` in each token's run."""
+    return count_up_to(mask).index_select(0, last) - _segment_prefix(mask, first)
 
 
 SPREAD_BITS = 7

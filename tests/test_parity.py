@@ -21,7 +21,8 @@ from ipcv_export.verify import check_parity
 
 CONFIGS = [IpcvConfig(r, lp, d, k) for r, lp, d, k in
            itertools.product([0.5, 0.35, 0.2], [1, 3], [0, 2, 7], [1, 10])] + [
-    IpcvConfig(0.35, 3, 7, 10, ngr_weighting="similarity"), IpcvConfig(0.2, 1, 2, 3, ngr_weighting="similarity")]
+    IpcvConfig(0.35, 3, 7, 10, ngr_weighting="similarity"), IpcvConfig(0.2, 1, 2, 3, ngr_weighting="similarity"),
+    IpcvConfig(0.35, 3, 7, 10, per_image_selection=True), IpcvConfig(0.2, 1, 2, 3, per_image_selection=True)]
 
 
 def _program_runner(program, merge_size):
@@ -29,7 +30,8 @@ def _program_runner(program, merge_size):
     return lambda pixels, grid_thw: module(pixels, *engine_inputs(grid_thw, merge_size))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rho{c.retention}-lp{c.prune_layer}-as{c.as_depth}-k{c.neighbors}-{c.ngr_weighting}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rho{c.retention}-lp{c.prune_layer}-as{c.as_depth}-k{c.neighbors}-{c.ngr_weighting}"
+                                     + ("-per-image" if c.per_image_selection else ""))
 def test_program_and_onnx_match_reference(config, tiny, captured, tmp_path):
     program = compress(captured, tiny, config)
     path = to_onnx(program, tmp_path / "encoder.onnx", OUTPUT_NAMES,

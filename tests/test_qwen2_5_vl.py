@@ -61,9 +61,12 @@ def test_windows_matter(tiny25):
     assert (everywhere_full - stock_reference(tiny25.module, pixels, grid_thw)).abs().max() > 1e-3
 
 
-def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path):
-    result = export("tiny-qwen2.5-vl", tmp_path / "q25.onnx", retention=0.35, report=lambda _: None)
+@pytest.mark.parametrize("per_image", [False, True], ids=["call-wide", "per-image"])
+def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path, per_image):
+    result = export("tiny-qwen2.5-vl", tmp_path / "q25.onnx", retention=0.35, per_image_selection=per_image,
+                    report=lambda _: None)
     manifest = json.loads((tmp_path / "q25.onnx.json").read_text())
+    assert manifest["ipcv"]["per_image_selection"] is per_image
     assert manifest["architecture"] == "qwen2_5_vl"
     assert result.manifest["verification"]["verified"] and result.manifest["verification"]["worst_abs_diff"] <= 1e-4
     assert manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]["findings"]

@@ -178,3 +178,26 @@ def test_hybrid_selection_keeps_half_by_spread_then_the_best_scores():
     for row in range(2):
         rest = score[row].index_fill(0, base, -1.0).topk(k - k // 2).indices
         assert torch.equal(keep[row], torch.cat([base, rest]).sort().values)
+
+
+@pytest.mark.parametrize("sizes", [[16], [12, 40, 8], [3, 5, 64, 1, 7]])
+@pytest.mark.parametrize("retention_e4", [5000, 3500, 2000])
+def test_per_segment_selection_is_each_images_share_then_the_best_of_the_rest(sizes, retention_e4):
+    from ipcv_export.reference import per_image_keep
+
+    segments = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    g = torch.Generator().manual_seed(sum(sizes) + retention_e4)
+    score = torch.randint(0, 4, (len(segments),), generator=g).float()  # many exact ties, zeros included
+    k = len(segments) * retention_e4 // 10_000
+    keep, rem, slot = tokens.select_per_segment(score, k, segments, retention_e4)
+    assert torch.equal(keep, per_image_keep(score, segments, k, retention_e4))
+    assert torch.equal(torch.cat([keep, rem]).sort().values, torch.arange(len(segments)))
+    assert torch.equal(torch.cat([keep, rem])[slot], torch.arange(len(segments)))
+    for segment, size in enumerate(sizes):  # every image keeps at least its own share
+        assert int((segments[keep] == segment).sum()) >= size * retention_e4 // 10_000
+
+
+def test_run_bounds_of_contiguous_segments():
+    segments = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    first, last = tokens.run_bounds(segments)
+    assert first.tolist() == [0, 0, 2, 3, 3, 3, 6] and last.tolist() == [1, 1, 2, 5, 5, 5, 6]

@@ -39,7 +39,7 @@ def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, p
     return [
         AnnotateBlocksPass(description.block_path, depth),
         PruneTokensPass(config.retention_e4, config.prune_layer, depth, batch.special_tokens if batch else 0,
-                        config.selection, patch_size),
+                        config.selection, patch_size, config.per_image_selection and batch is None),
         ReconstructTokensPass(config.neighbors, bool(batch and batch.neighbors_across_images),
                               config.ngr_weighting == "similarity"),
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),

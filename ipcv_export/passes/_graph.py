@@ -84,6 +84,11 @@ def pixel_input(graph: fx.Graph) -> fx.Node:
     return next(n for n in graph.nodes if n.op == "placeholder" and n.name == "pixel_values")
 
 
+def segment_input(graph: fx.Graph) -> fx.Node:
+    """A packed tower's `segment_ids` input: which image (or temporal slice) each patch belongs to."""
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == "segment_ids")
+
+
 def is_tensor(node: fx.Node) -> bool:
     """True when the node's fake value is a tensor (not a size, a tuple or missing)."""
     return isinstance(node.meta.get("val"), torch.Tensor)

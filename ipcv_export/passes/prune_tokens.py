@@ -26,17 +26,18 @@ class PruneTokensPass(PassBase):
     With selection "spread" (towers that batch images [B, C, H, W] as their first input, patch
     size p), the score is `spread_score(x', S, W // p)` instead: a fixed coarse-to-fine order of
     each image's grid; with "hybrid", `hybrid_score(score, spread_score(...), K)`: the first K // 2
-    of that order, then the best of the rest by the importance score.
+    of that order, then the best of the rest by the importance score. With `per_segment` (packed
+    towers), `select_per_segment(score, K, segment_ids, rho_e4)`: each image its own share first.
     The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
     """
 
     def __init__(self, retention_e4: int, prune_layer: int, depth: int, special_tokens: int = 0,
-                 selection: str = "score", patch_size: int | None = None) -> None:
+                 selection: str = "score", patch_size: int | None = None, per_segment: bool = False) -> None:
         super().__init__()
         self.retention_e4, self.prune_layer, self.depth = retention_e4, prune_layer, depth
         self.special_tokens = special_tokens
-        self.selection, self.patch_size = selection, patch_size
+        self.selection, self.patch_size, self.per_segment = selection, patch_size, per_segment
 
     def requires(self, gm: fx.GraphModule) -> None:
         if not _graph.with_role(gm.graph, "block_input"):
@@ -69,7 +70,10 @@ class PruneTokensPass(PassBase):
             columns = add(operator.floordiv, (width, self.patch_size))
             spread = add(tokens.spread_score, (after, self.special_tokens, columns))
             score = spread if self.selection == "spread" else add(tokens.hybrid_score, (score, spread, k))
-        plan = add(tokens.select_tokens, (score, k, self.special_tokens))
+        if self.per_segment:
+            plan = add(tokens.select_per_segment, (score, k, _graph.segment_input(graph), self.retention_e4))
+        else:
+            plan = add(tokens.select_tokens, (score, k, self.special_tokens))
         keep = add(operator.getitem, (plan, 0), "keep")
         add(operator.getitem, (plan, 1), "rem")
         add(operator.getitem, (plan, 2), "slot")
