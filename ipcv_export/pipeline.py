@@ -30,7 +30,7 @@ from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfi
 from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
-from .lower.tensorrt_compat import CompatReport, check_tensorrt_compat
+from .lower.tensorrt_compat import check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
