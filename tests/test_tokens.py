@@ -201,3 +201,18 @@ def test_run_bounds_of_contiguous_segments():
     segments = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     first, last = tokens.run_bounds(segments)
     assert first.tolist() == [0, 0, 2, 3, 3, 3, 6] and last.tolist() == [1, 1, 2, 5, 5, 5, 6]
+
+
+def test_per_segment_selection_over_the_whole_fp32_range():
+    """The per-segment bisection has no final snap to a score value: it must converge exactly."""
+    from ipcv_export.reference import per_image_keep
+
+    g = torch.Generator().manual_seed(4)
+    score = torch.pow(10.0, torch.empty(3000).uniform_(-44, 38, generator=g))
+    score[::97] = 0.0
+    score[1::89] = score[1]
+    segments = torch.repeat_interleave(torch.arange(4), torch.tensor([1000, 7, 1500, 493]))
+    for retention_e4 in (5000, 3500, 1, 9999):
+        k = 3000 * retention_e4 // 10_000
+        keep = tokens.select_per_segment(score, k, segments, retention_e4)[0]
+        assert torch.equal(keep, per_image_keep(score, segments, k, retention_e4))
