@@ -22,7 +22,7 @@ from ipcv_export.verify import check_parity
 CONFIGS = [IpcvConfig(r, lp, d, k) for r, lp, d, k in
            itertools.product([0.5, 0.35, 0.2], [1, 3], [0, 2, 7], [1, 10])] + [
     IpcvConfig(0.35, 3, 7, 10, ngr_weighting="similarity"), IpcvConfig(0.2, 1, 2, 3, ngr_weighting="similarity"),
-    IpcvConfig(0.35, 3, 7, 10, per_image_selection=True), IpcvConfig(0.2, 1, 2, 3, per_image_selection=True)]
+    IpcvConfig(0.2, 1, 2, 3, per_image_selection=True)]
 
 
 def _program_runner(program, merge_size):
