@@ -20,27 +20,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import ipcv_export
-from ipcv_export.capture import counting_inputs
-from ipcv_export.inputs import engine_inputs, square_grid
 from ipcv_export.models import load_encoder
+
+from cpu_latency import single_image_feeds  # the inputs the latency benchmark times (benchmarks/ is on sys.path)
 
 FLOOR_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv"}
 """Operator types whose work the FLOP floor counts (FusedMatMul: ORT's MatMul with a folded transpose or scale)."""
-
-
-def inputs_for(encoder, tokens: int) -> dict[str, np.ndarray]:
-    """Seeded inputs of one image (or one packed segment) of `tokens` patches."""
-    generator = torch.Generator().manual_seed(0)
-    if encoder.description.image_batch:
-        shape = counting_inputs(encoder, tokens)[0].shape
-        return {"pixel_values": torch.randn(*shape, generator=generator).numpy()}
-    grid = torch.tensor([[1, *square_grid(tokens, encoder.merge_size)]])
-    positions, segments = engine_inputs(grid, encoder.merge_size)
-    pixels = torch.randn(len(segments), encoder.input_width, generator=generator)
-    return {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
 
 
 def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int) -> dict[str, float]:
@@ -85,7 +72,7 @@ def main() -> None:
         if not files[retention].exists():
             ipcv_export.export(encoder, files[retention], retention=retention, opt_patches=args.tokens,
                                report=lambda _line: None)
-    feeds = inputs_for(encoder, args.tokens)
+    feeds = single_image_feeds(encoder, args.tokens)
     original, ipcv = (profile(files[r], feeds, args.runs, args.threads) for r in (1.0, args.retention))
     total_original, total_ipcv = sum(original.values()), sum(ipcv.values())
     print(f"model {args.model}, {args.tokens} patches, rho {args.retention}, ORT CPU {args.threads} threads, "
