@@ -187,12 +187,10 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     # spread order, or hybrid: half and half); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
     if keep is None:
-        order = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)
         score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
-        if config.selection == "spread":
-            score = torch.zeros(batch, n - s).index_fill_(1, order[:k], 1.0)
-        elif config.selection == "hybrid":  # the first K // 2 of the spread order, then the best scores
-            score = score.index_fill(1, order[:k // 2], torch.inf)
+        if config.selection != "score":  # the first K (spread) or K // 2 (hybrid) of the spread order win outright
+            order = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)
+            score = score.index_fill(1, order[:k if config.selection == "spread" else k // 2], torch.inf)
         best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
         keep = torch.cat([torch.arange(s).expand(batch, s), best + s], 1)
     removed_mask = torch.ones(batch, n, dtype=torch.bool)
