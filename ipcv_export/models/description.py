@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+def square_side(size: int | Sequence[int]) -> int:
+    """A config's square size (image or patch side), given as an int or as [height, width]
+    (InternViT's configs)."""
+    return size if isinstance(size, int) else size[0]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 
 from . import attention
 from .cost import TowerShape, ipcv_flops
-from .description import ImageBatch, ModelDescription, TowerParts
+from .description import ImageBatch, ModelDescription, TowerParts, square_side
 from .image_batch import ExportableImageBatch
 from .llava import WEIGHT_NAMES, LlavaFamily, LlavaVisionSide, builder
 from .positions import resized_positions
@@ -35,16 +35,10 @@ def shuffle_factor(config: InternVLConfig) -> int:
     return round(1 / config.downsample_ratio)
 
 
-def patch_size(config: InternVLConfig) -> int:
-    """InternViT configs give the patch size as [height, width]; the tower's patches are square."""
-    size = config.vision_config.patch_size
-    return size if isinstance(size, int) else size[0]
-
-
 def embed(side: LlavaVisionSide, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch embedding, CLS first, positions resized to the grid (the stock resize is the same
     bicubic one, taken only away from the native size)."""
-    embeddings, p = side.vision_tower.embeddings, patch_size(side.config)
+    embeddings, p = side.vision_tower.embeddings, square_side(side.config.vision_config.patch_size)
     patches = embeddings.patch_embeddings(pixel_values)
     tokens = torch.cat([embeddings.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
     rows, cols = pixel_values.shape[2] // p, pixel_values.shape[3] // p
@@ -69,13 +63,12 @@ def head(side: LlavaVisionSide, hidden: torch.Tensor, columns: int) -> torch.Ten
 
 def parts(side: LlavaVisionSide) -> TowerParts:
     return TowerParts(partial(embed, side), list(side.vision_tower.encoder.layer[:side.feature_blocks]),
-                      partial(head, side), patch_size(side.config))
+                      partial(head, side), square_side(side.config.vision_config.patch_size))
 
 
 def image_processor(config: InternVLConfig) -> dict:
     """transformers' PIL processor of InternVL (GOT-OCR2's), one 448 px tile, ImageNet statistics."""
-    side = config.vision_config.image_size
-    side = side if isinstance(side, int) else side[0]
+    side = square_side(config.vision_config.image_size)
     return {"class": INTERNVL_FAMILY.processor,
             "kwargs": {"size": {"height": side, "width": side}, "crop_to_patches": False,
                        "image_mean": list(INTERNVL_FAMILY.mean), "image_std": list(INTERNVL_FAMILY.std)}}
@@ -87,7 +80,8 @@ def flop_floor(config: InternVLConfig, retention_e4: int, prune_layer: int, as_d
     vision, out, f = config.vision_config, config.text_config.hidden_size, shuffle_factor(config)
     d, layer = vision.hidden_size, config.vision_feature_layer
     depth = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
-    shape = TowerShape(depth, d, vision.num_channels * patch_size(config) ** 2, 2 * d * vision.intermediate_size,
+    patch_width = vision.num_channels * square_side(vision.patch_size) ** 2
+    shape = TowerShape(depth, d, patch_width, 2 * d * vision.intermediate_size,
                        head_macs=d * f * f * out + out * out, head_group=f * f, special_tokens=1)
     return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
 
