@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
                              "coarse-to-fine spread over each image's grid; 'hybrid' = half by the spread, half by the "
-                             "score (spread and hybrid: towers that batch whole images; "
+                             "score; 'bipartite' = half by the spread, half the patches least like those (ToMe's "
+                             "matching rule) (all but score: towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "

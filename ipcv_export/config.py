@@ -11,11 +11,13 @@ class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
 
 
-SELECTIONS = ("score", "spread", "hybrid")
+SELECTIONS = ("score", "spread", "hybrid", "bipartite")
 """How the kept tokens are chosen: `score`, ipcv.md's importance score (the paper's); `spread`,
 a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better fidelity per FLOP
 on a trained DINOv2); `hybrid`, half of them by the spread order (coverage), the other half by
-the score. spread and hybrid: towers that batch whole images only."""
+the score; `bipartite`, half by the spread order, the other half the patches least like any of
+those (ToMe's bipartite matching picks what NGR rebuilds). All but score: towers that batch whole
+images only."""
 
 
 NGR_WEIGHTINGS = ("mean", "similarity")

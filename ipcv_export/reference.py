@@ -184,13 +184,17 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     rows = torch.arange(batch)[:, None]
 
     # 1. Prune, per image: the K patch tokens block l_p-1 changed most (or the first K of the
-    # spread order, or hybrid: half and half); specials always kept.
+    # spread order; or hybrid and bipartite: half by that order, half by the score or by
+    # distinctness from that half); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
     if keep is None:
         score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
-        if config.selection != "score":  # the first K (spread) or K // 2 (hybrid) of the spread order win outright
+        if config.selection != "score":  # the first K (spread) or K // 2 of the spread order win outright
             order = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)
-            score = score.index_fill(1, order[:k if config.selection == "spread" else k // 2], torch.inf)
+            base = order[:k if config.selection == "spread" else k // 2]
+            if config.selection == "bipartite":
+                score = distinctness(x_after[:, s:], base)
+            score = score.index_fill(1, base, torch.inf)
         best = torch.sort(score, descending=True, stable=True).indices[:, :k].sort(-1).values
         keep = torch.cat([torch.arange(s).expand(batch, s), best + s], 1)
     removed_mask = torch.ones(batch, n, dtype=torch.bool)
@@ -223,6 +227,14 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
         y = blocks[index](full_sequence(y))[rows, keep] if index in stabilized else blocks[index](y)
     return ReferenceResult(parts.head(full_sequence(y), pixel_values.shape[3] // parts.patch_size), keep, neighbors,
                            distances)
+
+
+def distinctness(patches: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
+    """[B, P] relu(1 - the largest cosine of each patch state ([B, P, D]) to the `destinations`
+    ([M] patch indices)): bipartite selection's score, low for what a destination nearly repeats."""
+    states = patches.float()
+    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    return torch.relu(1 - (unit @ unit[:, destinations].transpose(1, 2)).amax(-1))
 
 
 def spread_order(columns: int, patches: int) -> torch.Tensor:

@@ -188,6 +188,28 @@ def hybrid_score(importance: torch.Tensor, spread: torch.Tensor, k: int | torch.
     return torch.where(in_base, lifted, importance)
 
 
+BIPARTITE_LIFT = 3.0
+"""Score of bipartite selection's destinations: above every distinctness, which is at most 2."""
+
+
+def bipartite_score(hidden: torch.Tensor, spread: torch.Tensor, k: int | torch.SymInt,
+                    special_tokens: int) -> torch.Tensor:
+    """[..., N] scores that make `select_tokens(., K)` keep ToMe's bipartite choice: the first
+    K // 2 patches of the spread order are destinations (kept); of the others, those least like
+    any destination (cosine of the states `hidden` [..., N, D]) are kept, and those a destination
+    already nearly repeats are left to NGR. Distinctness = relu(1 - max cosine), in [0, 2]; the
+    destinations score BIPARTITE_LIFT. The [N, K // 2] similarities are taken in row slices."""
+    destinations = select_tokens(spread, k // 2, special_tokens)[0][..., special_tokens:]
+    states = hidden.float()
+    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    targets = take(unit, destinations, unit.ndim - 2).transpose(-1, -2)
+    product = torch.bmm if unit.ndim == 3 else torch.mm  # bmm: matmul's decomposition would guard B != 1
+    chunks = row_chunks(unit, NEIGHBOR_CHUNKS, unit.ndim - 2)
+    closest = torch.cat([product(chunk, targets).amax(-1) for chunk in chunks], -1)
+    distinct = torch.relu(1 - closest)
+    return distinct.scatter(-1, destinations, torch.full_like(destinations, BIPARTITE_LIFT, dtype=distinct.dtype))
+
+
 def _bit(x: torch.Tensor, b: int) -> torch.Tensor:
     shifted = torch.div(x, 2 ** b, rounding_mode="trunc")
     return shifted - 2 * torch.div(shifted, 2, rounding_mode="trunc")

@@ -180,6 +180,21 @@ def test_hybrid_selection_keeps_half_by_spread_then_the_best_scores():
         assert torch.equal(keep[row], torch.cat([base, rest]).sort().values)
 
 
+def test_bipartite_selection_keeps_half_by_spread_then_the_least_repeated():
+    from ipcv_export.reference import spread_order
+
+    columns, rows, k, special = 6, 4, 9, 1
+    hidden = torch.randn(2, special + rows * columns, 5, generator=torch.Generator().manual_seed(4))
+    spread = tokens.spread_score(hidden, special, columns)
+    keep, _, _ = tokens.select_tokens(tokens.bipartite_score(hidden, spread, k, special), k, special)
+    base = spread_order(columns, rows * columns)[:k // 2]
+    unit = torch.nn.functional.normalize(hidden[:, special:], dim=-1)
+    for row in range(2):
+        closest = (unit[row] @ unit[row, base].T).amax(-1)
+        rest = closest.index_fill(0, base, 2.0).topk(k - k // 2, largest=False).indices
+        assert torch.equal(keep[row], torch.cat([torch.arange(special), special + torch.cat([base, rest]).sort().values]))
+
+
 @pytest.mark.parametrize("sizes", [[16], [12, 40, 8], [3, 5, 64, 1, 7]])
 @pytest.mark.parametrize("retention_e4", [5000, 3500, 2000])
 def test_per_segment_selection_is_each_images_share_then_the_best_of_the_rest(sizes, retention_e4):

@@ -29,11 +29,12 @@ def merger_macs(width: int, merge: int, out: int) -> int:
     return merged * (merged + out)
 
 
-def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """FLOPs of one segment (image) of `tokens` patches: blocks before l_p on N rows, AS blocks
     with queries and outputs on K rows and keys/values on N, the rest on K, plus the neighbour
     search (R x K distances), patch embedding and merger. Attention is dense within the segment.
-    Special tokens add to N and to K."""
+    Special tokens add to N and to K. Bipartite selection adds its N x (K // 2) cosines."""
     d = shape.width
 
     def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
@@ -48,5 +49,7 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
         return embed + shape.depth * block(n, n) + merger
     stabilized = min(as_depth, shape.depth - prune_layer)
     neighbour_search = 2 * (n - kept) * kept * d
+    if selection == "bipartite":
+        neighbour_search += 2 * n * (kept_count(tokens, retention_e4) // 2) * d
     return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
             + (shape.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + merger)

@@ -64,8 +64,8 @@ class ModelDescription:
     query_projection: (path regex, part, parts) of the linear layer whose output holds the attention
         queries as part `part` of `parts` equal column slices (Qwen2-VL's fused qkv: 0 of 3), or
         None; attention-stabilised blocks then compute queries for kept rows only.
-    flop_floor: (vision config, retention_e4, l_p, Delta, N) -> FLOPs of ipcv.md's cost model,
-        the figure benchmarks hold the counted graph against.
+    flop_floor: (vision config, retention_e4, l_p, Delta, N, selection="score") -> FLOPs of
+        ipcv.md's cost model, the figure benchmarks hold the counted graph against.
     block_segments: (vision config, position_ids, segment_ids) -> one [N] segment-id tensor per
         block (attention stays within a segment); None: every block attends within each image.
         Windowed towers give window ids in their window blocks.

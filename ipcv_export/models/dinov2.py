@@ -55,12 +55,13 @@ def image_processor(config: Dinov2Config) -> dict:
                        "image_std": list(IMAGENET_DEFAULT_STD), "do_convert_rgb": True}}
 
 
-def flop_floor(config: Dinov2Config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def flop_floor(config: Dinov2Config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """ipcv.md's cost model for one image of `tokens` patches plus the CLS token (no merger)."""
     d = config.hidden_size
     shape = TowerShape(config.num_hidden_layers, d, config.num_channels * config.patch_size ** 2,
                        2 * d * int(d * config.mlp_ratio), special_tokens=1)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
 
 
 DINOV2 = ModelDescription(

@@ -74,7 +74,8 @@ def image_processor(config: InternVLConfig) -> dict:
                        "image_mean": list(INTERNVL_FAMILY.mean), "image_std": list(INTERNVL_FAMILY.std)}}
 
 
-def flop_floor(config: InternVLConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def flop_floor(config: InternVLConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """ipcv.md's cost model for one tile: the blocks up to the feature layer, then the projector on
     every shuffled token (one per f x f patches)."""
     vision, out, f = config.vision_config, config.text_config.hidden_size, shuffle_factor(config)
@@ -83,7 +84,7 @@ def flop_floor(config: InternVLConfig, retention_e4: int, prune_layer: int, as_d
     patch_width = vision.num_channels * square_side(vision.patch_size) ** 2
     shape = TowerShape(depth, d, patch_width, 2 * d * vision.intermediate_size,
                        head_macs=d * f * f * out + out * out, head_group=f * f, special_tokens=1)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
 
 
 INTERNVL_VIT = ModelDescription(

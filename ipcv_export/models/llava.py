@@ -113,7 +113,8 @@ def image_processor(config) -> dict:
                        "image_std": list(family.std)}}
 
 
-def flop_floor(config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def flop_floor(config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """ipcv.md's cost model for one image: the blocks up to the feature layer, then the projector
     on every token the LLM reads."""
     vision, out = config.vision_config, config.text_config.hidden_size
@@ -123,7 +124,7 @@ def flop_floor(config, retention_e4: int, prune_layer: int, as_depth: int, token
     special = FAMILIES[config.model_type].special_tokens
     shape = TowerShape(depth, d, vision.num_channels * vision.patch_size ** 2, 2 * d * vision.intermediate_size,
                        head_macs=d * out + out * out, special_tokens=special)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
 
 
 FAMILIES = {"llava": LLAVA_1_5, "llava_onevision": LLAVA_ONEVISION}

@@ -60,7 +60,8 @@ class ExportableQwen25VLVision(torch.nn.Module):
         return visual.merger(hidden)
 
 
-def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """ipcv.md's cost model (see `cost.ipcv_flops`); MLP: gated, three d x intermediate products.
     Window blocks cost as much as full ones here: the file's attention is dense, masked by segment."""
     shape = TowerShape(config.depth, config.hidden_size,
@@ -68,7 +69,7 @@ def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: i
                        3 * config.hidden_size * config.intermediate_size,
                        merger_macs(config.hidden_size, config.spatial_merge_size, config.out_hidden_size),
                        config.spatial_merge_size ** 2)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
 
 
 def build(vision_config: dict) -> Qwen2_5_VisionTransformerPretrainedModel:

@@ -47,13 +47,14 @@ def image_processor(config: Qwen2VLVisionConfig) -> dict:
                        "image_std": list(OPENAI_CLIP_STD), "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}}
 
 
-def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int) -> int:
+def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+               selection: str = "score") -> int:
     """ipcv.md's cost model for this tower (see `cost.ipcv_flops`); MLP: fc1 and fc2 of width d * mlp_ratio."""
     d = config.embed_dim
     shape = TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
                        2 * d * int(d * config.mlp_ratio), merger_macs(d, config.spatial_merge_size, config.hidden_size),
                        config.spatial_merge_size ** 2)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens)
+    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
 
 
 QWEN2_VL = ModelDescription(

@@ -26,7 +26,9 @@ class PruneTokensPass(PassBase):
     With selection "spread" (towers that batch images [B, C, H, W] as their first input, patch
     size p), the score is `spread_score(x', S, W // p)` instead: a fixed coarse-to-fine order of
     each image's grid; with "hybrid", `hybrid_score(score, spread_score(...), K)`: the first K // 2
-    of that order, then the best of the rest by the importance score. With `per_segment` (packed
+    of that order, then the best of the rest by the importance score; with "bipartite",
+    `bipartite_score(x', spread_score(...), K, S)`: the first K // 2 of that order, then the
+    patches least like any of them (ToMe's bipartite rule). With `per_segment` (packed
     towers), `select_per_segment(score, K, segment_ids, rho_e4)`: each image its own share first.
     The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
@@ -63,13 +65,16 @@ class PruneTokensPass(PassBase):
         cursor = after
         n = add(torch.ops.aten.sym_size.int, (after, axis))
         k = add(tokens.kept_count, (n, self.retention_e4, self.special_tokens))
-        if self.selection != "spread":
-            score = add(tokens.importance_score, (before, after), "score")
+        if self.selection in ("score", "hybrid"):
+            score = importance = add(tokens.importance_score, (before, after), "score")
         if self.selection != "score":
             width = add(torch.ops.aten.sym_size.int, (_graph.pixel_input(graph), 3))
             columns = add(operator.floordiv, (width, self.patch_size))
-            spread = add(tokens.spread_score, (after, self.special_tokens, columns))
-            score = spread if self.selection == "spread" else add(tokens.hybrid_score, (score, spread, k))
+            score = spread = add(tokens.spread_score, (after, self.special_tokens, columns))
+        if self.selection == "hybrid":
+            score = add(tokens.hybrid_score, (importance, spread, k))
+        elif self.selection == "bipartite":
+            score = add(tokens.bipartite_score, (after, spread, k, self.special_tokens), "score")
         if self.per_segment:
             plan = add(tokens.select_per_segment, (score, k, _graph.segment_input(graph), self.retention_e4))
         else:
