@@ -417,18 +417,21 @@ def plot(rows: list[dict], folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     summary = _summary(rows)
+    families = list(dict.fromkeys(s["family"] for s in summary))
+    colours = plt.colormaps["tab20"].colors  # one colour per curve; baselines dashed
     for side in sorted({s["side"] for s in summary}):
-        figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+        figure, axes = plt.subplots(1, 2, figsize=(16, 5.5), sharey=True)
         for axis, group in zip(axes, ("natural", "detail")):
-            for family in dict.fromkeys(s["family"] for s in summary):
+            for index, family in enumerate(families):
                 points = sorted([(s["ratio"], s[f"{group}.cos_mean"]) for s in summary
                                  if s["side"] == side and s["family"] == family])
-                axis.plot(*zip(*points), marker="o", label=family)
+                axis.plot(*zip(*points), marker="o", label=family, color=colours[index % len(colours)],
+                          linestyle="-" if family.startswith("IPCV") else "--")
             axis.set_title(f"{group} photos, {side} px")
             axis.set_xlabel("encoder FLOPs / original")
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("mean patch-token cosine to the original")
-        axes[1].legend(fontsize=7, loc="lower right", framealpha=0.9)
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), framealpha=0.9)
         figure.tight_layout()
         figure.savefig(folder / f"frontier_{side}.png", dpi=110)
         plt.close(figure)
