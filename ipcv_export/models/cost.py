@@ -49,7 +49,6 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
         return embed + shape.depth * block(n, n) + merger
     stabilized = min(as_depth, shape.depth - prune_layer)
     neighbour_search = 2 * (n - kept) * kept * d
-    if selection == "bipartite":
-        neighbour_search += 2 * n * (kept_count(tokens, retention_e4) // 2) * d
+    matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * d if selection == "bipartite" else 0
     return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
-            + (shape.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + merger)
+            + (shape.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + matching + merger)
