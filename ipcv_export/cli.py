@@ -74,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "InternViT: 7, as its authors)")
     method.add_argument("--as-depth", type=_number(int),
                         help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth}; InternViT: 3)")
-    method.add_argument("--neighbors", type=_number(int), default=d.neighbors,
-                        help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors})")
+    method.add_argument("--neighbors", type=_number(int),
+                        help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors}; "
+                             "merge selection: 1, the token it was merged into)")
     method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
                              "coarse-to-fine spread over each image's grid; 'hybrid' = half by the spread, half by the "
                              "score; 'bipartite' = half by the spread, half the patches least like those (ToMe's "
-                             "matching rule) (all but score: towers that batch whole images; "
+                             "matching rule); 'merge' = ToMe's rounds of merging, each merged-away token rebuilt "
+                             "from the token it joined (all but score: towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "

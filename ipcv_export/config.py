@@ -11,13 +11,15 @@ class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
 
 
-SELECTIONS = ("score", "spread", "hybrid", "bipartite")
+SELECTIONS = ("score", "spread", "hybrid", "bipartite", "merge")
 """How the kept tokens are chosen: `score`, ipcv.md's importance score (the paper's); `spread`,
 a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better fidelity per FLOP
 on a trained DINOv2); `hybrid`, half of them by the spread order (coverage), the other half by
 the score; `bipartite`, half by the spread order, the other half the patches least like any of
-those (ToMe's bipartite matching picks what NGR rebuilds). All but score: towers that batch whole
-images only."""
+those (ToMe's bipartite matching picks what NGR rebuilds); `merge`, ToMe's rounds of bipartite
+merging down to K tokens: each kept token carries the mean state of the patches merged into it,
+and each merged-away patch is rebuilt from that one owner (neighbors must be 1). All but score:
+towers that batch whole images only."""
 
 
 NGR_WEIGHTINGS = ("mean", "similarity")
@@ -57,6 +59,9 @@ class IpcvConfig:
             raise UsageError(f"neighbors must be >= 1, got {self.neighbors}")
         if self.selection not in SELECTIONS:
             raise UsageError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+        if self.selection == "merge" and self.neighbors != 1:
+            raise UsageError(f"merge selection rebuilds each merged-away token from its one owner: neighbors must "
+                             f"be 1, got {self.neighbors}")
         if self.ngr_weighting not in NGR_WEIGHTINGS:
             raise UsageError(f"unknown NGR weighting {self.ngr_weighting!r}; choose from {', '.join(NGR_WEIGHTINGS)}")
         return self

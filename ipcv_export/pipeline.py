@@ -55,7 +55,7 @@ class ExportResult:
 
 
 def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int | None = None,
-           as_depth: int | None = None, neighbors: int = 10, selection: str = "score", ngr_weighting: str = "mean",
+           as_depth: int | None = None, neighbors: int | None = None, selection: str = "score", ngr_weighting: str = "mean",
            per_image_selection: bool = False, budget: float | None = None,
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
@@ -66,7 +66,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
     `format` names one of FORMATS. `budget` (a FLOP fraction) replaces the method settings by the
     best measured setting that fits it on this model (see budget.py). `prune_layer` and `as_depth`
-    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7.
+    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7; `neighbors`
+    to 10 (merge selection: 1).
     `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120. Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).

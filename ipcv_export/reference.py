@@ -187,6 +187,11 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     # spread order; or hybrid and bipartite: half by that order, half by the score or by
     # distinctness from that half); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
+    merging = config.selection == "merge"
+    if merging:  # the kept places and each merged-away token's owner come together
+        planned_keep, planned_owner = merge_plan(x_after, s, k)
+        keep = planned_keep if keep is None else keep
+        neighbors = planned_owner if neighbors is None else neighbors
     if keep is None:
         score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
         if config.selection != "score":  # the first K (spread) or K // 2 of the spread order win outright
@@ -201,10 +206,16 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     removed_mask[rows, keep] = False
     rem = torch.arange(n).expand(batch, n)[removed_mask].reshape(batch, n - keep.shape[1])
     kept_then, removed_then = x_after[rows, keep], x_after[rows, rem]
+    if merging:
+        kept_then = merged_states(x_after, keep, rem, neighbors[..., 0])
 
-    # 2. NGR within each image (or across images): neighbours once, among the kept tokens, specials included.
+    # 2. NGR within each image (or across images): neighbours once, among the kept tokens, specials
+    # included; merging: each merged-away token's owner, within its image.
+    across_images = across_images and not merging
     candidates = kept_then.flatten(0, 1).expand(batch, -1, -1) if across_images else kept_then
     distances = torch.cdist(removed_then.float(), candidates.float())
+    if merging:  # 0 at the owner, inf elsewhere: any other neighbour fails the parity gate
+        distances = torch.full_like(distances, torch.inf).scatter(-1, neighbors, 0.0)
     if neighbors is None:
         neighbors = distances.topk(min(config.neighbors, candidates.shape[1]), largest=False).indices
 
@@ -227,6 +238,52 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
         y = blocks[index](full_sequence(y))[rows, keep] if index in stabilized else blocks[index](y)
     return ReferenceResult(parts.head(full_sequence(y), pixel_values.shape[3] // parts.patch_size), keep, neighbors,
                            distances)
+
+
+def merge_plan(x: torch.Tensor, special_tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite merging of each image's patches (x [B, N, D] after S special tokens) down to
+    K (config.SELECTIONS, `merge`): keep [B, S + K], the places of the tokens never merged away, and
+    owner [B, R, 1], the row in keep whose token each removed patch joined."""
+    keeps, owners = [], []
+    for image in x:
+        origin, group = _merge_image(image[special_tokens:].float(), k)
+        removed = torch.ones(len(group), dtype=torch.bool).index_fill_(0, origin, False).nonzero().flatten()
+        keeps.append(torch.cat([torch.arange(special_tokens), origin + special_tokens]))
+        owners.append(group[removed] + special_tokens)
+    return torch.stack(keeps), torch.stack(owners).unsqueeze(-1)
+
+
+def _merge_image(patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(origin [K] ascending patch indices, group [P] each patch's row in origin). A round splits
+    the current tokens (means of the patches they hold) by position: A even, B odd; the
+    min(|A|, n - K) A tokens whose best cosine to a B token is largest (ranked by relu(1 + cosine),
+    ties to the lower index) join that B token."""
+    group, origin = torch.arange(len(patches)), torch.arange(len(patches))
+    while len(origin) > k:
+        n = len(origin)
+        sums = torch.zeros(n, patches.shape[1]).index_add_(0, group, patches)
+        states = sums / torch.bincount(group, minlength=n)[:, None]
+        unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+        a, b = torch.arange(0, n, 2), torch.arange(1, n, 2)
+        best, match = (unit[a] @ unit[b].T).max(-1)
+        moving = torch.sort(torch.relu(1 + best), descending=True, stable=True).indices[:min(len(a), n - k)]
+        joins = torch.arange(n).index_copy(0, a[moving], b[match[moving]])
+        survivors = torch.ones(n, dtype=torch.bool).index_fill_(0, a[moving], False)
+        group = (survivors.cumsum(0) - 1)[joins[group]]
+        origin = origin[survivors]
+    return origin, group
+
+
+def merged_states(x: torch.Tensor, keep: torch.Tensor, rem: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """[B, S + K, D] mean state of each kept token's group: itself and the removed tokens it owns."""
+    batch, n, width = x.shape
+    group = torch.empty(batch, n, dtype=torch.long)
+    rows = torch.arange(batch)[:, None]
+    group[rows, keep] = torch.arange(keep.shape[1]).expand_as(keep)
+    group[rows, rem] = owner
+    sums = torch.zeros(batch, keep.shape[1], width).scatter_add_(1, group[..., None].expand(-1, -1, width), x.float())
+    counts = torch.zeros(batch, keep.shape[1]).scatter_add_(1, group, torch.ones(batch, n))
+    return (sums / counts[..., None]).to(x.dtype)
 
 
 def distinctness(patches: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:

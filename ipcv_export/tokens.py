@@ -96,11 +96,16 @@ def select_tokens(score: torch.Tensor, k: int | torch.SymInt,
     """
     score = score[..., special_tokens:]
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=score.device)
-    keep, rem, slot = _split(best_mask(score, kth_largest(score, k), k_t), k)
-    if special_tokens:
-        specials = torch.arange(special_tokens, device=score.device).expand(*slot.shape[:-1], special_tokens)
-        return torch.cat([specials, keep + special_tokens], -1), rem + special_tokens, torch.cat([specials, slot + special_tokens], -1)
-    return keep, rem, slot
+    return _with_specials(*_split(best_mask(score, kth_largest(score, k), k_t), k), special_tokens)
+
+
+def _with_specials(keep: torch.Tensor, rem: torch.Tensor, slot: torch.Tensor,
+                   special_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, rem, slot) over the patches, shifted past S special tokens that are always kept first."""
+    if not special_tokens:
+        return keep, rem, slot
+    specials = torch.arange(special_tokens, device=keep.device).expand(*slot.shape[:-1], special_tokens)
+    return torch.cat([specials, keep + special_tokens], -1), rem + special_tokens, torch.cat([specials, slot + special_tokens], -1)
 
 
 def _split(keep_mask: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,6 +213,97 @@ def bipartite_score(hidden: torch.Tensor, spread: torch.Tensor, k: int | torch.S
     closest = torch.cat([product(chunk, targets).amax(-1) for chunk in chunks], -1)
     distinct = torch.relu(1 - closest)
     return distinct.scatter(-1, destinations, torch.full_like(destinations, BIPARTITE_LIFT, dtype=distinct.dtype))
+
+
+def merge_rounds(retention_e4: int) -> int:
+    """Rounds of bipartite merging `merge_tokens` runs: the fewest m with rho >= 2^-m. A full round
+    halves P patches (floor), so m - 1 full rounds leave more than K = (P * rho) // 10^4 and the
+    m-th, partial, reaches K exactly, for every P: the schedule is static."""
+    rounds = 1
+    while retention_e4 * 2 ** rounds < RETENTION_SCALE:
+        rounds += 1
+    return rounds
+
+
+def merge_tokens(hidden: torch.Tensor, k: int | torch.SymInt, special_tokens: int,
+                 rounds: int) -> tuple[torch.Tensor, ...]:
+    """ToMe's bipartite merging of each image's patches ([B, N, D] states after S special tokens)
+    down to K, as (keep, rem, slot, merged [B, S + K, D], owner [B, R, 1]).
+
+    A round splits the current tokens by position into A (even) and B (odd); each A token's
+    match is its most similar B token (cosine). The first `rounds` - 1 rounds merge every A token
+    into its match; the last merges only the r = n - K A tokens with the best matches (ties to
+    the lower index). A merged token's state is the plain mean of the patch states it gathered
+    (ToMe's size-weighted mean), and it holds the place of the token that was never merged away
+    (the last destination): keep are those places, rem the others, slot as in `select_tokens`. owner: each removed patch's row in
+    `merged`, its one NGR neighbour. Averages are one-hot products (TensorRT's scatter cannot add).
+    """
+    states = hidden[:, special_tokens:].float()
+    batch, patches = states.shape[0], states.shape[1]
+    owner = origin = torch.arange(patches, device=states.device).expand(batch, patches)
+    current = states
+    for _ in range(rounds - 1):
+        _, match = _best_match(current)
+        halves = current.shape[1] // 2
+        owner = _interleave(match, torch.arange(halves, device=states.device).expand(batch, halves)).gather(-1, owner)
+        origin = origin[:, 1::2]
+        current = group_means(states, owner, halves)
+    similarity, match = _best_match(current)
+    moving = current.shape[1] - k
+    score = torch.relu(1 + similarity)
+    moves = best_mask(score, kth_largest(score, moving), torch.scalar_tensor(moving, dtype=torch.int64, device=score.device))
+    survivor = _interleave(~moves, torch.ones_like(moves[:, :current.shape[1] // 2]))
+    rank = count_up_to(survivor) - 1
+    last = torch.scalar_tensor(current.shape[1] - 1, dtype=torch.int64, device=rank.device)
+    destination = rank.gather(-1, torch.minimum(2 * match + 1, last))  # 2j + 1: position of B's j-th token
+    mapping = torch.where(survivor, rank, _interleave(destination, rank[:, 1::2]))
+    owner = mapping.gather(-1, owner)
+    origin = origin.gather(-1, _split(survivor, k)[0])
+    kept_mask = torch.zeros_like(owner).scatter(-1, origin, torch.ones_like(origin)) > 0
+    keep, rem, slot = _with_specials(*_split(kept_mask, k), special_tokens)
+    merged = torch.cat([hidden[:, :special_tokens], group_means(states, owner, k).to(hidden.dtype)], 1)
+    neighbor = owner.gather(-1, rem - special_tokens) + special_tokens
+    return keep, rem, slot, merged, neighbor.unsqueeze(-1)
+
+
+NO_MATCH = -2.0
+"""Cosine of the padding column `_best_match` adds: below every real cosine, so never a match
+unless set B is empty (one token left), where nothing moves."""
+
+
+def _best_match(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each even-position token of states [B, n, D] (set A): the largest cosine to an
+    odd-position token (set B) and that token's index in B (ties: the first), by row slices of A."""
+    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    targets = unit[:, 1::2].transpose(1, 2)
+    best, match = [], []
+    for chunk in row_chunks(unit[:, 0::2], NEIGHBOR_CHUNKS, 1):
+        similarity = torch.bmm(chunk, targets)
+        similarity = torch.cat([similarity, similarity.new_full((*similarity.shape[:-1], 1), NO_MATCH)], -1)
+        value, index = similarity.max(-1)
+        best.append(value)
+        match.append(index)
+    return torch.cat(best, -1), torch.cat(match, -1)
+
+
+def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """[B, n] with `even` ([B, ceil(n/2)]) at positions 0, 2, ... and `odd` ([B, floor(n/2)]) at 1, 3, ..."""
+    position = torch.arange(even.shape[-1] + odd.shape[-1], device=even.device)
+    half = torch.div(position, 2, rounding_mode="trunc")
+    source = torch.where(position - 2 * half == 1, half + even.shape[-1], half)
+    return torch.cat([even, odd], -1).index_select(-1, source)
+
+
+def group_means(states: torch.Tensor, owner: torch.Tensor, groups: int | torch.SymInt) -> torch.Tensor:
+    """[B, groups, D] mean of the rows of states [B, P, D] that `owner` [B, P] assigns to each group:
+    one-hot products over row slices (the largest intermediate is P / 8 x groups)."""
+    index = torch.arange(groups, device=owner.device)
+    sums = counts = 0
+    for rows, owners in zip(row_chunks(states, NEIGHBOR_CHUNKS, 1), row_chunks(owner, NEIGHBOR_CHUNKS, 1)):
+        one_hot = (owners.unsqueeze(-1) == index).to(states.dtype)
+        sums = sums + torch.bmm(one_hot.transpose(1, 2), rows)
+        counts = counts + one_hot.sum(1)
+    return sums / counts.unsqueeze(-1)
 
 
 def _bit(x: torch.Tensor, b: int) -> torch.Tensor:

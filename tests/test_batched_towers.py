@@ -96,9 +96,10 @@ def test_reference_at_full_retention_is_the_stock_tower(dino):
 
 @pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3),
                                     IpcvConfig(0.35, 2, 2, 3, "spread"), IpcvConfig(0.35, 2, 2, 4, ngr_weighting="similarity"),
-                                    IpcvConfig(0.5, 2, 2, 3, "hybrid"), IpcvConfig(0.35, 2, 3, 3, "bipartite")],
+                                    IpcvConfig(0.5, 2, 2, 3, "hybrid"), IpcvConfig(0.35, 2, 3, 3, "bipartite"),
+                                    IpcvConfig(0.2, 2, 3, 1, "merge")],
                          ids=["rho0.5", "rho0.35-lp1-as-to-end", "rho0.2-no-as", "rho0.35-spread", "rho0.35-similarity",
-                              "rho0.5-hybrid", "rho0.35-bipartite"])
+                              "rho0.5-hybrid", "rho0.35-bipartite", "rho0.2-merge"])
 def test_ipcv_program_equals_the_batched_reference(dino, dino_captured, config):
     config.check(dino.depth)
     program = compress(dino_captured, dino, config).module()
@@ -126,9 +127,9 @@ def test_selection_is_per_image_and_keeps_cls(dino, dino_captured):
     assert not torch.equal(keep_pair[0], keep_pair[1])
 
 
-@pytest.mark.parametrize("selection", ["score", "bipartite"])
+@pytest.mark.parametrize("selection", ["score", "bipartite", "merge"])
 def test_flop_count_equals_the_cost_model(dino, dino_captured, selection):
-    config = IpcvConfig(0.35, 2, 3, 10, selection)
+    config = IpcvConfig(0.35, 2, 3, 1 if selection == "merge" else 10, selection)
     program = compress(dino_captured, dino, config)
     floor = dino.description.flop_floor
     for patches in (64, 120):

@@ -195,6 +195,39 @@ def test_bipartite_selection_keeps_half_by_spread_then_the_least_repeated():
         assert torch.equal(keep[row], torch.cat([torch.arange(special), special + torch.cat([base, rest]).sort().values]))
 
 
+@pytest.mark.parametrize("retention_e4", [9000, 5000, 3500, 2500, 2000, 1000, 600])
+def test_merge_rounds_reach_k_like_the_reference_at_every_size(retention_e4):
+    """The graph's static schedule (rounds - 1 full rounds, then a partial one) makes the
+    reference's choices (rounds until K, each merging min(|A|, n - K)) at every patch count,
+    including those whose last round has a single token."""
+    from ipcv_export.reference import merged_states, merge_plan
+
+    rounds = tokens.merge_rounds(retention_e4)
+    assert retention_e4 * 2 ** rounds >= 10_000 > retention_e4 * 2 ** (rounds - 1)
+    for patches in range(2, 70):
+        k = patches * retention_e4 // 10_000
+        if k < 1:
+            continue
+        hidden = torch.randn(2, 1 + patches, 6, generator=torch.Generator().manual_seed(patches))
+        keep, rem, slot, merged, owner = tokens.merge_tokens(hidden, k, 1, rounds)
+        reference_keep, reference_owner = merge_plan(hidden, 1, k)
+        assert torch.equal(keep, reference_keep) and torch.equal(owner, reference_owner), patches
+        torch.testing.assert_close(merged, merged_states(hidden, keep, rem, owner[..., 0]), rtol=0, atol=1e-6)
+        assert torch.equal(torch.cat([keep, rem], -1).gather(-1, slot), torch.arange(1 + patches).expand(2, -1))
+
+
+def test_merging_joins_a_repeated_patch_into_its_copy_first():
+    """One merge (K = P - 1): the even-position patch whose odd-position copy is exact goes, and its
+    owner (the copy's row) carries their mean, which is the copy itself."""
+    hidden = torch.randn(1, 1 + 8, 16, generator=torch.Generator().manual_seed(3))
+    hidden[0, 1 + 4] = hidden[0, 1 + 5]
+    keep, rem, _, merged, owner = tokens.merge_tokens(hidden, 7, 1, tokens.merge_rounds(8750))
+    assert rem.tolist() == [[5]] and keep.tolist() == [[0, 1, 2, 3, 4, 6, 7, 8]]
+    assert owner.tolist() == [[[5]]]  # row 5 of keep: token 6
+    torch.testing.assert_close(merged[0, 5], hidden[0, 6])
+    torch.testing.assert_close(merged[0, [0, 1, 2, 3, 4, 6, 7]], hidden[0, [0, 1, 2, 3, 4, 7, 8]])
+
+
 @pytest.mark.parametrize("sizes", [[16], [12, 40, 8], [3, 5, 64, 1, 7]])
 @pytest.mark.parametrize("retention_e4", [5000, 3500, 2000])
 def test_per_segment_selection_is_each_images_share_then_the_best_of_the_rest(sizes, retention_e4):

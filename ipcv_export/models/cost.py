@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..tokens import kept_count
+from ..tokens import kept_count, merge_rounds
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
     """FLOPs of one segment (image) of `tokens` patches: blocks before l_p on N rows, AS blocks
     with queries and outputs on K rows and keys/values on N, the rest on K, plus the neighbour
     search (R x K distances), patch embedding and merger. Attention is dense within the segment.
-    Special tokens add to N and to K. Bipartite selection adds its N x (K // 2) cosines."""
+    Special tokens add to N and to K. Bipartite selection adds its N x (K // 2) cosines; merge
+    selection replaces the neighbour search by its rounds (`merge_flops`)."""
     d = shape.width
 
     def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
@@ -48,7 +49,23 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
     if kept == n:
         return embed + shape.depth * block(n, n) + merger
     stabilized = min(as_depth, shape.depth - prune_layer)
-    neighbour_search = 2 * (n - kept) * kept * d
-    matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * d if selection == "bipartite" else 0
+    neighbour_search = 0 if selection == "merge" else 2 * (n - kept) * kept * d
+    matching = 0
+    if selection == "bipartite":
+        matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * d
+    elif selection == "merge":
+        matching = merge_flops(d, tokens, retention_e4)
     return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
             + (shape.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + matching + merger)
+
+
+def merge_flops(width: int, patches: int, retention_e4: int) -> int:
+    """Matrix work of merge selection (tokens.merge_tokens) on one image's P patches: per round of
+    n tokens, the ceil(n/2) x floor(n/2) cosines and the P x (tokens after it) one-hot product of
+    the group means. Full rounds leave floor(n/2), the last K."""
+    rounds, total, n = merge_rounds(retention_e4), 0, patches
+    for index in range(rounds):
+        after = n // 2 if index < rounds - 1 else kept_count(patches, retention_e4)
+        total += 2 * ((n + 1) // 2) * (n // 2) * width + 2 * patches * after * width
+        n = after
+    return total

@@ -28,7 +28,9 @@ class PruneTokensPass(PassBase):
     each image's grid; with "hybrid", `hybrid_score(score, spread_score(...), K)`: the first K // 2
     of that order, then the best of the rest by the importance score; with "bipartite",
     `bipartite_score(x', spread_score(...), K, S)`: the first K // 2 of that order, then the
-    patches least like any of them (ToMe's bipartite rule). With `per_segment` (packed
+    patches least like any of them (ToMe's bipartite rule); with "merge", `merge_tokens(x', K, S)`
+    (ToMe's rounds of merging): A is then the merged states, and each removed token's owner is its
+    one neighbour (role neighbors), so ReconstructTokensPass has nothing to search. With `per_segment` (packed
     towers), `select_per_segment(score, K, segment_ids, rho_e4)`: each image its own share first.
     The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
@@ -67,7 +69,7 @@ class PruneTokensPass(PassBase):
         k = add(tokens.kept_count, (n, self.retention_e4, self.special_tokens))
         if self.selection in ("score", "hybrid"):
             score = importance = add(tokens.importance_score, (before, after), "score")
-        if self.selection != "score":
+        if self.selection in ("spread", "hybrid", "bipartite"):
             width = add(torch.ops.aten.sym_size.int, (_graph.pixel_input(graph), 3))
             columns = add(operator.floordiv, (width, self.patch_size))
             score = spread = add(tokens.spread_score, (after, self.special_tokens, columns))
@@ -75,14 +77,20 @@ class PruneTokensPass(PassBase):
             score = add(tokens.hybrid_score, (importance, spread, k))
         elif self.selection == "bipartite":
             score = add(tokens.bipartite_score, (after, spread, k, self.special_tokens), "score")
-        if self.per_segment:
+        if self.selection == "merge":
+            plan = add(tokens.merge_tokens, (after, k, self.special_tokens, tokens.merge_rounds(self.retention_e4)))
+        elif self.per_segment:
             plan = add(tokens.select_per_segment, (score, k, _graph.segment_input(graph), self.retention_e4))
         else:
             plan = add(tokens.select_tokens, (score, k, self.special_tokens))
         keep = add(operator.getitem, (plan, 0), "keep")
         add(operator.getitem, (plan, 1), "rem")
         add(operator.getitem, (plan, 2), "slot")
-        stream = add(tokens.take, (after, keep, axis), "kept_state")
+        if self.selection == "merge":
+            stream = add(operator.getitem, (plan, 3), "kept_state")
+            add(operator.getitem, (plan, 4), "neighbors", ipcv_across_images=False)
+        else:
+            stream = add(tokens.take, (after, keep, axis), "kept_state")
         add(tokens.take, (after, _graph.one_with_role(graph, "rem"), axis), "removed_state")
         kept_views: dict[fx.Node, fx.Node] = {}
         for index in range(self.prune_layer, self.depth):

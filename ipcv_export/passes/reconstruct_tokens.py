@@ -35,7 +35,8 @@ class ReconstructTokensPass(PassBase):
             return PassResult(gm, False)
         kept, removed = _graph.one_with_role(graph, "kept_state"), _graph.one_with_role(graph, "removed_state")
         neighbors = _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors, self.across_images),
-                                  pass_name=NAME, role="neighbors", after=removed)
+                                  pass_name=NAME, role="neighbors", after=removed,
+                                  ipcv_across_images=self.across_images)
         if self.weighted:
             _graph.insert(graph, tokens.neighbor_weights, (kept, removed, neighbors, self.across_images),
                           pass_name=NAME, role="neighbor_weights", after=neighbors)
@@ -50,7 +51,7 @@ def removed_states(graph: fx.Graph, kept_now: fx.Node, *, pass_name: str) -> fx.
     neighbors = _graph.with_role(graph, "neighbors")
     if not neighbors:
         return removed
-    across_images = neighbors[0].args[3]  # as the search was made
+    across_images = neighbors[0].meta["ipcv_across_images"]  # as the search was made
     weights = _graph.with_role(graph, "neighbor_weights")
     args = (kept_now, _graph.one_with_role(graph, "kept_state"), removed, neighbors[0], across_images,
             weights[0] if weights else None)
