@@ -171,7 +171,9 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     query, so those rows are exactly "queries from kept rows, keys and values from all rows".
     Results are batched: keep [B, S + K], neighbors [B, R, k'], distances [B, R, S + K]; with
     `across_images`, neighbours are searched among the kept tokens of all images, and neighbors
-    and distances index the flattened [B * (S + K)] kept tokens. `ngr=False` is the plain-pruning
+    and distances index the flattened [B * (S + K)] kept tokens. Merge selection (`merge_plan`)
+    keeps the merged tokens' places, starts them from the mean of what they absorbed, and gives
+    each merged-away token its owner as its one neighbour (within its image). `ngr=False` is the plain-pruning
     baseline of the fidelity study: removed tokens keep their pruning-point states (no drift), in
     AS blocks and at reintegration.
     """
