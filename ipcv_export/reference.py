@@ -18,7 +18,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
 from .models.description import TowerParts
-from .tokens import WEIGHT_EPSILON
+from .tokens import WEIGHT_EPSILON, unit_rows
 
 BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -190,7 +190,7 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     # distinctness from that half); specials always kept.
     k = min(max(((n - s) * config.retention_e4) // 10_000, 1), n - s)
     merging = config.selection == "merge"
-    if merging:  # the kept places and each merged-away token's owner come together
+    if merging and (keep is None or neighbors is None):  # the kept places and the owners come together
         planned_keep, planned_owner = merge_plan(x_after, s, k)
         keep = planned_keep if keep is None else keep
         neighbors = planned_owner if neighbors is None else neighbors
@@ -215,9 +215,10 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
     # included; merging: each merged-away token's owner, within its image.
     across_images = across_images and not merging
     candidates = kept_then.flatten(0, 1).expand(batch, -1, -1) if across_images else kept_then
-    distances = torch.cdist(removed_then.float(), candidates.float())
     if merging:  # 0 at the owner, inf elsewhere: any other neighbour fails the parity gate
-        distances = torch.full_like(distances, torch.inf).scatter(-1, neighbors, 0.0)
+        distances = torch.full((batch, rem.shape[1], keep.shape[1]), torch.inf).scatter(-1, neighbors, 0.0)
+    else:
+        distances = torch.cdist(removed_then.float(), candidates.float())
     if neighbors is None:
         neighbors = distances.topk(min(config.neighbors, candidates.shape[1]), largest=False).indices
 
@@ -265,7 +266,7 @@ def _merge_image(patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         n = len(origin)
         sums = torch.zeros(n, patches.shape[1]).index_add_(0, group, patches)
         states = sums / torch.bincount(group, minlength=n)[:, None]
-        unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+        unit = unit_rows(states)
         a, b = torch.arange(0, n, 2), torch.arange(1, n, 2)
         best, match = (unit[a] @ unit[b].T).max(-1)
         moving = torch.sort(torch.relu(1 + best), descending=True, stable=True).indices[:min(len(a), n - k)]
@@ -291,8 +292,7 @@ def merged_states(x: torch.Tensor, keep: torch.Tensor, rem: torch.Tensor, owner:
 def distinctness(patches: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
     """[B, P] relu(1 - the largest cosine of each patch state ([B, P, D]) to the `destinations`
     ([M] patch indices)): bipartite selection's score, low for what a destination nearly repeats."""
-    states = patches.float()
-    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    unit = unit_rows(patches.float())
     return torch.relu(1 - (unit @ unit[:, destinations].transpose(1, 2)).amax(-1))
 
 

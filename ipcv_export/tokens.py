@@ -193,6 +193,11 @@ def hybrid_score(importance: torch.Tensor, spread: torch.Tensor, k: int | torch.
     return torch.where(in_base, lifted, importance)
 
 
+def unit_rows(states: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit length, so that products of rows are cosines."""
+    return states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+
+
 BIPARTITE_LIFT = 3.0
 """Score of bipartite selection's destinations: above every distinctness, which is at most 2."""
 
@@ -205,8 +210,7 @@ def bipartite_score(hidden: torch.Tensor, spread: torch.Tensor, k: int | torch.S
     already nearly repeats are left to NGR. Distinctness = relu(1 - max cosine), in [0, 2]; the
     destinations score BIPARTITE_LIFT. The [N, K // 2] similarities are taken in row slices."""
     destinations = select_tokens(spread, k // 2, special_tokens)[0][..., special_tokens:]
-    states = hidden.float()
-    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    unit = unit_rows(hidden.float())
     targets = take(unit, destinations, unit.ndim - 2).transpose(-1, -2)
     product = torch.bmm if unit.ndim == 3 else torch.mm  # bmm: matmul's decomposition would guard B != 1
     chunks = row_chunks(unit, NEIGHBOR_CHUNKS, unit.ndim - 2)
@@ -235,8 +239,9 @@ def merge_tokens(hidden: torch.Tensor, k: int | torch.SymInt, special_tokens: in
     into its match; the last merges only the r = n - K A tokens with the best matches (ties to
     the lower index). A merged token's state is the plain mean of the patch states it gathered
     (ToMe's size-weighted mean), and it holds the place of the token that was never merged away
-    (the last destination): keep are those places, rem the others, slot as in `select_tokens`. owner: each removed patch's row in
-    `merged`, its one NGR neighbour. Averages are one-hot products (TensorRT's scatter cannot add).
+    (the last destination): keep are those places, rem the others, slot as in `select_tokens`.
+    owner: each removed patch's row in `merged`, its one NGR neighbour. Averages are one-hot
+    products (TensorRT's scatter cannot add).
     """
     states = hidden[:, special_tokens:].float()
     batch, patches = states.shape[0], states.shape[1]
@@ -274,7 +279,7 @@ unless set B is empty (one token left), where nothing moves."""
 def _best_match(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each even-position token of states [B, n, D] (set A): the largest cosine to an
     odd-position token (set B) and that token's index in B (ties: the first), by row slices of A."""
-    unit = states * torch.rsqrt((states * states).sum(-1, keepdim=True))
+    unit = unit_rows(states)
     targets = unit[:, 1::2].transpose(1, 2)
     best, match = [], []
     for chunk in row_chunks(unit[:, 0::2], NEIGHBOR_CHUNKS, 1):
