@@ -18,7 +18,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
 from .models.description import TowerParts
-from .tokens import WEIGHT_EPSILON, unit_rows
+from .tokens import WEIGHT_EPSILON, rankable, unit_rows
 
 BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
@@ -60,7 +60,7 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, segs[config.prune_layer - 1])
 
     # 1. Prune: keep the K tokens that block l_p-1 changed most (ties to the lower index).
-    score = (x_after.float() - x.float()).pow(2).sum(-1)
+    score = rankable((x_after.float() - x.float()).pow(2).sum(-1))  # NaN counts as 0
     k = min(max((n * config.retention_e4) // 10_000, 1), n)
     if keep is None:
         keep = (per_image_keep(score, images, k, config.retention_e4) if config.per_image_selection
@@ -195,7 +195,7 @@ def batched_reference(parts: TowerParts, special_tokens: int, pixel_values: torc
         keep = planned_keep if keep is None else keep
         neighbors = planned_owner if neighbors is None else neighbors
     if keep is None:
-        score = (x_after.float() - x.float()).pow(2).sum(-1)[:, s:]
+        score = rankable((x_after.float() - x.float()).pow(2).sum(-1)[:, s:])
         if config.selection != "score":  # the first K (spread) or K // 2 of the spread order win outright
             order = spread_order(pixel_values.shape[3] // parts.patch_size, n - s)
             base = order[:k if config.selection == "spread" else k // 2]
@@ -269,7 +269,7 @@ def _merge_image(patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         unit = unit_rows(states)
         a, b = torch.arange(0, n, 2), torch.arange(1, n, 2)
         best, match = (unit[a] @ unit[b].T).max(-1)
-        moving = torch.sort(torch.relu(1 + best), descending=True, stable=True).indices[:min(len(a), n - k)]
+        moving = torch.sort(rankable(1 + best), descending=True, stable=True).indices[:min(len(a), n - k)]
         joins = torch.arange(n).index_copy(0, a[moving], b[match[moving]])
         survivors = torch.ones(n, dtype=torch.bool).index_fill_(0, a[moving], False)
         group = (survivors.cumsum(0) - 1)[joins[group]]
@@ -293,7 +293,7 @@ def distinctness(patches: torch.Tensor, destinations: torch.Tensor) -> torch.Ten
     """[B, P] relu(1 - the largest cosine of each patch state ([B, P, D]) to the `destinations`
     ([M] patch indices)): bipartite selection's score, low for what a destination nearly repeats."""
     unit = unit_rows(patches.float())
-    return torch.relu(1 - (unit @ unit[:, destinations].transpose(1, 2)).amax(-1))
+    return rankable(1 - (unit @ unit[:, destinations].transpose(1, 2)).amax(-1))
 
 
 def spread_order(columns: int, patches: int) -> torch.Tensor:

@@ -51,10 +51,25 @@ def min_side(smallest: int, multiple: int = 1) -> int:
     return -(-side // multiple) * multiple
 
 
+SCORE_CEILING = 2.0**125
+"""Largest score the selection ranks: the threshold search starts at twice the maximum score (and
+hybrid selection lifts its base to that), which must stay a finite fp32."""
+
+
+def rankable(score: torch.Tensor) -> torch.Tensor:
+    """`score` as the selection ranks it, a total order for every input: NaN counts as 0 (the least
+    important), anything above SCORE_CEILING (+inf included) as SCORE_CEILING, and ties go to the
+    lower index as always. Without it one NaN or inf pixel would leave the counting with fewer or
+    more than K winners, i.e. out-of-range scatter indices (memory corruption on TensorRT).
+    NaN is found as x != x (Equal, Where, Clip: no IsNaN needed)."""
+    return torch.where(score == score, score, torch.zeros_like(score)).clamp(0.0, SCORE_CEILING)
+
+
 def importance_score(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """[..., N] fp32 squared change of each token across one block: ||after_i - before_i||^2."""
+    """[..., N] fp32 squared change of each token across one block: ||after_i - before_i||^2,
+    made `rankable`."""
     delta = after.float() - before.float()
-    return (delta * delta).sum(-1)
+    return rankable((delta * delta).sum(-1))
 
 
 def kth_largest(score: torch.Tensor, k: int | torch.SymInt | torch.Tensor) -> torch.Tensor:
@@ -215,7 +230,7 @@ def bipartite_score(hidden: torch.Tensor, spread: torch.Tensor, k: int | torch.S
     product = torch.bmm if unit.ndim == 3 else torch.mm  # bmm: matmul's decomposition would guard B != 1
     chunks = row_chunks(unit, NEIGHBOR_CHUNKS, unit.ndim - 2)
     closest = torch.cat([product(chunk, targets).amax(-1) for chunk in chunks], -1)
-    distinct = torch.relu(1 - closest)
+    distinct = rankable(1 - closest)
     return distinct.scatter(-1, destinations, torch.full_like(destinations, BIPARTITE_LIFT, dtype=distinct.dtype))
 
 
@@ -255,7 +270,7 @@ def merge_tokens(hidden: torch.Tensor, k: int | torch.SymInt, special_tokens: in
         current = group_means(states, owner, halves)
     similarity, match = _best_match(current)
     moving = current.shape[1] - k
-    score = torch.relu(1 + similarity)
+    score = rankable(1 + similarity)
     moves = best_mask(score, kth_largest(score, moving), torch.scalar_tensor(moving, dtype=torch.int64, device=score.device))
     survivor = _interleave(~moves, torch.ones_like(moves[:, :current.shape[1] // 2]))
     rank = count_up_to(survivor) - 1

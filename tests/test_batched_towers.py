@@ -94,6 +94,24 @@ def test_reference_at_full_retention_is_the_stock_tower(dino):
     assert result.neighbors.shape == (2, 0, 10)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_image_poisons_only_itself(dino, dino_captured, bad):
+    """Scores are made rankable (NaN as 0), so a NaN or inf pixel in image 2 of 3 leaves valid
+    indices and the stock module's NaN pattern; with neighbours across images (InternViT) the
+    other images' removed tokens may be rebuilt from the poisoned one's, so NaN may spread there."""
+    program = compress(dino_captured, dino, IpcvConfig(0.5, 2, 2, 3)).module()
+    pixels = _pixels(3, 6, 8, seed=5, multiple=dino.merge_size)
+    pixels[1, 0, 3, 9] = bad
+    tokens, keep, neighbors = program(pixels)
+    stock = _stock(dino, pixels)
+    poisoned = stock.isnan().flatten(1).any(-1)
+    assert poisoned.tolist() == [False, True, False] and tokens[1].isnan().all()
+    if not _across(dino):
+        assert torch.equal(tokens.isnan(), stock.isnan())
+    assert torch.equal(keep.sort(-1).values, keep) and (neighbors >= 0).all()
+    assert (neighbors <= (keep.numel() if _across(dino) else keep.shape[1])).all()  # the last: padding (reads zeros)
+
+
 @pytest.mark.parametrize("config", [IpcvConfig(0.5, 3, 2, 4), IpcvConfig(0.35, 1, 7, 10), IpcvConfig(0.2, 2, 0, 3),
                                     IpcvConfig(0.35, 2, 2, 3, "spread"), IpcvConfig(0.35, 2, 2, 4, ngr_weighting="similarity"),
                                     IpcvConfig(0.5, 2, 2, 3, "hybrid"), IpcvConfig(0.35, 2, 3, 3, "bipartite"),

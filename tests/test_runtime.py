@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from ipcv_export import export, load
+from ipcv_export.reference import stock_reference
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +48,20 @@ def test_encode_images_needs_the_manifest(encoder_file, tmp_path):
     lone.write_bytes(encoder_file.read_bytes())
     with pytest.raises(ValueError, match="no manifest"):
         load(lone).encode_images([_photo(56, 56, 3)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_give_nan_never_an_index_error(encoder_file, tiny, bad):
+    """A NaN or inf pixel poisons its image as in the stock module, and never the selection's
+    indices (ONNX Runtime failed with an out-of-range scatter before scores were made rankable).
+    In a call of several images the dense masked attention multiplies the poisoned image's values
+    by zero weights (0 x NaN = NaN), so the whole call is NaN: the README says to split the call."""
+    for grid in ([[1, 8, 8]], [[1, 8, 8], [1, 12, 16]]):
+        grid_thw = torch.tensor(grid)
+        pixels = torch.randn(int(grid_thw.prod(-1).sum()), tiny.input_width, generator=torch.Generator().manual_seed(4))
+        pixels[5, 7] = bad
+        embeddings = load(encoder_file)(pixels, grid_thw)
+        with torch.no_grad():
+            stock = stock_reference(tiny.module, pixels, grid_thw)
+        assert embeddings.shape == stock.shape and stock[:16].isnan().all() and not stock[16:].isnan().any()
+        assert embeddings.isnan().all()

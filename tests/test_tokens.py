@@ -264,3 +264,33 @@ def test_per_segment_selection_over_the_whole_fp32_range():
         k = 3000 * retention_e4 // 10_000
         keep = tokens.select_per_segment(score, k, segments, retention_e4)[0]
         assert torch.equal(keep, per_image_keep(score, segments, k, retention_e4))
+
+
+NON_FINITE = torch.tensor([0.5, float("nan"), 2.0, float("inf"), 0.0, float("nan"), 3e38, 1.0, float("inf")])
+
+
+def test_rankable_scores_rank_nan_as_zero_and_cap_the_rest():
+    ranked = tokens.rankable(NON_FINITE)
+    assert torch.isfinite(ranked).all() and (ranked >= 0).all()
+    assert ranked[1] == 0 and ranked[5] == 0 and ranked[3] == tokens.SCORE_CEILING == ranked[6] == ranked[8]
+    assert torch.equal(ranked[[0, 2, 4, 7]], NON_FINITE[[0, 2, 4, 7]])
+
+
+@pytest.mark.parametrize("k", range(1, len(NON_FINITE) + 1))
+def test_selection_is_a_valid_permutation_for_nan_and_inf_scores(k):
+    """One NaN or inf pixel must not break the counting (an out-of-range scatter index)."""
+    for score in (NON_FINITE, torch.full((9,), float("nan")), torch.full((9,), float("inf"))):
+        ranked = tokens.rankable(score)
+        keep, rem, slot = tokens.select_tokens(ranked, k)
+        assert torch.equal(keep, _reference_keep(ranked, k))
+        assert torch.equal(torch.sort(torch.cat([keep, rem])).values, torch.arange(9))
+        assert torch.equal(torch.sort(slot).values, torch.arange(9))
+        retention_e4 = -(-k * 10_000 // 9)  # the smallest retention that keeps k of 9
+        keep, rem, slot = tokens.select_per_segment(ranked, k, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1]), retention_e4)
+        assert len(keep) == k and torch.equal(torch.sort(slot).values, torch.arange(9))
+
+
+def test_importance_of_non_finite_states_is_rankable():
+    before = torch.zeros(4, 3)
+    after = torch.tensor([[1.0, 0, 0], [float("nan"), 0, 0], [float("inf"), 0, 0], [1e30, 1e30, 0]])
+    assert torch.equal(tokens.importance_score(before, after), torch.tensor([1.0, 0, tokens.SCORE_CEILING, tokens.SCORE_CEILING]))
