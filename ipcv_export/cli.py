@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = f"""examples:
   ipcv-export --model tiny-qwen2-vl --retention 0.5 -o encoder.onnx
-  ipcv-export generate --model tiny-qwen2-vl-chat --image photo.jpg --prompt "Describe it." \
+  ipcv-export generate --model tiny-qwen2-vl-chat --image photo.jpg --prompt "Describe it." \\
       --retention 0.5 --llm-retention 0.5     (see ipcv-export generate --help)
   ipcv-export --model ./Qwen2-VL-7B-Instruct --retention 0.35 --precision fp16 \\
       --min-patches 256 --opt-patches 5120 --max-patches 16384 -o qwen2vl.engine
@@ -40,6 +40,12 @@ METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--
 
 
 class _Parser(argparse.ArgumentParser):
+    """Whole flag names only (an abbreviation such as --reten would slip past the --budget conflict
+    check, which reads argv), and usage errors in one line."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
         self.exit(EXIT_USAGE, f"ipcv-export: error: {message}\n")
 
@@ -164,11 +170,14 @@ def generate_main(argv: list[str]) -> int:
     if not args.verbose:
         _quiet_libraries()
     report = (lambda _line: None) if args.quiet else print
+    from .llm.chat_models import load_chat_model
     from .llm.pipeline import Pipeline
 
     try:
         images = [_read_image(path) for path in args.image]
-        pipeline = Pipeline(args.model, encoder=args.encoder, retention=args.retention,
+        chat = load_chat_model(args.model)
+        chat.check_question(args.prompt)  # before the encoder export, which takes minutes
+        pipeline = Pipeline(chat, encoder=args.encoder, retention=args.retention,
                             llm_retention=args.llm_retention, llm_layer=args.llm_layer, report=report)
         result = pipeline.generate(images, args.prompt, max_new_tokens=args.max_new_tokens)
     except UsageError as err:

@@ -47,6 +47,7 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--selection", "spread"], "spread selection is implemented for towers that batch whole images"),
     (["--model", "tiny-dinov2", "--selection", "merge", "--neighbors", "3"], "neighbors must be 1, got 3"),
     (["--budget", "0.5", "--neighbors", "3"], "--budget chooses the method settings itself; drop --neighbors"),
+    (["--budget", "0.7", "--reten", "0.3"], "unrecognized arguments: --reten 0.3"),
     (["--budget", "1.5"], "--budget must be in (0, 1]"),
     (["--budget", "0.01"], "no measured setting fits a budget of 0.01"),
 ])

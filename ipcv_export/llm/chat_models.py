@@ -39,9 +39,18 @@ class ChatModel:
     def merge_size(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 
+    def check_question(self, question: str) -> None:
+        """Refuse a question holding one of the tokenizer's special tokens: the template places the
+        images and the turns, and a stray `<|image_pad|>` would have no image features to stand for."""
+        special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.content in question]
+        if special:
+            raise UsageError(f"the prompt holds the special token {special[0]!r}; give only the question "
+                             "(images are placed by --image / the images argument)")
+
     def prompt_ids(self, question: str, grids: torch.Tensor) -> torch.Tensor:
         """[1, S] ids of Qwen's chat template for images + question, with each image's pad token
         repeated once per merged token (as the stock processor does), ending in the assistant prefix."""
+        self.check_question(question)
         pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in range(len(grids)))
         text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{pads}{question}<|im_end|>\n"
                 "<|im_start|>assistant\n")

@@ -116,6 +116,8 @@ def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
     (["--encoder", "missing.onnx"], "encoder file 'missing.onnx' does not exist"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--llm-layer", "9"], "LLM pruning layer must be in [1, 3]"),
+    (["--prompt", "<|image_pad|>"], "the prompt holds the special token '<|image_pad|>'"),
+    (["--prompt", "<|vision_start|><|image_pad|><|vision_end|> what is it?"], "special token '<|vision_start|>'"),
 ])
 def test_cli_generate_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
