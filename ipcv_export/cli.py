@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import __version__
@@ -11,7 +12,7 @@ from .config import FORMATS, NGR_WEIGHTINGS, PRECISIONS, SELECTIONS, IpcvConfig,
 from .lower.onnx import DEFAULT_OPSET
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 EPILOG = f"""examples:
   ipcv-export --model tiny-qwen2-vl --retention 0.5 -o encoder.onnx
@@ -31,7 +32,7 @@ exit codes:
   {EXIT_OK}  written and verified            {EXIT_PARITY}  the file disagreed with the reference (nothing written)
   {EXIT_USAGE}  bad option or input (nothing)   {EXIT_INCOMPATIBLE}  graph fails the TensorRT check (no engine built)
   {EXIT_FAILED}  other failure (nothing)        {EXIT_NO_TENSORRT}  tensorrt missing: the checked .onnx was written instead
-  {EXIT_INTERRUPTED}  interrupted (nothing written)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C; nothing written)  {EXIT_TERMINATED}  terminated (SIGTERM; nothing written)
 """
 
 
@@ -131,7 +132,7 @@ into a temporary folder unless --encoder names one. The LLM prunes the first ima
 before layer --llm-layer (ivc-prune.md). Built-in chat models have random weights and a byte
 tokenizer: their text is noise, their token counts and timings are real.
 
-exit codes: 0 ok, 1 other failure, 2 bad option or input, 130 interrupted
+exit codes: 0 ok, 1 other failure, 2 bad option or input, 130 interrupted, 143 terminated (SIGTERM)
 """
 
 
@@ -182,8 +183,6 @@ def generate_main(argv: list[str]) -> int:
         result = pipeline.generate(images, args.prompt, max_new_tokens=args.max_new_tokens)
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted")
     print(result.text if args.quiet else f"generated: {result.text!r}")
     for line in result.lines():
         report(line)
@@ -202,8 +201,33 @@ def _read_image(path: str):
         raise UsageError(f"image {path!r} cannot be read ({err})") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that staging folders and temporary files are
+    removed on the way out as for Ctrl-C."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line; Ctrl-C and SIGTERM at any point (imports included) end in one line."""
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except Terminated:
+        return _fail(EXIT_TERMINATED, "terminated, nothing written")
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted, nothing written")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["generate"]:
         return generate_main(argv[1:])
     try:
@@ -246,8 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USAGE, str(err))
     except TensorRTMissing as err:
         return _fail(EXIT_NO_TENSORRT, str(err))
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted, nothing written")
     return EXIT_OK
 
 

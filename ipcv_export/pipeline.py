@@ -9,11 +9,8 @@ under that name, and an existing output is replaced only on success.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import check_tensorrt_compat
+from . import outputs
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
@@ -77,64 +75,67 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     timing_cache = Path(timing_cache) if timing_cache else None
     timings: dict[str, float] = {}
 
-    with _stage("load", timings, report):
-        encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
-        config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
-                                       neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting,
-                                       per_image_selection=per_image_selection)
-        if opt_patches is None:
-            opt_patches = encoder.native_patches or ShapeProfile().opt_tokens
-        chosen = None
-        if budget is not None:
-            config, chosen = choose_setting(encoder, budget, opt_patches)
-            report(f"  budget {budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
-                   f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
-        config.check(encoder.depth)
-        check_supported(config, encoder.description)
-        largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
-        profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
-            encoder.merge_size, min_tokens(config.retention_e4), largest)
-    with _stage("capture", timings, report):
-        original = capture(encoder)
-    with _stage("passes", timings, report):
-        program = compress(original, encoder, config)
-        compute = _compute(original, program, encoder, profile.opt_tokens)
-    manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
-    if chosen:
-        manifest["ipcv"]["chosen_for_budget"] = chosen
+    with contextlib.ExitStack() as held:
+        for name in _written_names(output, format):
+            held.enter_context(outputs.locked(name))
+        with _stage("load", timings, report):
+            encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
+            config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
+                                           neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting,
+                                           per_image_selection=per_image_selection)
+            if opt_patches is None:
+                opt_patches = encoder.native_patches or ShapeProfile().opt_tokens
+            chosen = None
+            if budget is not None:
+                config, chosen = choose_setting(encoder, budget, opt_patches)
+                report(f"  budget {budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
+                       f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
+            config.check(encoder.depth)
+            check_supported(config, encoder.description)
+            largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
+            profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
+                encoder.merge_size, min_tokens(config.retention_e4), largest)
+        with _stage("capture", timings, report):
+            original = capture(encoder)
+        with _stage("passes", timings, report):
+            program = compress(original, encoder, config)
+            compute = _compute(original, program, encoder, profile.opt_tokens)
+        manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
+        if chosen:
+            manifest["ipcv"]["chosen_for_budget"] = chosen
 
-    with _staging(output.parent) as staging:
-        staged = staging / output.name
-        lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
-        lowered_path = staged.with_suffix(".onnx") if format == "engine" else staged
-        with _stage("lower", timings, report, f"({lowered})"):
-            _lower(program, lowered_path, lowered, opset, encoder, config)
-        if lowered == "onnx":
-            with _stage("check", timings, report):
-                compat = check_tensorrt_compat(lowered_path, profile.max_tokens)
-                manifest["tensorrt_compat"] = compat.as_dict()
-                report(f"  {compat.summary()}")
-                if verbose:
-                    for finding in compat.findings:
-                        report(f"  {finding}")
-            if format == "engine" and not compat.ok:
-                raise IncompatibleGraph(compat.summary())
-        manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
-                                                 verify, timings, report, verbose)
-        if format == "engine":
-            if not tensorrt.tensorrt_available():
-                _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
-            with _stage("build", timings, report, "(TensorRT)"):
-                tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
-                                      precision, timing_cache)
-            lowered_path.unlink()
-            manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
+        with outputs.staging(output.parent) as staging:
+            staged = staging / output.name
+            lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
+            lowered_path = staged.with_suffix(".onnx") if format == "engine" else staged
+            with _stage("lower", timings, report, f"({lowered})"):
+                _lower(program, lowered_path, lowered, opset, encoder, config)
+            if lowered == "onnx":
+                with _stage("check", timings, report):
+                    compat = check_tensorrt_compat(lowered_path, profile.max_tokens)
+                    manifest["tensorrt_compat"] = compat.as_dict()
+                    report(f"  {compat.summary()}")
+                    if verbose:
+                        for finding in compat.findings:
+                            report(f"  {finding}")
+                if format == "engine" and not compat.ok:
+                    raise IncompatibleGraph(compat.summary())
+            manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      verify, timings, report, verbose)
-        with _stage("write", timings, report):
-            manifest["timings_s"] = timings
-            _write_manifest(staged, manifest)
-            _commit(staged, output)
-    report(f"wrote {output} ({_size(output) / 1e6:.1f} MB) and {output.name}.json; expected compute "
+            if format == "engine":
+                if not tensorrt.tensorrt_available():
+                    _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
+                with _stage("build", timings, report, "(TensorRT)"):
+                    tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
+                                          precision, timing_cache)
+                lowered_path.unlink()
+                manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
+                                                         verify, timings, report, verbose)
+            with _stage("write", timings, report):
+                manifest["timings_s"] = timings
+                outputs.write_manifest(staged, manifest)
+                outputs.commit(staged, output)
+    report(f"wrote {output} ({_size(output) / 1e6:.1f} MB) and {output}.json; expected compute "
            f"{compute['ratio']:.3f} of the original encoder at N={profile.opt_tokens} (FLOP count)")
     return ExportResult(output, manifest)
 
@@ -167,7 +168,21 @@ def _check_output(output: Path, format: str | None, precision: str) -> str:
         raise UsageError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder} is not writable")
+    for name in _written_names(output, format):
+        outputs.check_companions(name)
+    fallback = output.with_suffix(".onnx")
+    if format == "engine" and not tensorrt.tensorrt_available():
+        taken = [path for path in (fallback, Path(f"{fallback}.json")) if path.exists()]
+        if taken:
+            raise UsageError(f"TensorRT is not installed here, so -o {output.name} would write the checked ONNX "
+                             f"file {fallback} instead, and {taken[0]} exists: move it or give another name")
     return format
+
+
+def _written_names(output: Path, format: str) -> list[Path]:
+    """The names an export may write: an engine export writes its checked ONNX file instead when
+    TensorRT is missing."""
+    return [output, output.with_suffix(".onnx")] if format == "engine" else [output]
 
 
 def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset: int,
@@ -234,8 +249,8 @@ def _missing_tensorrt(onnx_path: Path, output: Path, profile: ShapeProfile, prec
                                   "command": tensorrt.trtexec_command(kept, output,
                                                                      tensorrt.profile_shapes(manifest["inputs"], profile),
                                                                      precision, timing_cache)}
-    _write_manifest(onnx_path, manifest)
-    _commit(onnx_path, kept)
+    outputs.write_manifest(onnx_path, manifest)
+    outputs.commit(onnx_path, kept)
     raise tensorrt.TensorRTMissing(f"TensorRT is not installed here ({tensorrt.INSTALL_HINT}); wrote the checked ONNX file "
                           f"{kept} instead. Build the engine with:\n  {manifest['tensorrt_build']['command']}")
 
@@ -254,28 +269,6 @@ def _stage(name: str, timings: dict[str, float], report: Callable[[str], None], 
     yield
     timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
     report(f"{name}{' ' + detail if detail else ''}: {time.perf_counter() - start:.1f} s")
-
-
-@contextlib.contextmanager
-def _staging(folder: Path) -> Iterator[Path]:
-    """A private folder beside the output; whatever is still in it at the end is deleted."""
-    staging = Path(tempfile.mkdtemp(prefix=".ipcv-export-", dir=folder))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _commit(staged: Path, target: Path) -> None:
-    """Rename a staged file onto `target`: external data first, the file next, its manifest last."""
-    for suffix in (".data", "", ".json"):
-        source = Path(f"{staged}{suffix}")
-        if source.exists():
-            os.replace(source, f"{target}{suffix}")
-
-
-def _write_manifest(staged: Path, manifest: dict) -> None:
-    Path(f"{staged}.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _size(path: Path) -> int:

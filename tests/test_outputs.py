@@ -1,0 +1,91 @@
+"""Nothing half-written, mixed or left behind: the output lock, staging folders, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ipcv_export import outputs
+from ipcv_export.cli import EXIT_TERMINATED, EXIT_USAGE, main
+from ipcv_export.config import UsageError
+from ipcv_export.lower import tensorrt
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_live_lock_refuses_a_second_export_and_a_dead_one_is_taken_over(tmp_path):
+    output = tmp_path / "encoder.onnx"
+    with outputs.locked(output):
+        assert (tmp_path / "encoder.onnx.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(UsageError, match=f"another export \\(process {os.getpid()}\\) is writing"):
+            with outputs.locked(output):
+                pass
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "encoder.onnx.lock").write_text(f"{_dead_pid()}\n")
+    with outputs.locked(output):
+        assert (tmp_path / "encoder.onnx.lock").read_text().strip() == str(os.getpid())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fresh_lock_without_an_id_counts_as_held(tmp_path):
+    (tmp_path / "e.onnx.lock").write_text("")
+    with pytest.raises(UsageError, match="another export"):
+        with outputs.locked(tmp_path / "e.onnx"):
+            pass
+
+
+def test_staging_removes_the_folders_of_dead_processes_only(tmp_path):
+    stale = tmp_path / f"{outputs.STAGING_PREFIX}{_dead_pid()}-abc"
+    live = tmp_path / f"{outputs.STAGING_PREFIX}{os.getppid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "half.onnx").write_bytes(b"x")
+    with outputs.staging(tmp_path) as staging:
+        assert staging.name.startswith(f"{outputs.STAGING_PREFIX}{os.getpid()}-")
+        assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+def test_a_manifest_path_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "e.pt2.json").mkdir()
+    assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.pt2")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "e.pt2.json is a folder" in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["e.pt2.json"]
+
+
+def test_an_engine_without_tensorrt_never_overwrites_an_existing_onnx_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tensorrt, "tensorrt_available", lambda: False)
+    for existing in ("e.onnx", "e.onnx.json"):
+        (tmp_path / existing).write_text("the user's own file")
+        assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.engine")]) == EXIT_USAGE
+        assert "would write the checked ONNX file" in capsys.readouterr().err
+        assert [p.name for p in tmp_path.iterdir()] == [existing]
+        assert (tmp_path / existing).read_text() == "the user's own file"
+        (tmp_path / existing).unlink()
+
+
+def test_sigterm_during_an_export_ends_in_one_line_and_leaves_nothing(tmp_path):
+    """A subprocess export, terminated once its staging folder exists (lowering): rc 143, one
+    line on stderr, the output folder as empty as before."""
+    command = [sys.executable, "-m", "ipcv_export.cli", "--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(f"{outputs.STAGING_PREFIX}*")) and process.poll() is None:
+        assert time.monotonic() < deadline, "the export never reached its staging folder"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_TERMINATED
+    assert err.strip().splitlines()[-1] == "ipcv-export: error: terminated, nothing written"
+    assert list(tmp_path.iterdir()) == []
