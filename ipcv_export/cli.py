@@ -147,8 +147,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image file; repeat for several (only the first image's tokens are pruned in the LLM)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
-    p.add_argument("--retention", type=_number(float), default=IpcvConfig().retention,
-                   help=f"IPCV retention in the encoder, in (0, 1] (default {IpcvConfig().retention})")
+    p.add_argument("--retention", type=_number(float),
+                   help=f"IPCV retention in the encoder, in (0, 1] (default {IpcvConfig().retention}); "
+                        "not with --encoder, whose file has its own")
     p.add_argument("--llm-retention", type=_number(float), default=0.5,
                    help="IVC-Prune retention of the first image's tokens in the LLM, in (0, 1] (default 0.5)")
     p.add_argument("--llm-layer", type=_number(int),
@@ -166,6 +167,9 @@ def generate_main(argv: list[str]) -> int:
         args = build_generate_parser().parse_args(argv)
     except SystemExit as stop:
         return int(stop.code or 0)
+    if args.encoder and args.retention is not None:
+        return _fail(EXIT_USAGE, "--retention sets the encoder export; --encoder gives a file exported with its own "
+                                 "retention (see its manifest): drop one")
     if args.max_new_tokens < 1:
         return _fail(EXIT_USAGE, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.verbose:
@@ -178,7 +182,8 @@ def generate_main(argv: list[str]) -> int:
         images = [_read_image(path) for path in args.image]
         chat = load_chat_model(args.model)
         chat.check_question(args.prompt)  # before the encoder export, which takes minutes
-        pipeline = Pipeline(chat, encoder=args.encoder, retention=args.retention,
+        retention = IpcvConfig().retention if args.retention is None else args.retention
+        pipeline = Pipeline(chat, encoder=args.encoder, retention=retention,
                             llm_retention=args.llm_retention, llm_layer=args.llm_layer, report=report)
         result = pipeline.generate(images, args.prompt, max_new_tokens=args.max_new_tokens)
     except UsageError as err:

@@ -9,6 +9,7 @@ under that name, and an existing output is replaced only on success.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -27,12 +28,12 @@ from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfi
 from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
-from .lower.tensorrt_compat import check_tensorrt_compat
+from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from . import outputs
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
-from .tokens import min_side, min_tokens
+from .tokens import kept_count, min_side, min_tokens
 from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_parity
 
 SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
@@ -72,6 +73,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     """
     output = Path(output)
     format = _check_output(output, format, precision)
+    if timing_cache and format != "engine":
+        raise UsageError(f"--timing-cache applies to TensorRT engines; {format} files are not built by TensorRT")
     timing_cache = Path(timing_cache) if timing_cache else None
     timings: dict[str, float] = {}
 
@@ -95,6 +98,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
             profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
                 encoder.merge_size, min_tokens(config.retention_e4), largest)
+            config = _as_run(config, encoder, profile, report)
         with _stage("capture", timings, report):
             original = capture(encoder)
         with _stage("passes", timings, report):
@@ -138,6 +142,26 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     report(f"wrote {output} ({_size(output) / 1e6:.1f} MB) and {output}.json; expected compute "
            f"{compute['ratio']:.3f} of the original encoder at N={profile.opt_tokens} (FLOP count)")
     return ExportResult(output, manifest)
+
+
+def _as_run(config: IpcvConfig, encoder: LoadedEncoder, profile: ShapeProfile,
+            report: Callable[[str], None]) -> IpcvConfig:
+    """The configuration the file will run, so that the manifest records it: an AS depth reaching
+    past the last block is cut to the blocks there are (said in one line). UsageError for more
+    neighbours than the neighbour search can use (TensorRT's TopK limit, or every kept token of
+    the largest call in the profile: beyond that each extra column is padding at every size)."""
+    stabilised = encoder.depth - config.prune_layer
+    if config.as_depth > stabilised:
+        report(f"  AS depth {config.as_depth} reaches past the last block: the {stabilised} blocks after l_p="
+               f"{config.prune_layer} are stabilised (recorded as {stabilised})")
+        config = dataclasses.replace(config, as_depth=stabilised)
+    batch = encoder.description.image_batch
+    largest_kept = kept_count(profile.max_tokens, config.retention_e4) + (batch.special_tokens if batch else 0)
+    usable = TOPK_MAX_K if batch and batch.neighbors_across_images else min(TOPK_MAX_K, largest_kept)
+    if config.neighbors > usable:
+        raise UsageError(f"neighbors must be at most {usable} here (the kept tokens of the largest call, "
+                         f"{profile.max_tokens} patches, and TensorRT's TopK limit {TOPK_MAX_K}), got {config.neighbors}")
+    return config
 
 
 def _describe(config: IpcvConfig) -> str:

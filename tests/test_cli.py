@@ -17,6 +17,8 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     result = export(tiny, out, retention=0.5, report=lines.append)
     manifest = json.loads((tmp_path / "encoder.onnx.json").read_text())
     assert result.path == out and manifest["verification"]["verified"]
+    assert manifest["ipcv"]["as_depth"] == 3  # the default 7 from l_p = 3 on 6 blocks: what runs is recorded
+    assert "  AS depth 7 reaches past the last block: the 3 blocks after l_p=3 are stabilised (recorded as 3)" in lines
     assert all(c["max_abs_diff"] <= 1e-4 for c in manifest["verification"]["checks"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.json"]
     assert oct(out.stat().st_mode & 0o044) == oct(0o044)
@@ -41,6 +43,10 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--prune-layer", "0"], "prune layer must be in [1, 5]"),
     (["--as-depth", "-1"], "AS depth must be >= 0"),
     (["--neighbors", "0"], "neighbors must be >= 1"),
+    (["--neighbors", "5000"], "neighbors must be at most 3840 here"),
+    (["--opt-patches", "256", "--max-patches", "256", "--neighbors", "200"], "neighbors must be at most 128 here"),
+    (["--timing-cache", "{tmp}/t.cache"], "--timing-cache applies to TensorRT engines"),
+    (["--model", "tiny-dinov2", "--per-image-selection", "yes"], "per-image selection applies to packed towers"),
     (["--model", "no-such-model"], "unknown model"),
     (["-o", "{tmp}/missing/encoder.onnx"], "does not exist"),
     (["-o", "{tmp}/encoder.xyz"], "unsupported output format"),
@@ -54,7 +60,7 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
     base = {"--model": "tiny-qwen2-vl", "-o": str(tmp_path / "encoder.onnx")}
     args = dict(zip(argv[::2], (a.replace("{tmp}", str(tmp_path)) for a in argv[1::2])))
-    full = [x for kv in {**base, **args}.items() for x in kv]
+    full = [x for kv in {**base, **args}.items() for x in kv if x != "yes"]  # "yes": a flag without a value
     assert main(full) == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

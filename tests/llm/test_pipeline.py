@@ -116,6 +116,7 @@ def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
     (["--encoder", "missing.onnx"], "encoder file 'missing.onnx' does not exist"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--llm-layer", "9"], "LLM pruning layer must be in [1, 3]"),
+    (["--encoder", "e.onnx", "--retention", "0.3"], "--retention sets the encoder export; --encoder gives a file"),
     (["--prompt", "<|image_pad|>"], "the prompt holds the special token '<|image_pad|>'"),
     (["--prompt", "<|vision_start|><|image_pad|><|vision_end|> what is it?"], "special token '<|vision_start|>'"),
 ])
