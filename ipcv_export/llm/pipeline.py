@@ -66,6 +66,19 @@ class GenerationReport:
                 f"decode {self.decode_tokens_per_s:.1f} tokens/s, KV cache {self.kv_cache_bytes / 2**20:.2f} MiB"]
 
 
+def _check_source(exported_from: dict, chat: ChatModel, encoder: str | Path) -> None:
+    """UsageError unless the encoder file was exported from this chat model's own vision tower: the
+    built-in encoder it names, or a checkpoint with the same weights. A file of another model of
+    the same width would run and silently answer about other features."""
+    own = chat.source.get("weights_sha256")
+    same = (exported_from.get("weights_sha256") == own if own
+            else exported_from.get("builtin") == chat.encoder_source)
+    if not same:
+        origin = exported_from.get("builtin") or exported_from.get("path") or "an unknown source"
+        raise UsageError(f"encoder file {str(encoder)!r} was exported from {origin}, not from this model's vision "
+                         f"tower ({chat.encoder_source})")
+
+
 class Pipeline:
     """`Pipeline("tiny-qwen2-vl-chat", retention=0.5, llm_retention=0.5).generate(images, prompt)`.
 
@@ -91,6 +104,7 @@ class Pipeline:
         if not encoder_file.manifest:
             raise UsageError(f"encoder file {str(encoder)!r} has no manifest (<file>.json) beside it: generation "
                              "takes the image preprocessing from it")
+        _check_source(encoder_file.manifest.get("source", {}), self.chat, encoder)
         width = self.chat.model.config.get_text_config().hidden_size
         self.tower = EncoderFileTower(encoder_file, width)
         self.chat.model.model.visual = self.tower

@@ -99,6 +99,15 @@ def test_encoder_file_without_manifest_is_refused(unpruned, tmp_path):
         Pipeline(unpruned.chat, encoder=bare)
 
 
+def test_encoder_file_of_another_model_is_refused(unpruned, tmp_path):
+    other = tmp_path / "other.onnx"
+    shutil.copy(unpruned.tower.encoder.path, other)
+    manifest = dict(unpruned.tower.encoder.manifest, source={"builtin": "tiny-dinov2", "seed": 0})
+    (tmp_path / "other.onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="was exported from tiny-dinov2, not from this model's vision tower"):
+        Pipeline(unpruned.chat, encoder=other)
+
+
 def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
     image = tmp_path / "photo.png"
     photo(3).save(image)
