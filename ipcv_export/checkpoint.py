@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError  # transformers' config classes validate their fields
 from safetensors import SafetensorError, safe_open
 
 from .config import UsageError
@@ -34,16 +35,55 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
     if not isinstance(vision_config, dict):
         raise CheckpointError(f"{folder}/config.json has no vision_config")
     files = _weight_files(folder)
-    module = description.build(config if description.whole_config else vision_config)
+    try:
+        module = description.build(config if description.whole_config else vision_config)
+    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as err:  # a field's type or value
+        raise CheckpointError(f"{folder}/config.json does not describe a {model_type} vision tower "
+                              f"({_first_line(err)})") from None
+    _check_heads(folder, getattr(module.config, "vision_config", module.config))
     names = {key.split(".")[0] for key in module.state_dict()}
     state = _read_vision_tensors(folder, files, description.weight_prefixes, names)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    not_float = next((key for key, tensor in state.items() if not tensor.is_floating_point()), None)
+    if not_float:
+        raise CheckpointError(f"{folder}: vision weight {not_float} is {state[not_float].dtype}, not floating point")
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor whose shape differs from the config's
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), _first_line(err))
+        raise CheckpointError(f"{folder}: vision weights do not match the config ({mismatch})") from None
     missing = [k for k in missing if "inv_freq" not in k]
     if missing or unexpected:
         raise CheckpointError(f"{folder}: vision weights do not match the config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return LoadedEncoder(module, description, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)},
-                         _processor_overrides(folder))
+    encoder = LoadedEncoder(module, description, {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)},
+                            _processor_overrides(folder))
+    _check_processor(folder, encoder)
+    return encoder
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _check_heads(folder: Path, config) -> None:
+    """The attention heads must divide the width: the stock module fails only when it first runs."""
+    width = getattr(config, "embed_dim", None) or getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads", None)
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        raise CheckpointError(f"{folder}/config.json: {heads} attention heads do not divide the width {width}")
+
+
+def _check_processor(folder: Path, encoder: LoadedEncoder) -> None:
+    """preprocessor_config.json's patch geometry must be the tower's: another patch or merge size
+    would cut images into rows the tower reads wrongly, silently."""
+    tower = encoder.vision_config
+    pairs = {"patch_size": getattr(tower, "patch_size", None), "temporal_patch_size": getattr(tower, "temporal_patch_size", None),
+             "merge_size": getattr(tower, "spatial_merge_size", None)}
+    for key, expected in pairs.items():
+        given = encoder.processor_overrides.get(key)
+        if given is not None and expected is not None and given != expected:
+            raise CheckpointError(f"{folder}/preprocessor_config.json: {key} {given!r} differs from the vision "
+                                  f"tower's {expected}")
 
 
 PROCESSOR_KEYS = ("image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size")
@@ -71,9 +111,12 @@ def _read_config(folder: Path) -> dict:
             raise CheckpointError(f"model folder {folder} is empty")
         raise CheckpointError(f"model folder {folder} has no config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest N of the profile; the TensorRT check evaluates TopK sizes there (default {shape.max_tokens})")
     target.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache, read and updated across builds")
     target.add_argument("--opset", type=_number(int), default=DEFAULT_OPSET,
-                        help=f"ONNX opset, 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET}); 23 writes attention as "
+                        help=f"ONNX opset in [18, 23]; 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET}); 23 writes attention as "
                              "ONNX's Attention operator, which ONNX Runtime runs without holding the N x N scores "
                              "(the memory route for large N; TensorRT cannot parse it)")
     target.add_argument("--skip-verify", action="store_true",
@@ -275,6 +275,10 @@ def _main(argv: list[str]) -> int:
         return _fail(EXIT_USAGE, str(err))
     except TensorRTMissing as err:
         return _fail(EXIT_NO_TENSORRT, str(err))
+    except OSError as err:  # the disk filled up, the folder went away: the system's words, in one line
+        if args.verbose:
+            raise
+        return _fail(EXIT_FAILED, f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}; nothing written")
     return EXIT_OK
 
 

@@ -31,6 +31,16 @@ renamed: ONNX external data first, the file next, its manifest last (a manifest'
 its file is complete)."""
 
 
+def check_writable(folder: Path) -> None:
+    """UsageError unless a file can really be created in `folder` (os.access says yes to root in
+    /proc and /sys, and on read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=f"{STAGING_PREFIX}{os.getpid()}-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"output folder {folder} is not writable ({err.strerror or err})") from None
+
+
 def check_companions(output: Path) -> None:
     """UsageError if the output or one of its companions (external data, manifest) is a folder."""
     for suffix in COMPANIONS:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from .compress import OUTPUT_NAMES, compress
 from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .flops import program_flops
 from .lower import pt2, tensorrt
-from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, to_onnx
+from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, OPSETS, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from . import outputs
 from .models import LoadedEncoder, load_encoder
@@ -73,6 +72,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     """
     output = Path(output)
     format = _check_output(output, format, precision)
+    if opset not in OPSETS:
+        raise UsageError(f"--opset must be in [{OPSETS[0]}, {OPSETS[-1]}] (TensorRT 10 parses 18 to 20), got {opset}")
     if timing_cache and format != "engine":
         raise UsageError(f"--timing-cache applies to TensorRT engines; {format} files are not built by TensorRT")
     timing_cache = Path(timing_cache) if timing_cache else None
@@ -190,8 +191,7 @@ def _check_output(output: Path, format: str | None, precision: str) -> str:
         raise UsageError(f"output {output} is a folder; give a file name")
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {folder} is not writable")
+    outputs.check_writable(folder)
     for name in _written_names(output, format):
         outputs.check_companions(name)
     fallback = output.with_suffix(".onnx")

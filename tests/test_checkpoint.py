@@ -51,6 +51,11 @@ def test_bin_only_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("empty", "empty"), ("no_config", "no config.json"), ("unsupported", "unsupported architecture"),
     ("corrupt", "not a readable safetensors"), ("no_vision", "no vision tower tensors"),
+    ("config_list", "must hold a JSON object, not a list"), ("config_string", "must hold a JSON object, not a str"),
+    ("wrong_type", "does not describe a qwen2_vl vision tower"), ("heads", "5 attention heads do not divide the width"),
+    ("other_shape", r"vision weights do not match the config \(size mismatch"), ("int_weight", "is torch.int64, not floating"),
+    ("processor_patch", "preprocessor_config.json: patch_size 16 differs from the vision tower's 14"),
+    ("processor_merge", "preprocessor_config.json: merge_size 3 differs from the vision tower's 2"),
 ])
 def test_bad_folders_are_refused_with_one_line(case, message, tiny, tmp_path):
     folder = tmp_path / "ckpt"
@@ -63,6 +68,21 @@ def test_bad_folders_are_refused_with_one_line(case, message, tiny, tmp_path):
         _write_checkpoint(folder, tiny.module, "visual.", shards=1)
         shard = next(folder.glob("*.safetensors"))
         shard.write_bytes(shard.read_bytes()[:200])
+    elif case in ("config_list", "config_string"):
+        (folder / "config.json").write_text(json.dumps([1, 2] if case == "config_list" else "qwen2_vl"))
+    elif case in ("wrong_type", "heads", "other_shape"):
+        _write_checkpoint(folder, tiny.module, "visual.", shards=1)
+        changed = {"wrong_type": {"depth": "six"}, "heads": {"num_heads": 5},
+                   "other_shape": {"embed_dim": TINY_VISION["embed_dim"] * 2}}[case]
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION | changed}))
+    elif case == "int_weight":
+        _write_checkpoint(folder, tiny.module, "visual.", shards=1)
+        shard = next(folder.glob("*.safetensors"))
+        save_file({"visual.patch_embed.proj.weight": torch.zeros(2, dtype=torch.int64)}, str(shard))
+    elif case.startswith("processor_"):
+        _write_checkpoint(folder, tiny.module, "visual.", shards=1)
+        bad = {"patch_size": 16} if case == "processor_patch" else {"merge_size": 3}
+        (folder / "preprocessor_config.json").write_text(json.dumps(bad))
     elif case == "no_vision":
         (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION}))
         save_file({"lm_head.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))

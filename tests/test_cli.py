@@ -97,3 +97,10 @@ def test_cli_entry_point_help_and_list():
     assert "(default 0.5)" in run.stdout and "in (0, 1]" in run.stdout and "--max-patches" in run.stdout
     run = subprocess.run([sys.executable, "-m", "ipcv_export.cli", "--list-models"], capture_output=True, text=True)
     assert "qwen2-vl-7b-shape" in run.stdout and "RANDOM weights" in run.stdout
+
+
+def test_opset_outside_what_the_exporter_and_runtime_take_is_refused(tmp_path, capsys):
+    for opset in ("17", "999"):
+        assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx"), "--opset", opset]) == EXIT_USAGE
+        assert f"--opset must be in [18, 23] (TensorRT 10 parses 18 to 20), got {opset}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

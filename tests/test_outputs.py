@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ipcv_export import outputs
-from ipcv_export.cli import EXIT_TERMINATED, EXIT_USAGE, main
+from ipcv_export.cli import EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE, main
 from ipcv_export.config import UsageError
 from ipcv_export.lower import tensorrt
 
@@ -89,3 +89,24 @@ def test_sigterm_during_an_export_ends_in_one_line_and_leaves_nothing(tmp_path):
     assert process.returncode == EXIT_TERMINATED
     assert err.strip().splitlines()[-1] == "ipcv-export: error: terminated, nothing written"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_refuses_files_is_refused_up_front(capsys):
+    """/proc accepts os.access(W_OK) from root but no new file: the probe creates one for real."""
+    assert main(["--model", "tiny-qwen2-vl", "-o", "/proc/encoder.onnx"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "output folder /proc is not writable" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from ipcv_export import pipeline
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".ipcv-export-1-x" / "e.onnx"))
+
+    monkeypatch.setattr(pipeline, "export", full)
+    assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx")]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("ipcv-export: error: No space left on device: ") and err.count("\n") == 1
