@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import UsageError
 from .inputs import engine_inputs
 from .tokens import min_side
 
@@ -100,7 +101,10 @@ class EncoderFile(ABC):
         if max_pixels is not None:
             size["longest_edge"] = max_pixels
         processor = getattr(transformers, settings["class"])(size=size, **kwargs)
-        batch = processor(images=list(images), return_tensors="pt")
+        try:
+            batch = processor(images=list(images), return_tensors="pt")
+        except ValueError as err:  # e.g. an aspect ratio above the processor's limit
+            raise UsageError(f"the image processor refused an image: {str(err).strip().splitlines()[0]}") from None
         return batch["pixel_values"].float(), batch["image_grid_thw"]
 
     def encode_images(self, images: Sequence, min_pixels: int | None = None,
@@ -192,8 +196,18 @@ def is_aoti_package(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict | None:
+    """The manifest beside an encoder file, None when there is none; UsageError when it is not a
+    JSON object."""
     manifest = Path(f"{path}.json")
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not manifest.is_file():
+        return None
+    try:
+        content = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"manifest {manifest} is not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"manifest {manifest} must hold a JSON object")
+    return content
 
 
 def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: str = "cpu") -> EncoderFile:
@@ -204,14 +218,14 @@ def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: st
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no encoder file at {path}")
+        raise UsageError(f"no encoder file at {path}")
+    if path.suffix not in (".onnx", ".pt2", ".engine"):
+        raise UsageError(f"cannot load {path.name}: supported formats are .onnx, .pt2, .engine")
     manifest = read_manifest(path)
     if path.suffix == ".onnx":
-        return OnnxEncoder(path, manifest, providers)
-    if path.suffix not in (".pt2", ".engine"):
-        raise ValueError(f"cannot load {path.name}: supported formats are .onnx, .pt2, .engine")
+        return OnnxEncoder(path, manifest, [providers] if isinstance(providers, str) else providers)
     if manifest is None:
-        raise ValueError(f"{path.name} needs its manifest {path.name}.json beside it (merge size, input width)")
+        raise UsageError(f"{path.name} needs its manifest {path.name}.json beside it (merge size, input width)")
     if path.suffix == ".pt2":
         return TorchEncoder(path, manifest, device)
     return TensorRTEncoder(path, manifest)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from ipcv_export import export, load
+from ipcv_export import UsageError, export, load
 from ipcv_export.reference import stock_reference
 
 
@@ -65,3 +65,17 @@ def test_non_finite_pixels_give_nan_never_an_index_error(encoder_file, tiny, bad
             stock = stock_reference(tiny.module, pixels, grid_thw)
         assert embeddings.shape == stock.shape and stock[:16].isnan().all() and not stock[16:].isnan().any()
         assert embeddings.isnan().all()
+
+
+def test_bad_files_images_and_providers_are_one_line_usage_errors(encoder_file, tmp_path):
+    with pytest.raises(UsageError, match="cannot load encoder.onnx.json: supported formats"):
+        load(f"{encoder_file}.json")
+    with pytest.raises(UsageError, match="the image processor refused an image: "):
+        load(encoder_file).encode_images([_photo(1, 1000, 5)])
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(encoder_file.read_bytes())
+    for content, message in (("{not json", "is not valid JSON"), ("[1]", "must hold a JSON object")):
+        (tmp_path / "broken.onnx.json").write_text(content)
+        with pytest.raises(UsageError, match=message):
+            load(broken)
+    assert load(encoder_file, providers="CPUExecutionProvider").session.get_providers() == ["CPUExecutionProvider"]

@@ -119,6 +119,13 @@ def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
     assert "generated: " in out and "tokens/s" in out and "KV cache" in out
 
 
+def test_cli_generate_refuses_a_manifest_as_the_encoder(capsys, tmp_path):
+    (tmp_path / "e.onnx.json").write_text("{}")
+    code = main(["generate", "--model", "tiny-qwen2.5-vl-chat", "--prompt", "hi", "--encoder", str(tmp_path / "e.onnx.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load e.onnx.json: supported formats are .onnx, .pt2, .engine" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--image", "missing.png"], "does not exist"),
     (["--llm-retention", "1.5"], "LLM retention must be in (0, 1]"),
