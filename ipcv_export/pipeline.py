@@ -338,7 +338,7 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
                     {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["N", 2]},
                     {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["N"]}],
         "rules": f"N = sum of t*h*w over grid_thw rows; N a multiple of {merge * merge}; "
-                 f"{smallest} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
+                 f"{-(-smallest // merge ** 2) * merge ** 2} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
         "from_grid_thw": "tokens in processor order (slice by slice, merge x merge blocks in row-major "
                          "order); position_ids[i] = (row, column) of patch i; segment_ids[i] = index of "
                          "its image or temporal slice (0, 1, ...). Reference code: "
@@ -359,6 +359,7 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
     side = min_side(min_tokens(config.retention_e4), multiple)
     inputs = {"layout": "images", "patch_size": p, "merge_size": multiple, "input_width": encoder.channels,
               "min_tokens": min_tokens(config.retention_e4), "special_tokens": s,
+              "max_images": MAX_IMAGES, "max_side": MAX_SIDE * p,
               "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
               "rules": f"H and W multiples of {p * multiple}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
                        f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}

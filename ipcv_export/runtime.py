@@ -61,7 +61,14 @@ class EncoderFile(ABC):
             raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {len(segments)} patches")
         if len(segments) < self.min_tokens:
             raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {len(segments)}")
+        largest = self._limit("max_tokens")
+        if largest and len(segments) > largest:
+            raise ValueError(f"this file takes at most {largest} patches per call, got {len(segments)}: split the call")
         return pixels, positions, segments
+
+    def _limit(self, name: str) -> int | None:
+        """A size limit the manifest records (the exported graph's dynamic range), None without one."""
+        return self.manifest.get("inputs", {}).get(name)
 
     def _image_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
         p, multiple = self.patch_size, self.merge_size
@@ -70,6 +77,11 @@ class EncoderFile(ABC):
         side = min_side(self.min_tokens, multiple)
         if min(pixels.shape[2:]) < side * p:
             raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
+        images, side_px = self._limit("max_images"), self._limit("max_side")
+        if images and pixels.shape[0] > images:
+            raise ValueError(f"this file takes at most {images} images per call, got {pixels.shape[0]}")
+        if side_px and max(pixels.shape[2:]) > side_px:
+            raise ValueError(f"image sides may be at most {side_px} pixels for this file, got {list(pixels.shape[2:])}")
         if pixels.shape[2] % (p * multiple) or pixels.shape[3] % (p * multiple):
             unit = f"the patch size {p}" if multiple == 1 else f"{p * multiple} ({multiple} patches of {p})"
             raise ValueError(f"image height and width must be multiples of {unit}, got {list(pixels.shape[2:])}")

@@ -86,6 +86,7 @@ def test_runtime_refuses_bad_calls(tiny, tmp_path):
         (good[:, :10], grid, "must have shape"),
         (good.double(), grid, "must be float32"),
         (good, torch.tensor([[1, 8, 7]]), "multiples of the merge size"),
+        (good[:1].expand(66048, -1), torch.tensor([[1, 8, 8256]]), "at most 65536 patches per call, got 66048"),
     ]:
         with pytest.raises(ValueError, match=message):
             encoder(pixels, grid_thw)
