@@ -97,6 +97,9 @@ class ShapeProfile:
         for name, value in (("min", self.min_tokens), ("opt", self.opt_tokens), ("max", self.max_tokens)):
             if value % group:
                 raise UsageError(f"--{name}-patches must be a multiple of {group} (merge size squared), got {value}")
+        if smallest > self.min_tokens:
+            raise UsageError(f"this retention keeps K >= 1 token only from {smallest} patches per call (image) on: "
+                             f"raise the retention, or --min-patches (now {self.min_tokens}) to at least {smallest}")
         if not smallest <= self.min_tokens <= self.opt_tokens <= self.max_tokens <= largest:
             raise UsageError(f"patch profile must satisfy {smallest} <= min <= opt <= max <= {largest}, got "
                              f"{self.min_tokens} / {self.opt_tokens} / {self.max_tokens}")

@@ -48,6 +48,8 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--timing-cache", "{tmp}/t.cache"], "--timing-cache applies to TensorRT engines"),
     (["--model", "tiny-dinov2", "--per-image-selection", "yes"], "per-image selection applies to packed towers"),
     (["--model", "no-such-model"], "unknown model"),
+    (["--model", "Qwen/Qwen2-VL-7B-Instruct"], "hub ids are not fetched"),
+    (["--retention", "0.0001"], "this retention keeps K >= 1 token only from 10000 patches per call (image) on"),
     (["-o", "{tmp}/missing/encoder.onnx"], "does not exist"),
     (["-o", "{tmp}/encoder.xyz"], "unsupported output format"),
     (["--selection", "spread"], "spread selection is implemented for towers that batch whole images"),

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 
 from ..checkpoint import CheckpointError, _hash_files, _read_config, _weight_files
 from ..config import UsageError
-from ..models import load_encoder
+from ..models import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
 CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -73,6 +73,8 @@ def load_chat_model(model: str) -> ChatModel:
     path = Path(model)
     if path.is_dir():
         return _load_folder(path)
+    if "/" in model:
+        raise UsageError(missing_folder(model))
     raise UsageError(f"unknown chat model {model!r}; use a checkpoint folder or a built-in: "
                      f"{', '.join(builtin_chat_models())}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,16 @@ def builtin_models() -> dict[str, str]:
     return shipped | CONVERTED_BUILTINS
 
 
+def missing_folder(model: str) -> str:
+    """The message for a --model that is neither a built-in nor an existing folder; a name shaped
+    like a Hugging Face hub id says how to get the folder, since nothing is ever downloaded."""
+    message = f"model folder {model!r} does not exist"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+        message += (f"; hub ids are not fetched (nothing is downloaded at run time): download it first, e.g. "
+                    f"`huggingface-cli download {model} --local-dir DIR`, and pass --model DIR")
+    return message
+
+
 def load_encoder(model: str) -> LoadedEncoder:
     """A built-in name or a local checkpoint folder -> LoadedEncoder. Never downloads anything."""
     from ..checkpoint import load_checkpoint_encoder
@@ -126,7 +137,7 @@ def load_encoder(model: str) -> LoadedEncoder:
     if path.exists():
         raise UsageError(f"model {model!r} is a file, not a checkpoint folder")
     if "/" in model or model.startswith("."):
-        raise UsageError(f"model folder {model!r} does not exist")
+        raise UsageError(missing_folder(model))
     raise UsageError(f"unknown model {model!r}; built-in models: {', '.join(builtin_models())}")
 
 
