@@ -1,12 +1,23 @@
-"""ipcv-export: compile IPCV token compression into a vision encoder and ship it as one file."""
+"""ipcv-export: compile IPCV token compression into a vision encoder and ship it as one file.
+
+The public names are imported on first use (PEP 562), so that `ipcv-export --help`, `--version`
+and usage errors answer without loading torch, transformers and onnx.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .config import IpcvConfig, UsageError  # noqa: E402
-from .llm.pipeline import GenerationReport, Pipeline  # noqa: E402
-from .llm.prune_hooks import IvcPrune  # noqa: E402
-from .pipeline import ExportResult, export  # noqa: E402
-from .runtime import load  # noqa: E402
+_PUBLIC = {"IpcvConfig": "config", "UsageError": "config", "ExportResult": "pipeline", "export": "pipeline",
+           "load": "runtime", "Pipeline": "llm.pipeline", "GenerationReport": "llm.pipeline",
+           "IvcPrune": "llm.prune_hooks"}
 
-__all__ = ["IpcvConfig", "UsageError", "ExportResult", "export", "load", "Pipeline", "GenerationReport",
-           "IvcPrune", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

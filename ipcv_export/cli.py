@@ -8,8 +8,7 @@ import signal
 import sys
 
 from . import __version__
-from .config import FORMATS, NGR_WEIGHTINGS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
-from .lower.onnx import DEFAULT_OPSET
+from .config import DEFAULT_OPSET, FORMATS, NGR_WEIGHTINGS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM

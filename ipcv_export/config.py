@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tokens import RETENTION_SCALE
+RETENTION_SCALE = 10_000
+"""Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
+
+DEFAULT_OPSET = 18
+OPSETS = range(18, 24)
+"""Opsets a file may be written at: torch.onnx's dynamo exporter writes 18 and later; 23 is the
+newest whose operators (Attention among them) ONNX Runtime runs."""
 
 
 class UsageError(ValueError):

@@ -23,10 +23,10 @@ from . import __version__
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
-from .config import FORMAT_SUFFIXES, FORMATS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import DEFAULT_OPSET, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .flops import program_flops
 from .lower import pt2, tensorrt
-from .lower.onnx import DEFAULT_OPSET, INPUT_NAMES, OPSETS, to_onnx
+from .lower.onnx import INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from . import outputs
 from .models import LoadedEncoder, load_encoder

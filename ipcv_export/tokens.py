@@ -17,8 +17,7 @@ import math
 
 import torch
 
-RETENTION_SCALE = 10_000
-"""Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
+from .config import RETENTION_SCALE
 
 BISECTION_STEPS = 96
 """Steps of the threshold search. While the interval [lo, hi] spans more than 2^16 the step tries

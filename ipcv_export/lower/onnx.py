@@ -12,12 +12,9 @@ from pathlib import Path
 import torch
 
 from .. import ops
+from ..config import DEFAULT_OPSET
 
 INPUT_NAMES = ["pixel_values", "position_ids", "segment_ids"]
-DEFAULT_OPSET = 18
-OPSETS = range(18, 24)
-"""Opsets a file may be written at: torch.onnx's dynamo exporter writes 18 and later; 23 is the
-newest whose operators (Attention among them) ONNX Runtime runs."""
 TWO_GB = 2 * 1024**3
 
 
