@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file; the format follows the suffix (see below)")
     p.add_argument("--format", choices=FORMATS,
                    help="output format when the suffix is not enough (default: from the suffix)")
-    method = p.add_argument_group("IPCV method (ipcv.md)")
+    method = p.add_argument_group("IPCV method (docs/ipcv.md in the repository)")
     method.add_argument("--retention", type=_number(float), default=d.retention,
                         help=f"fraction rho of tokens computed in full after the pruning block, in (0, 1]; "
                              f"1 exports the original encoder (default {d.retention})")

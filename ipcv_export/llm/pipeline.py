@@ -115,6 +115,8 @@ class Pipeline:
         self._workdir = tempfile.TemporaryDirectory(prefix="ipcv-encoder-")
         path = Path(self._workdir.name) / "encoder.onnx"
         export(self.chat.encoder_source, path, retention=retention, report=report)
+        report(f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
+               f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
         return path
 
     @property
