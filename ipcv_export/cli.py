@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ONNX opset in [18, 23]; 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET}); 23 writes attention as "
                              "ONNX's Attention operator, which ONNX Runtime runs without holding the N x N scores "
                              "(the memory route for large N; TensorRT cannot parse it)")
+    target.add_argument("--atol", type=_number(float), metavar="TOL",
+                        help="absolute tolerance of the parity gate on the embeddings (default 1e-4 for fp32 files; "
+                             "reduced-precision engines add it to their relative limit); the kept set must still match")
     target.add_argument("--skip-verify", action="store_true",
                         help="do not check the file against the eager reference (loud, and recorded in the manifest)")
     p.add_argument("--list-models", action="store_true", help="list the built-in models and exit")
@@ -264,7 +267,7 @@ def _main(argv: list[str]) -> int:
                ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, budget=args.budget,
                format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
-               opset=args.opset, verify=not args.skip_verify, timing_cache=args.timing_cache,
+               opset=args.opset, verify=not args.skip_verify, atol=args.atol, timing_cache=args.timing_cache,
                report=report, verbose=args.verbose)
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")

@@ -57,7 +57,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
            per_image_selection: bool = False, budget: float | None = None,
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
-           opset: int = DEFAULT_OPSET, verify: bool = True, timing_cache: str | Path | None = None,
+           opset: int = DEFAULT_OPSET, verify: bool = True, atol: float | None = None,
+           timing_cache: str | Path | None = None,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
     """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
 
@@ -72,6 +73,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     """
     output = Path(output)
     format = _check_output(output, format, precision)
+    if atol is not None and not 0 <= atol < 1:
+        raise UsageError(f"--atol must be in [0, 1), got {atol}")
     if opset not in OPSETS:
         raise UsageError(f"--opset must be in [{OPSETS[0]}, {OPSETS[-1]}] (TensorRT 10 parses 18 to 20), got {opset}")
     if timing_cache and format != "engine":
@@ -126,7 +129,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                 if format == "engine" and not compat.ok:
                     raise IncompatibleGraph(compat.summary())
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
-                                                     verify, timings, report, verbose)
+                                                     verify, atol, timings, report, verbose)
             if format == "engine":
                 if not tensorrt.tensorrt_available():
                     _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
@@ -135,7 +138,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                                           precision, timing_cache)
                 lowered_path.unlink()
                 manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
-                                                         verify, timings, report, verbose)
+                                                         verify, atol, timings, report, verbose)
             with _stage("write", timings, report):
                 manifest["timings_s"] = timings
                 outputs.write_manifest(staged, manifest)
@@ -224,10 +227,11 @@ def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset
 
 
 def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, encoder: LoadedEncoder,
-                  config: IpcvConfig, verify: bool, timings: dict[str, float], report: Callable[[str], None],
-                  verbose: bool) -> dict:
-    """Run the file on VERIFY_GRIDS against the eager reference; ParityError on a mismatch."""
-    tolerance = TOLERANCES[precision]
+                  config: IpcvConfig, verify: bool, atol: float | None, timings: dict[str, float],
+                  report: Callable[[str], None], verbose: bool) -> dict:
+    """Run the file on VERIFY_GRIDS against the eager reference; ParityError on a mismatch. `atol`
+    replaces the precision's absolute tolerance (TOLERANCES) where given."""
+    tolerance = TOLERANCES[precision] if atol is None else dataclasses.replace(TOLERANCES[precision], atol=atol)
     if not verify:
         report("verify: SKIPPED (--skip-verify): this file was NOT checked against the reference")
         return {"verified": False, "skipped_by_user": True}

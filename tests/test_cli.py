@@ -14,12 +14,13 @@ from ipcv_export.cli import EXIT_USAGE, main
 def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     out = tmp_path / "encoder.onnx"
     lines = []
-    result = export(tiny, out, retention=0.5, report=lines.append)
+    result = export(tiny, out, retention=0.5, atol=5e-4, report=lines.append)
     manifest = json.loads((tmp_path / "encoder.onnx.json").read_text())
     assert result.path == out and manifest["verification"]["verified"]
     assert manifest["ipcv"]["as_depth"] == 3  # the default 7 from l_p = 3 on 6 blocks: what runs is recorded
     assert "  AS depth 7 reaches past the last block: the 3 blocks after l_p=3 are stabilised (recorded as 3)" in lines
     assert all(c["max_abs_diff"] <= 1e-4 for c in manifest["verification"]["checks"])
+    assert manifest["verification"]["tolerance"]["atol"] == 5e-4 and all(c["limit"] == 5e-4 for c in manifest["verification"]["checks"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.json"]
     assert oct(out.stat().st_mode & 0o044) == oct(0o044)
     stages = [line.split(" ")[0].rstrip(":") for line in lines if line.endswith(" s")]
@@ -46,6 +47,7 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--neighbors", "5000"], "neighbors must be at most 3840 here"),
     (["--opt-patches", "256", "--max-patches", "256", "--neighbors", "200"], "neighbors must be at most 128 here"),
     (["--timing-cache", "{tmp}/t.cache"], "--timing-cache applies to TensorRT engines"),
+    (["--atol", "-1"], "--atol must be in [0, 1), got -1.0"),
     (["--model", "tiny-dinov2", "--per-image-selection", "yes"], "per-image selection applies to packed towers"),
     (["--model", "no-such-model"], "unknown model"),
     (["--model", "Qwen/Qwen2-VL-7B-Instruct"], "hub ids are not fetched"),
