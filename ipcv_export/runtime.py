@@ -128,6 +128,17 @@ class EncoderFile(ABC):
         return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
 
 
+def _input_geometry(path: Path, manifest: dict) -> tuple[int, int, int, int | None]:
+    """(merge_size, min_tokens, input_width, patch_size) from the manifest of a file whose format
+    carries no metadata of its own (.pt2, .engine); UsageError naming a missing entry."""
+    try:
+        inputs = manifest["inputs"]
+        return inputs["merge_size"], inputs["min_tokens"], inputs["input_width"], inputs.get("patch_size")
+    except KeyError as err:
+        raise UsageError(f"manifest {path.name}.json lacks {err.args[0]!r} under inputs: it was not written by "
+                         "ipcv-export, or was edited") from None
+
+
 class OnnxEncoder(EncoderFile):
     """An `.onnx` file in ONNX Runtime (CPU unless other execution providers are given)."""
 
@@ -158,9 +169,7 @@ class TorchEncoder(EncoderFile):
             self.module = torch._inductor.aoti_load_package(str(path))
         else:
             self.module = torch.export.load(str(path)).module().to(self.device)
-        inputs = manifest["inputs"]
-        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
-                         inputs.get("patch_size"))
+        super().__init__(path, manifest, *_input_geometry(path, manifest))
 
     def _run(self, *inputs):
         with torch.no_grad():
@@ -179,9 +188,7 @@ class TensorRTEncoder(EncoderFile):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        inputs = manifest["inputs"]
-        super().__init__(path, manifest, inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
-                         inputs.get("patch_size"))
+        super().__init__(path, manifest, *_input_geometry(path, manifest))
 
     def _run(self, *inputs):
         trt = self._trt

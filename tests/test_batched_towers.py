@@ -188,6 +188,16 @@ def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_
     torch.testing.assert_close(tokens, _stock(dino, pixels), rtol=0, atol=1e-5)
     patches = pixels.shape[2] * pixels.shape[3] // 14 ** 2
     assert torch.equal(keep, torch.arange(dino.special_tokens + patches).expand(2, -1)) and neighbors.shape == (2, 0, 10)
+    image = torch.zeros(1, 3, 112, 112)
+    with pytest.raises(ValueError, match="at most 256 images per call, got 257"):
+        load(tmp_path / "full.pt2").run_all(image.expand(257, -1, -1, -1))
+    with pytest.raises(ValueError, match=r"image sides may be at most 1792 pixels for this file, got \[1806, 112\]"):
+        load(tmp_path / "full.pt2").run_all(torch.zeros(1, 3, 1806, 112).expand(1, -1, -1, -1))
+    manifest = json.loads((tmp_path / "full.pt2.json").read_text())
+    del manifest["inputs"]["merge_size"]
+    (tmp_path / "full.pt2.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest full.pt2.json lacks 'merge_size' under inputs"):
+        load(tmp_path / "full.pt2")
 
 
 @pytest.mark.parametrize("shape, message", [((2, 3, 100, 112), "must be multiples of"),
