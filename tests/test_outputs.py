@@ -110,3 +110,20 @@ def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx")]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("ipcv-export: error: No space left on device: ") and err.count("\n") == 1
+
+
+def test_a_second_export_to_the_same_name_is_refused_while_the_first_runs(tmp_path):
+    """Two processes, one output name: the second gets one line and rc 2 and writes nothing; the
+    first is then terminated, leaving the folder empty."""
+    command = [sys.executable, "-m", "ipcv_export.cli", "--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx")]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "e.onnx.lock").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first export never took its lock"
+        time.sleep(0.1)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == EXIT_USAGE
+    assert second.stderr.strip().splitlines()[-1].startswith(f"ipcv-export: error: another export (process {first.pid})")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == EXIT_TERMINATED
+    assert list(tmp_path.iterdir()) == []
