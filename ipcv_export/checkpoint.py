@@ -8,14 +8,13 @@ opened: a folder with only `.bin` weights is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError  # transformers' config classes validate their fields
 from safetensors import SafetensorError, safe_open
 
-from .config import UsageError
+from .config import UsageError, read_json_object
 from .models import ARCHITECTURES, LoadedEncoder
 
 
@@ -94,10 +93,7 @@ def _processor_overrides(folder: Path) -> dict:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    saved = read_json_object(path, CheckpointError)
     overrides = {key: saved[key] for key in PROCESSOR_KEYS if key in saved}
     if "min_pixels" in saved and "max_pixels" in saved:
         overrides["size"] = {"shortest_edge": saved["min_pixels"], "longest_edge": saved["max_pixels"]}
@@ -110,13 +106,7 @@ def _read_config(folder: Path) -> dict:
         if not any(folder.iterdir()):
             raise CheckpointError(f"model folder {folder} is empty")
         raise CheckpointError(f"model folder {folder} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not a {type(config).__name__}")
-    return config
+    return read_json_object(path, CheckpointError)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 RETENTION_SCALE = 10_000
 """Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
@@ -15,6 +17,17 @@ newest whose operators (Attention among them) ONNX Runtime runs."""
 
 class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
+
+
+def read_json_object(path: Path, error: type[UsageError] = UsageError) -> dict:
+    """The JSON object in the file at `path`; `error` (one line) when it is not JSON or not an object."""
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(content).__name__}")
+    return content
 
 
 SELECTIONS = ("score", "spread", "hybrid", "bipartite", "merge")

@@ -9,7 +9,6 @@ ONNX files also carry the first two as metadata, so they load without the manife
 
 from __future__ import annotations
 
-import json
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import UsageError, read_json_object
 from .inputs import engine_inputs
 from .tokens import min_side
 
@@ -218,15 +217,7 @@ def read_manifest(path: Path) -> dict | None:
     """The manifest beside an encoder file, None when there is none; UsageError when it is not a
     JSON object."""
     manifest = Path(f"{path}.json")
-    if not manifest.is_file():
-        return None
-    try:
-        content = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"manifest {manifest} is not valid JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise UsageError(f"manifest {manifest} must hold a JSON object")
-    return content
+    return read_json_object(manifest) if manifest.is_file() else None
 
 
 def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: str = "cpu") -> EncoderFile:
