@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, outputs
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
@@ -28,7 +28,6 @@ from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import INPUT_NAMES, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
-from . import outputs
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
