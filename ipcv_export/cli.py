@@ -290,6 +290,8 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    import torch  # noqa: F401  (importing torch resets its loggers' levels: quiet them after it)
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
