@@ -14,7 +14,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError  # transformers' config classes validate their fields
 from safetensors import SafetensorError, safe_open
 
-from .config import UsageError, read_json_object
+from .config import UsageError, first_line, read_json_object
 from .models import ARCHITECTURES, LoadedEncoder
 
 
@@ -38,7 +38,7 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
         module = description.build(config if description.whole_config else vision_config)
     except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as err:  # a field's type or value
         raise CheckpointError(f"{folder}/config.json does not describe a {model_type} vision tower "
-                              f"({_first_line(err)})") from None
+                              f"({first_line(err)})") from None
     _check_heads(folder, getattr(module.config, "vision_config", module.config))
     names = {key.split(".")[0] for key in module.state_dict()}
     state = _read_vision_tensors(folder, files, description.weight_prefixes, names)
@@ -48,7 +48,7 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor whose shape differs from the config's
-        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), _first_line(err))
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), first_line(err))
         raise CheckpointError(f"{folder}: vision weights do not match the config ({mismatch})") from None
     missing = [k for k in missing if "inv_freq" not in k]
     if missing or unexpected:
@@ -58,10 +58,6 @@ def load_checkpoint_encoder(folder: Path) -> LoadedEncoder:
                             _processor_overrides(folder))
     _check_processor(folder, encoder)
     return encoder
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _check_heads(folder: Path, config) -> None:

@@ -19,6 +19,11 @@ class UsageError(ValueError):
     """A user-supplied value is out of range or unusable; the message is one line naming it."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def read_json_object(path: Path, error: type[UsageError] = UsageError) -> dict:
     """The JSON object in the file at `path`; `error` (one line) when it is not JSON or not an object."""
     try:

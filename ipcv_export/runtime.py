@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UsageError, read_json_object
+from .config import UsageError, first_line, read_json_object
 from .inputs import engine_inputs
 from .tokens import min_side
 
@@ -115,7 +115,7 @@ class EncoderFile(ABC):
         try:
             batch = processor(images=list(images), return_tensors="pt")
         except ValueError as err:  # e.g. an aspect ratio above the processor's limit
-            raise UsageError(f"the image processor refused an image: {str(err).strip().splitlines()[0]}") from None
+            raise UsageError(f"the image processor refused an image: {first_line(err)}") from None
         return batch["pixel_values"].float(), batch["image_grid_thw"]
 
     def encode_images(self, images: Sequence, min_pixels: int | None = None,

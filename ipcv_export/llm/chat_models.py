@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
 from ..checkpoint import CheckpointError, _hash_files, _read_config, _weight_files
-from ..config import UsageError
+from ..config import UsageError, first_line
 from ..models import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
@@ -112,7 +112,7 @@ def _load_folder(folder: Path) -> ChatModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}: no usable tokenizer files ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{folder}: no usable tokenizer files ({first_line(err)})") from None
     model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                         dtype=torch.float32)
     return ChatModel(model.eval(), tokenizer, str(folder), {"path": str(folder.resolve()), "weights_sha256": _hash_files(files)})
