@@ -4,7 +4,8 @@ transformers lets a model use an attention function registered with `AttentionIn
 registered here calls a custom op, so every block's attention core is a single node in the captured
 graph whose arguments a pass can edit: queries from kept rows, keys and values from the rebuilt
 sequence, and the segment ids of each side. Lowering replaces the node by its decomposition (a
-masked scaled-dot-product attention), which ONNX and AOTInductor both understand.
+masked scaled-dot-product attention), which ONNX and AOTInductor both understand: `decompose`
+before AOTInductor, torch.onnx's own decomposition run for ONNX (`decomposed_by_onnx_export`).
 
 The registered name contains "flash" on purpose: transformers' vision attention takes its packed
 (varlen) code path only for such names (`is_flash_attention_requested`), and the other path splits
@@ -13,7 +14,11 @@ the sequence with `.tolist()`, which cannot be exported.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch._decomp
 import torch.fx.experimental._config as fx_config
 from transformers import AttentionInterface
 
@@ -70,6 +75,22 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
     number of images is not 1)."""
     with fx_config.patch(backed_size_oblivious=True):
         return program.run_decompositions(decompositions())
+
+
+@contextlib.contextmanager
+def decomposed_by_onnx_export() -> Iterator[None]:
+    """Within: torch.onnx.export decomposes segment_attention itself, in the one re-trace of the
+    program it makes anyway (its decomposition table is built from torch._decomp's), instead of
+    `decompose` re-tracing the whole program once more first: 12 of the tiny tower's 32 s of ONNX
+    lowering. Scoped, not registered for good: torch.export consults the same table, so a capture
+    would decompose the op before the passes could find it."""
+    table = torch._decomp.decomposition_table
+    op = torch.ops.ipcv.segment_attention.default
+    table[op] = _masked_attention
+    try:
+        yield
+    finally:
+        table.pop(op, None)
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

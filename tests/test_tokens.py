@@ -90,6 +90,19 @@ def test_select_tokens_over_the_whole_fp32_range():
         assert torch.equal(tokens.select_tokens(score, k)[0], _reference_keep(score, k))
 
 
+def test_kth_largest_is_exact_at_binade_edges_subnormals_and_the_top_binade():
+    """The radix search's hard cases: powers of two and their neighbours one ulp away, subnormals,
+    the largest binade it covers (hybrid selection lifts scores up to 2^126), in batched rows."""
+    edges = [2.0**e for e in (-149, -140, -127, -126, -125, -1, 0, 1, 23, 24, 113, 114, 115, 125, 126)]
+    values = torch.tensor(edges + [0.0, 3.0, 2.0**126 * 1.5])
+    values = torch.cat([values, torch.nextafter(values, torch.tensor(0.0)), torch.nextafter(values, torch.tensor(1e38))])
+    values = values[(values >= 0) & (values < 2.0**127)]
+    rows = torch.stack([values, values.flip(0), values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))]])
+    for k in range(1, len(values) + 1):
+        expected = torch.sort(rows, descending=True).values[:, k - 1:k]
+        assert torch.equal(tokens.kth_largest(rows, k), expected), k
+
+
 def test_chunked_attention_decomposition_equals_one_sdpa():
     from ipcv_export.ops import QUERY_CHUNKS, decompositions
 
