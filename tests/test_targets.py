@@ -48,6 +48,22 @@ def test_project_exports_pass_the_tensorrt_check(tiny_onnx):
     assert [t["k"] for t in report.topk] == [IpcvConfig().neighbors] * NEIGHBOR_CHUNKS
 
 
+def test_onnx_lowering_leaves_standard_operators_and_the_libraries_as_it_found_them(tiny_onnx):
+    """The attention is decomposed inside torch.onnx's run and the optimizer runs without one rule:
+    both are scoped, so torch's decomposition table and onnxscript's rule table come out unchanged,
+    and the file holds default-domain operators only (no ipcv:: node, a Conv without the broken bias)."""
+    import torch._decomp
+    from onnxscript import rewriter
+
+    from ipcv_export.lower.onnx import SKIPPED_REWRITE_RULES
+
+    model = onnx.load(str(tiny_onnx))
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert [len(node.input) for node in model.graph.node if node.op_type == "Conv"] == [2]
+    assert torch.ops.ipcv.segment_attention.default not in torch._decomp.decomposition_table
+    assert SKIPPED_REWRITE_RULES <= {rule.name for rule in rewriter._DEFAULT_REWRITE_RULES}
+
+
 def test_topk_size_is_evaluated_at_the_profile_maximum():
     """K = N // 4 computed from the input's shape: 4096 at N = 16384 is refused, 2048 at 8192 is not."""
     four = helper.make_tensor("four", TensorProto.INT64, [1], [4])
