@@ -5,9 +5,9 @@
 Runs the whole export (verified, as `ipcv-export` does) under cProfile, once per model and
 retention, and prints the stage lines the tool prints, then the seconds inside the steps that
 make up the stages: the second `torch.export` in `compress`, the passes themselves, the FLOP
-count, the attention decomposition before ONNX, torch.onnx's translation to ONNX, onnxscript's
-optimizer, ONNX saving, the TensorRT check and verification. Steps nest (the translation runs
-inside torch.onnx.export), so the rows are not a partition; "ONNX nodes" is the written file's
+count, torch.onnx's decompositions (the attention's among them) and translation to ONNX,
+onnxscript's optimizer, ONNX saving, the TensorRT check and verification. Steps nest (the
+translation runs inside torch.onnx.export), so the rows are not a partition; "ONNX nodes" is the written file's
 node count. Retention 1.0 is the anchor issue 19 asks for: the stock tower through the same
 toolchain.
 """
@@ -28,12 +28,11 @@ STEPS = {  # row label -> (file name part, function name) whose cumulative time 
     "re-export after the passes (compress)": ("ipcv_export/capture.py", "export_symbolic"),
     "passes (graph rewriting only)": ("ipcv_export/passes/__init__.py", "run_passes"),
     "FLOP count (both programs)": ("ipcv_export/flops.py", "program_flops"),
-    "attention decomposition (run_decompositions)": ("ipcv_export/ops.py", "decompose"),
-    "torch.onnx.export (all of it)": ("torch/onnx/__init__.py", "export"),
+    "torch.onnx.export (decompositions and translation)": ("torch/onnx/__init__.py", "export"),
+    "  run_decompositions (torch.onnx's, the attention's included)": ("torch/export/exported_program.py", "run_decompositions"),
     "  ExportedProgram -> ONNX IR (translation)": ("torch/onnx/_internal/exporter/_core.py", "_exported_program_to_onnx_program"),
-    "  run_decompositions (ours above and torch.onnx's)": ("torch/export/exported_program.py", "run_decompositions"),
-    "  optimizer (ONNXProgram.optimize)": ("torch/onnx/_internal/exporter/_onnx_program.py", "optimize"),
-    "    onnxscript optimize_ir (constant folding, unused removal)": ("onnxscript/optimizer/_optimizer.py", "optimize_ir"),
+    "optimizer (ONNXProgram.optimize)": ("torch/onnx/_internal/exporter/_onnx_program.py", "optimize"),
+    "  onnxscript optimize_ir (constant folding, rewrite rules, clean-up)": ("onnxscript/optimizer/_optimizer.py", "optimize_ir"),
     "ONNX save": ("torch/onnx/_internal/exporter/_onnx_program.py", "save"),
     "TensorRT check": ("ipcv_export/lower/tensorrt_compat.py", "check_tensorrt_compat"),
     "verification (reference + ONNX Runtime)": ("ipcv_export/pipeline.py", "_verify_stage"),
