@@ -102,9 +102,9 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
                 encoder.merge_size, min_tokens(config.retention_e4), largest)
             config = _as_run(config, encoder, profile, report)
-        with _stage("capture", timings, report):
+        with _stage("capture", timings, report, silent=True):
             original = capture(encoder)
-        with _stage("passes", timings, report):
+        with _stage("passes", timings, report, silent=True):
             program = compress(original, encoder, config)
             compute = _compute(original, program, encoder, profile.opt_tokens)
         manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
@@ -115,7 +115,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             staged = staging / output.name
             lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
             lowered_path = staged.with_suffix(".onnx") if format == "engine" else staged
-            with _stage("lower", timings, report, f"({lowered})"):
+            with _stage("lower", timings, report, f"({lowered})", silent=True):
                 _lower(program, lowered_path, lowered, opset, encoder, config)
             if lowered == "onnx":
                 with _stage("check", timings, report):
@@ -132,7 +132,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             if format == "engine":
                 if not tensorrt.tensorrt_available():
                     _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
-                with _stage("build", timings, report, "(TensorRT)"):
+                with _stage("build", timings, report, "(TensorRT)", silent=True):
                     tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
                                           precision, timing_cache)
                 lowered_path.unlink()
@@ -291,11 +291,25 @@ def _compute(original: torch.export.ExportedProgram, program: torch.export.Expor
 
 
 @contextlib.contextmanager
-def _stage(name: str, timings: dict[str, float], report: Callable[[str], None], detail: str = "") -> Iterator[None]:
+def _stage(name: str, timings: dict[str, float], report: Callable[[str], None], detail: str = "",
+           silent: bool = False) -> Iterator[None]:
+    """Time one stage and report it when done. A `silent` stage (one that reports nothing while it
+    runs) shows its name on a terminal meanwhile, then clears it: lowering a 7B-shape tower takes
+    a minute."""
+    label = f"{name}{' ' + detail if detail else ''}"
+    live = silent and sys.stderr.isatty()
+    if live:
+        sys.stderr.write(f"{label} ...")
+        sys.stderr.flush()
     start = time.perf_counter()
-    yield
+    try:
+        yield
+    finally:
+        if live:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
     timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
-    report(f"{name}{' ' + detail if detail else ''}: {time.perf_counter() - start:.1f} s")
+    report(f"{label}: {time.perf_counter() - start:.1f} s")
 
 
 def _size(path: Path) -> int:

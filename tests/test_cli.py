@@ -1,5 +1,6 @@
 """The command line: the main job, one-line refusals, exit codes, nothing written on failure."""
 
+import io
 import json
 import subprocess
 import sys
@@ -109,3 +110,21 @@ def test_opset_outside_what_the_exporter_and_runtime_take_is_refused(tmp_path, c
         assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx"), "--opset", opset]) == EXIT_USAGE
         assert f"--opset must be in [18, 23] (TensorRT 10 parses 18 to 20), got {opset}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("silent", [True, False])
+def test_a_silent_stage_shows_its_name_on_a_terminal_while_it_runs(silent, monkeypatch):
+    from ipcv_export.pipeline import _stage
+
+    terminal, lines, timings = _Terminal(), [], {}
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with _stage("lower", timings, lines.append, "(onnx)", silent=silent):
+        during = terminal.getvalue()
+    assert during == ("lower (onnx) ..." if silent else "")
+    assert terminal.getvalue() == (during + "\r\033[K" if silent else "")  # cleared before the report line
+    assert len(lines) == 1 and lines[0].startswith("lower (onnx): ") and lines[0].endswith(" s") and "lower" in timings
