@@ -7,8 +7,8 @@ retention, and prints the stage lines the tool prints, then the seconds inside t
 make up the stages: the second `torch.export` in `compress`, the passes themselves, the FLOP
 count, torch.onnx's decompositions (the attention's among them) and translation to ONNX,
 onnxscript's optimizer, ONNX saving, the TensorRT check and verification. Steps nest (the
-translation runs inside torch.onnx.export), so the rows are not a partition; "ONNX nodes" is the written file's
-node count. Retention 1.0 is the anchor issue 19 asks for: the stock tower through the same
+translation runs inside torch.onnx.export), so the rows are not a partition; "ONNX nodes" is the
+written file's node count. Retention 1.0 is the anchor issue 19 asks for: the stock tower through the same
 toolchain.
 """
 

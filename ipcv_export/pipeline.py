@@ -308,8 +308,9 @@ def _stage(name: str, timings: dict[str, float], report: Callable[[str], None], 
         if live:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
-    report(f"{label}: {time.perf_counter() - start:.1f} s")
+    elapsed = time.perf_counter() - start
+    timings[name] = round(timings.get(name, 0.0) + elapsed, 3)
+    report(f"{label}: {elapsed:.1f} s")
 
 
 def _size(path: Path) -> int:

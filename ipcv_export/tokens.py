@@ -32,6 +32,7 @@ _MANTISSA_STEPS = (*[(2.0 ** (-4 * i), SEARCH_CANDIDATES) for i in range(1, 6)],
 """(spacing relative to the binade's base b, candidates) of each mantissa step: b/16, ..., b/2^20,
 then 8 steps of one ulp (b/2^23), which cover the last 2^-20 b exactly."""
 
+
 def kept_count(n: int | torch.SymInt, retention_e4: int, special_tokens: int = 0) -> int | torch.SymInt:
     """K = (N * retention_e4) // 10^4, in integer arithmetic (ipcv.md, step 1); with special
     tokens (CLS), K = ((N - S) * retention_e4) // 10^4 patch tokens besides them.
@@ -103,10 +104,9 @@ def _search(score: torch.Tensor, wanted: torch.Tensor, count) -> torch.Tensor:
     start = _EXPONENT_START.to(score.device)
     lo = start[step(start.unsqueeze(-1))]
     powers = _EXPONENT_REFINE.to(score.device)
-    ceiling = torch.full_like(lo, _LARGEST_BINADE)
-    lo = torch.minimum(lo * powers[step(torch.minimum(lo.unsqueeze(-2) * powers.unsqueeze(-1), ceiling.unsqueeze(-2)))],
-                       ceiling)
-    base = torch.maximum(lo, torch.full_like(lo, _SMALLEST_NORMAL))  # 0: subnormals, spaced as [2^-126, 2^-125)
+    refined = (lo.unsqueeze(-2) * powers.unsqueeze(-1)).clamp(max=_LARGEST_BINADE)
+    lo = (lo * powers[step(refined)]).clamp(max=_LARGEST_BINADE)
+    base = lo.clamp(min=_SMALLEST_NORMAL)  # 0: subnormals, spaced as [2^-126, 2^-125)
     for spacing, candidates in _MANTISSA_STEPS:
         offsets = torch.arange(candidates, dtype=score.dtype, device=score.device) * spacing
         chosen = step(lo.unsqueeze(-2) + base.unsqueeze(-2) * offsets.unsqueeze(-1))
@@ -180,7 +180,7 @@ def run_bounds(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _segment_prefix(mask: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Running count of `mask` before each token's run starts."""
+    """[..., N] running count of `mask` ([..., N]) before each token's run starts."""
     return (count_up_to(mask) - mask.to(torch.int64)).index_select(-1, first)
 
 

@@ -1,8 +1,8 @@
 """ExportedProgram -> ONNX file, through `torch.onnx.export(..., dynamo=True)`.
 
 `ipcv::segment_attention` is decomposed into a masked scaled-dot-product attention within
-torch.onnx's own decomposition run, so the file holds only standard ONNX operators. N stays a symbolic dimension. Models over 2 GB use the
-external-data format (`<file>.data` beside the file).
+torch.onnx's own decomposition run, so the file holds only standard ONNX operators. N stays a
+symbolic dimension. Models over 2 GB use the external-data format (`<file>.data` beside the file).
 """
 
 from __future__ import annotations
