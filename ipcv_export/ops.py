@@ -81,8 +81,8 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
 def decomposed_by_onnx_export() -> Iterator[None]:
     """Within: torch.onnx.export decomposes segment_attention itself, in the one re-trace of the
     program it makes anyway (its decomposition table is built from torch._decomp's), instead of
-    `decompose` re-tracing the whole program once more first: 12 of the tiny tower's 32 s of ONNX
-    lowering. Scoped, not registered for good: torch.export consults the same table, so a capture
+    `decompose` re-tracing the whole program once more first (18.2 s of the tiny tower's 112 s of
+    profiled ONNX lowering, BENCHMARKS.md). Scoped, not registered for good: torch.export consults the same table, so a capture
     would decompose the op before the passes could find it."""
     table = torch._decomp.decomposition_table
     op = torch.ops.ipcv.segment_attention.default

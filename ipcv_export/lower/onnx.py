@@ -21,8 +21,9 @@ TWO_GB = 2 * 1024**3
 SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
 """onnxscript rewrite rules the optimizer skips. SlicesSplit fuses Slices that tile a tensor into
 one Split; it needs static sizes, which a dynamic-N graph's slices never have, so it finds nothing
-in our graphs, yet it took three quarters of the rewriter's time on them (tiny Qwen2-VL at
-rho = 0.5: the optimizer ran 9.5 s with it, 2.4 s without, same 1968 nodes)."""
+in our graphs, yet its cost grows with the square of the slices: applied alone to the unoptimised
+graph it took 7.1 s for tiny Qwen2-VL at rho = 0.5 and 193 s for the 7B shape, against about 0.1 s
+and 0.3 s for each other rule (benchmarks/onnx_lowering_steps.py --rules)."""
 
 
 def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str],
