@@ -4,7 +4,8 @@
 operator of the graph performs for inputs of a given N; fake tensors make this take a fraction of
 a second at any N, with no memory for activations. Element-wise work is not counted (it is a small
 share of a ViT and is bandwidth-bound, not compute-bound). The attention core counts its dense
-[Nq, Nk] products, which is what the decomposed graph computes.
+[Nq, Nk] products, or its band's where segments are short runs (windows), which is what the
+decomposed graph computes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from . import ops  # noqa: F401  (registers ipcv::segment_attention)
+from . import ops
 from .capture import counting_inputs
 from .config import IpcvConfig
 from .models import LoadedEncoder
@@ -21,11 +22,14 @@ from .tokens import RETENTION_SCALE
 
 
 @register_flop_formula(torch.ops.ipcv.segment_attention)
-def _segment_attention_flops(query, key, value, *_args, out_shape=None, **_kwargs) -> int:
-    """Q K^T and (softmax) V: two products of Nq x Nk x d per head."""
+def _segment_attention_flops(query, key, value, segment_q=None, segment_k=None, scale=None, span=None, *_args,
+                             out_shape=None, **_kwargs) -> int:
+    """Q K^T and (softmax) V: two products of Nq x Nk x d per head; banded (span given): of
+    band_rows(N) x BAND_TILES * span, what the decomposition computes."""
     batch, heads, n_query, depth = query
-    n_key = key[2]
-    return 2 * batch * heads * n_query * n_key * (depth + value[3])
+    n_key = key[2] if span is None else ops.BAND_TILES * span
+    rows = n_query if span is None else ops.band_rows(n_query, span)
+    return 2 * batch * heads * rows * n_key * (depth + value[3])
 
 
 def program_flops(program: torch.export.ExportedProgram, encoder: LoadedEncoder, tokens: int) -> int:

@@ -42,6 +42,11 @@ def segment_ids(grid_thw: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
 
 
+def slice_lengths(grid_thw: torch.Tensor) -> list[int]:
+    """Tokens of every image or temporal slice (the segments), in order."""
+    return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+
+
 def engine_inputs(grid_thw: torch.Tensor, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     grid = check_grid(grid_thw, merge_size)
     return position_ids(grid, merge_size), segment_ids(grid)

@@ -15,6 +15,7 @@ the sequence with `.tolist()`, which cannot be exported.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -29,19 +30,71 @@ ATTENTION_NAME = "ipcv_flash_segments"
 
 @torch.library.custom_op("ipcv::segment_attention", mutates_args=())
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float) -> torch.Tensor:
+                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
+                      span: int | None = None) -> torch.Tensor:
     """Attention in which query i sees key j only when segment_q[i] == segment_k[j].
 
     query [B, H, Nq, d], key/value [B, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [B, Nq, H, d]
     (the layout transformers' attention functions return). Packed towers (B = 1) give segments;
     batched towers give None: each batch entry is one image, and every query sees every key.
+    `span`: every segment is one contiguous run of at most `span` tokens, on both sides of one
+    sequence (Nq == Nk); the decomposition then attends in a band (`_banded_attention`), linear in N.
     """
-    return _masked_attention(query, key, value, segment_q, segment_k, scale)
+    return _attention(query, key, value, segment_q, segment_k, scale, span)
 
 
 @segment_attention.register_fake
-def _segment_attention_fake(query, key, value, segment_q, segment_k, scale):
+def _segment_attention_fake(query, key, value, segment_q, segment_k, scale, span=None):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor | None,
+               segment_k: torch.Tensor | None, scale: float, span: int | None = None) -> torch.Tensor:
+    """The decomposition: banded where segments are short runs, else dense and masked."""
+    if span is None:
+        return _masked_attention(query, key, value, segment_q, segment_k, scale)
+    return _banded_attention(query, key, value, segment_q, segment_k, scale, span)
+
+
+BAND_TILES = 3
+"""Each tile of `span` queries sees this many tiles of keys: its own and one either side. A run of
+at most `span` tokens covers at most two adjacent tiles, so every key of a query's run is there."""
+
+
+def band_rows(tokens: int | torch.SymInt, span: int) -> int | torch.SymInt:
+    """Query rows the band computes: N rounded up to whole tiles (each sees BAND_TILES * span keys)."""
+    return (tokens + span - 1) // span * span
+
+
+def _banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor,
+                      segment_k: torch.Tensor, scale: float, span: int) -> torch.Tensor:
+    """Exact segment attention for runs of at most `span` tokens, at N x 3 span pairs instead of N^2.
+
+    The sequence is padded to whole tiles of `span` rows; tile t's queries attend to key tiles
+    t-1, t, t+1 (zero tiles beyond the ends), masked by segment id. Padding rows carry id -1, which
+    no real token has: they see only each other (no empty softmax row) and are cut off at the end.
+    All shapes follow from N: Pad, Reshape, Slice, Concat, one SDPA over [B * tiles] 4-D blocks.
+    """
+    batch, n = query.shape[0], query.shape[2]
+    rows = band_rows(n, span)
+    tiles = rows // span
+
+    def tiled(x: torch.Tensor, before: int, after) -> torch.Tensor:  # [B, H, N, d] -> [B * tiles(+2), H, span, d]
+        padded = torch.nn.functional.pad(x, (0, 0, before, after))
+        return padded.unflatten(2, (padded.shape[2] // span, span)).transpose(1, 2).flatten(0, 1)
+
+    def neighbourhood(x: torch.Tensor, axis: int, rows_axis: int) -> torch.Tensor:  # tiles + 2 -> tiles, 3 span rows
+        return torch.cat([x.narrow(axis, shift, tiles) for shift in range(BAND_TILES)], rows_axis)
+
+    q = tiled(query, 0, rows - n)
+    k, v = (neighbourhood(tiled(x, span, rows - n + span).unflatten(0, (batch, tiles + 2)), 1, 3).flatten(0, 1)
+            for x in (key, value))
+    pad_ids = functools.partial(torch.nn.functional.pad, value=-1)
+    ids_q = pad_ids(segment_q, (0, rows - n)).reshape(tiles, 1, span, 1)
+    ids_k = neighbourhood(pad_ids(segment_k, (span, rows - n + span)).reshape(tiles + 2, 1, span), 0, 2)
+    mask = (ids_q == ids_k.unsqueeze(2)).repeat(batch, 1, 1, 1)  # [B * tiles, 1, span, 3 span]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.unflatten(0, (batch, tiles)).transpose(2, 3).flatten(1, 2).narrow(1, 0, n)
 
 
 QUERY_CHUNKS = 4
@@ -66,7 +119,7 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def decompositions() -> dict:
     """Decomposition table for `ExportedProgram.run_decompositions` before lowering."""
-    return {torch.ops.ipcv.segment_attention.default: _masked_attention}
+    return {torch.ops.ipcv.segment_attention.default: _attention}
 
 
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -86,7 +139,7 @@ def decomposed_by_onnx_export() -> Iterator[None]:
     would decompose the op before the passes could find it."""
     table = torch._decomp.decomposition_table
     op = torch.ops.ipcv.segment_attention.default
-    table[op] = _masked_attention
+    table[op] = _attention
     try:
         yield
     finally:
@@ -94,11 +147,12 @@ def decomposed_by_onnx_export() -> Iterator[None]:
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        segment_ids=None, **kwargs):
-    """transformers attention function: one segment_attention node, segments from the caller."""
+                        segment_ids=None, segment_span=None, **kwargs):
+    """transformers attention function: one segment_attention node, segments (and, where they are
+    short contiguous runs such as windows, their longest length) from the caller."""
     if segment_ids is None:
         raise ValueError(f"attention '{ATTENTION_NAME}' needs segment_ids passed to the encoder's forward")
-    return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling), None
+    return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling, segment_span), None
 
 
 BATCHED_ATTENTION_NAME = "ipcv_batched"

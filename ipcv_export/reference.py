@@ -17,18 +17,19 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
-from .models.description import TowerParts
+from .models.description import BlockAttention, TowerParts
 from .tokens import WEIGHT_EPSILON, rankable, unit_rows
 
-BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[torch.Tensor]]
+BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[BlockAttention]]
+TokenOrder = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class ReferenceResult:
     """Packed towers: one selection per call; batched towers add a leading [B] axis to each."""
 
-    embeddings: torch.Tensor  # [N / merge^2, hidden], the merger's output
-    keep: torch.Tensor  # [K] ascending indices of the kept tokens
+    embeddings: torch.Tensor  # [N / merge^2, hidden], the merger's output, in the processor's order
+    keep: torch.Tensor  # [K] ascending indices of the kept tokens (in the description's token order)
     neighbors: torch.Tensor  # [R, k'] indices into keep of each removed token's neighbours
     distances: torch.Tensor  # [R, K] fp32 distances between removed and kept tokens at l_p
 
@@ -36,11 +37,15 @@ class ReferenceResult:
 @torch.no_grad()
 def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                    config: IpcvConfig, neighbors: torch.Tensor | None = None,
-                   keep: torch.Tensor | None = None, block_segments: BlockSegments | None = None) -> ReferenceResult:
+                   keep: torch.Tensor | None = None, block_segments: BlockSegments | None = None,
+                   token_order: TokenOrder | None = None) -> ReferenceResult:
     """Run the encoder `visual` (a stock Qwen2-VL-style vision module) with IPCV.
 
     `block_segments` is the model description's per-block attention segments (window ids in a
     windowed tower's window blocks); by default every block attends within each image.
+    `token_order` is the description's order of the blocks' tokens (window-major in a windowed
+    tower): the tokens are put in it after the patch embedding, keep and neighbours index it,
+    and the merger's output is put back in the processor's order.
 
     `neighbors` and `keep` replace the neighbour search's and the selection's results, so that a
     file whose discrete choices differ from ours (equally distant neighbours; or, in fp16/bf16,
@@ -48,8 +53,14 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     """
     grid = check_grid(grid_thw, visual.spatial_merge_size)
     positions, images = position_ids(grid, visual.spatial_merge_size), segment_ids(grid)
+    group = visual.spatial_merge_size ** 2
+    place = (token_order(visual.config, positions, images) if token_order
+             else torch.arange(len(images)))
+    order = torch.argsort(place)
+    positions, images, pixel_values = positions[order], images[order], pixel_values[order]
     blocks = list(visual.blocks)
-    segs = block_segments(visual.config, positions, images) if block_segments else [images] * len(blocks)
+    segs = ([attention.segments for attention in block_segments(visual.config, positions, images)]
+            if block_segments else [images] * len(blocks))
     x = visual.patch_embed(pixel_values)
     cos, sin = visual.rotary_pos_emb(x, positions)
     n = x.shape[0]
@@ -95,7 +106,8 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
             y = _stock_block(blocks[index], y, cos[keep], sin[keep], segs[index][keep])
 
     # 5. Reintegrate every token in its place, then the merger as it is.
-    return ReferenceResult(visual.merger(full_sequence(y)), keep, neighbors, distances)
+    merged = visual.merger(full_sequence(y))[place[::group] // group]  # back in the processor's order
+    return ReferenceResult(merged, keep, neighbors, distances)
 
 
 def per_image_keep(score: torch.Tensor, segments: torch.Tensor, k: int, retention_e4: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from .config import IpcvConfig
 from .models.description import TowerParts
-from .reference import BlockSegments, ReferenceResult, batched_reference, ipcv_reference
+from .reference import BlockSegments, ReferenceResult, TokenOrder, batched_reference, ipcv_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -57,9 +57,11 @@ class ParityCheck:
 
 def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], visual: torch.nn.Module,
                  config: IpcvConfig, grid_thw: torch.Tensor, pixel_values: torch.Tensor,
-                 tolerance: Tolerance = TOLERANCES["fp32"], block_segments: BlockSegments | None = None) -> ParityCheck:
+                 tolerance: Tolerance = TOLERANCES["fp32"], block_segments: BlockSegments | None = None,
+                 token_order: TokenOrder | None = None) -> ParityCheck:
     """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare."""
-    reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, block_segments=block_segments)
+    reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, block_segments=block_segments,
+                           token_order=token_order)
     return _check(run(pixel_values, grid_thw), reference_of, tolerance, grid_thw.tolist())
 
 

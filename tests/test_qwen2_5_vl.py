@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from transformers.vision_utils import get_vision_window_index
 
 from ipcv_export import export
 from ipcv_export.config import IpcvConfig
 from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
-from ipcv_export.models.qwen2_5_vl import block_segments
+from ipcv_export.models.qwen2_5_vl import block_segments, merged_places, window_order, window_tokens
 from ipcv_export.reference import ipcv_reference, stock_reference
 
 # single image with partial windows at the bottom and right, two images, a video of 2 slices
@@ -35,11 +36,28 @@ def test_window_segments_tile_each_slice(tiny25):
     grid, _, positions, segments = _inputs(tiny25, [[1, 20, 28], [2, 8, 8]])
     per_block = block_segments(tiny25.module.config, positions, segments)
     full = tiny25.module.config.fullatt_block_indexes
-    assert [torch.equal(s, segments) for s in per_block] == [i in full for i in range(tiny25.depth)]
-    windows = per_block[0]
+    assert [torch.equal(a.segments, segments) and a.span is None for a in per_block] == \
+        [i in full for i in range(tiny25.depth)]
+    windows = per_block[0].segments
     assert len(windows.unique()) == 3 * 4 + 2  # 20 x 28 patches in 8 x 8 windows, then one per 8 x 8 slice
     first = windows[segments == 0].reshape(-1)
     assert len(first[(positions[segments == 0] < 8).all(-1)].unique()) == 1  # the top-left window
+
+
+@pytest.mark.parametrize("grid", GRIDS + [[[1, 8, 40], [3, 24, 8], [1, 2, 2]]])
+def test_window_order_is_the_stock_window_index(tiny25, grid):
+    """The graph's integer arithmetic gives the stock Python loop's order, and in it every window
+    is one contiguous run of at most `window_tokens` tokens (what the band needs)."""
+    config = tiny25.module.config
+    grid_thw, _, positions, segments = _inputs(tiny25, grid)
+    place = window_order(config, positions, segments)
+    assert torch.equal(place.sort().values, torch.arange(len(place)))
+    stock, _ = get_vision_window_index(grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
+    assert torch.equal(merged_places(config, place), torch.argsort(stock))
+    order = torch.argsort(place)
+    window = block_segments(config, positions[order], segments[order])[0]
+    runs = torch.unique_consecutive(window.segments, return_counts=True)[1]
+    assert len(runs) == len(window.segments.unique()) and runs.max() <= window.span == window_tokens(config)
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -49,7 +67,7 @@ def test_exportable_module_and_reference_equal_the_stock_tower(tiny25, grid):
     with tiny25.description.attention_context(tiny25.module):
         exportable = tiny25.description.exportable(tiny25.module)(pixels, positions, segments)
     reference = ipcv_reference(tiny25.module, pixels, grid_thw, IpcvConfig(retention=1.0),
-                               block_segments=block_segments).embeddings
+                               block_segments=block_segments, token_order=window_order).embeddings
     assert (exportable - stock).abs().max() <= STOCK_TOLERANCE
     assert (reference - stock).abs().max() <= STOCK_TOLERANCE
 

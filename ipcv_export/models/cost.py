@@ -3,8 +3,10 @@ multiply-add, matrix products only): what an exact IPCV graph must cost at least
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..ops import BAND_TILES, band_rows
 from ..tokens import kept_count, merge_rounds
 
 
@@ -12,7 +14,8 @@ from ..tokens import kept_count, merge_rounds
 class TowerShape:
     """The sizes the cost model needs. mlp_macs: multiply-adds of one token's MLP. The head after
     the blocks (merger, projector) costs head_macs per group of head_group patches (Qwen's merger:
-    merge^2 patches per row); 0 for none. special_tokens (CLS) are always kept."""
+    merge^2 patches per row); 0 for none. special_tokens (CLS) are always kept. banded_blocks:
+    blocks whose attention is banded (windows of at most band_span tokens, `ops._banded_attention`)."""
 
     depth: int
     width: int  # d
@@ -21,6 +24,15 @@ class TowerShape:
     head_macs: int = 0
     head_group: int = 1
     special_tokens: int = 0
+    banded_blocks: frozenset[int] = frozenset()
+    band_span: int = 0
+
+    def attention_pairs(self, index: int, queries: int, keys: int) -> int:
+        """Query-key pairs block `index` computes: all of them, or its band over the key rows (a
+        banded AS block attends with every row and reads the kept ones)."""
+        if index in self.banded_blocks:
+            return band_rows(keys, self.band_span) * BAND_TILES * self.band_span
+        return queries * keys
 
 
 def merger_macs(width: int, merge: int, out: int) -> int:
@@ -29,34 +41,61 @@ def merger_macs(width: int, merge: int, out: int) -> int:
     return merged * (merged + out)
 
 
+AttentionPairs = Callable[[int, int, int], int]
+"""(block index, query rows, key rows) -> query-key pairs the block's attention computes."""
+
+
 def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
+               selection: str = "score", pairs: AttentionPairs | None = None) -> int:
     """FLOPs of one segment (image) of `tokens` patches: blocks before l_p on N rows, AS blocks
     with queries and outputs on K rows and keys/values on N, the rest on K, plus the neighbour
-    search (R x K distances), patch embedding and merger. Attention is dense within the segment.
+    search (R x K distances), patch embedding and merger. Attention is dense within the segment,
+    or banded in `shape.banded_blocks`; `pairs` prices it otherwise (an ideal floor).
     Special tokens add to N and to K. Bipartite selection adds its N x (K // 2) cosines; merge
     selection replaces the neighbour search by its rounds (`merge_flops`)."""
-    d = shape.width
+    pairs = pairs or shape.attention_pairs
 
-    def block(queries: int, keys: int) -> int:  # queries == outputs: rows that get a new state
-        return (2 * d * (queries * d + keys * 2 * d) + 4 * queries * keys * d + 2 * queries * d * d
-                + 2 * queries * shape.mlp_macs)
+    def blocks(indices: range, queries: int, keys: int) -> int:
+        return sum(block_flops(shape, queries, keys, pairs(index, queries, keys)) for index in indices)
 
     n = tokens + shape.special_tokens
     kept = shape.special_tokens + kept_count(tokens, retention_e4)
-    embed = 2 * tokens * shape.patch_width * d
-    merger = 2 * (tokens // shape.head_group) * shape.head_macs
+    ends = _embed_flops(shape, tokens) + _head_flops(shape, tokens)
     if kept == n:
-        return embed + shape.depth * block(n, n) + merger
-    stabilized = min(as_depth, shape.depth - prune_layer)
-    neighbour_search = 0 if selection == "merge" else 2 * (n - kept) * kept * d
+        return ends + blocks(range(shape.depth), n, n)
+    stabilized = range(prune_layer, min(prune_layer + as_depth, shape.depth))
+    neighbour_search = 0 if selection == "merge" else 2 * (n - kept) * kept * shape.width
     matching = 0
     if selection == "bipartite":
-        matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * d
+        matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * shape.width
     elif selection == "merge":
-        matching = merge_flops(d, tokens, retention_e4)
-    return (embed + prune_layer * block(n, n) + stabilized * block(kept, n)
-            + (shape.depth - prune_layer - stabilized) * block(kept, kept) + neighbour_search + matching + merger)
+        matching = merge_flops(shape.width, tokens, retention_e4)
+    return (ends + blocks(range(prune_layer), n, n) + blocks(stabilized, kept, n)
+            + blocks(range(stabilized.stop, shape.depth), kept, kept) + neighbour_search + matching)
+
+
+def stock_flops(shape: TowerShape, tokens: int, pairs_per_block: Sequence[int]) -> int:
+    """FLOPs of the stock tower on one call of N = `tokens` patches whose block i attends over
+    `pairs_per_block[i]` query-key pairs (the sum over its windows or segments of length^2)."""
+    n = tokens + shape.special_tokens
+    return (_embed_flops(shape, tokens) + _head_flops(shape, tokens)
+            + sum(block_flops(shape, n, n, pairs) for pairs in pairs_per_block))
+
+
+def block_flops(shape: TowerShape, queries: int, keys: int, pairs: int) -> int:
+    """One block: norm-free matrix work of qkv (queries for `queries` rows, keys and values for
+    `keys`), attention over `pairs`, the output projection and the MLP for `queries` rows."""
+    d = shape.width
+    return (2 * d * (queries * d + keys * 2 * d) + 4 * pairs * d + 2 * queries * d * d
+            + 2 * queries * shape.mlp_macs)
+
+
+def _embed_flops(shape: TowerShape, tokens: int) -> int:
+    return 2 * tokens * shape.patch_width * shape.width
+
+
+def _head_flops(shape: TowerShape, tokens: int) -> int:
+    return 2 * (tokens // shape.head_group) * shape.head_macs
 
 
 def merge_flops(width: int, patches: int, retention_e4: int) -> int:

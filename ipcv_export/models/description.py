@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -13,6 +13,15 @@ def square_side(size: int | Sequence[int]) -> int:
     """A config's square size (image or patch side), given as an int or as [height, width]
     (InternViT's configs)."""
     return size if isinstance(size, int) else size[0]
+
+
+class BlockAttention(NamedTuple):
+    """Which keys a block's queries see: those of the same segment id. `span`: every segment is one
+    contiguous run of at most this many tokens (a windowed tower's windows, in window-major token
+    order), so attention can be banded; None: segments of any length (images, temporal slices)."""
+
+    segments: torch.Tensor
+    span: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,15 @@ class ModelDescription:
         None; attention-stabilised blocks then compute queries for kept rows only.
     flop_floor: (vision config, retention_e4, l_p, Delta, N, selection="score") -> FLOPs of
         ipcv.md's cost model, the figure benchmarks hold the counted graph against.
-    block_segments: (vision config, position_ids, segment_ids) -> one [N] segment-id tensor per
-        block (attention stays within a segment); None: every block attends within each image.
+    stock_flops: (vision config, grid_thw) -> FLOPs of the stock module on that call, with its own
+        kernels' attention (per window, per segment): what users run today, for the benchmarks.
+    block_segments: (vision config, position_ids, segment_ids) -> one BlockAttention per block
+        (attention stays within a segment); None: every block attends within each image.
         Windowed towers give window ids in their window blocks.
+    token_order: (vision config, position_ids, segment_ids) -> [N] place of each processor-order
+        token in the order the tower runs its blocks (window-major for a windowed tower, so that
+        windows are contiguous runs), or None for the processor's order. The exportable module and
+        the reference both apply it; kept indices and neighbours refer to that order.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
@@ -89,7 +104,9 @@ class ModelDescription:
     image_processor: Callable[[Any], dict]
     query_projection: tuple[str, int, int] | None = None
     flop_floor: Callable[..., int] | None = None
-    block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
+    stock_flops: Callable[[Any, torch.Tensor], int] | None = None
+    block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[BlockAttention]] | None = None
+    token_order: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     image_batch: ImageBatch | None = None
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)

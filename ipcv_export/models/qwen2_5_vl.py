@@ -1,14 +1,14 @@
 """Qwen2.5-VL's vision tower: Qwen2-VL's packed layout with RMSNorm, a gated MLP and windows.
 
-Most blocks attend within windows of window_size pixels (8 x 8 patches), the blocks listed in
-`fullatt_block_indexes` within each image. The stock forward regroups tokens window by window so
-that each window is a contiguous run for varlen kernels, then restores the order after the merger.
-Attention restricted by segment ids needs no contiguity, so the exportable module keeps the
-processor's token order throughout and gives each block its segment ids instead: window ids in
-window blocks, image ids in full blocks. Same result as the stock module (each token's output
-depends only on the tokens of its window), no gather or argsort of N-sized data in the graph,
-and the same engine inputs as Qwen2-VL. The one visible difference: the order in which IPCV
-breaks ties between equal importance scores is the processor's, not the stock window order.
+Most blocks attend within windows of window_size pixels (8 x 8 patches, at most 64 tokens), the
+blocks listed in `fullatt_block_indexes` within each image. Like the stock forward, the exportable
+module runs its blocks in window-major order (window by window, each window's merge blocks row by
+row), so that each window is one contiguous run and window attention can be banded (cost linear
+in N, `ops._banded_attention`); the merger's output is put back in the processor's order. The
+stock module gets that order from `get_vision_window_index` (Python loops over grid_thw); here
+`window_order` computes it from position and segment ids in integer arithmetic, with no sort of
+N-sized data. Kept indices and neighbours refer to the window-major order, and IPCV breaks ties
+between equal scores in it, as the stock token order would.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import torch
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from . import attention
+from ..inputs import slice_lengths
+from ..tokens import run_bounds
+from . import attention, cost
 from .cost import TowerShape, ipcv_flops, merger_macs
-from .description import ModelDescription
+from .description import BlockAttention, ModelDescription
 from .qwen2_vl import image_processor
 
 WINDOW_ID_STRIDE = 2 ** 16
@@ -27,19 +29,57 @@ WINDOW_ID_STRIDE = 2 ** 16
 has fewer than 65536 windows per side."""
 
 
-def block_segments(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> list[torch.Tensor]:
-    """Per block: window ids (window blocks) or the image segment ids (full-attention blocks).
+def window_side(config: Qwen2_5_VLVisionConfig) -> int:
+    """Patches per side of a window (8 in the released models)."""
+    return config.window_size // config.patch_size
+
+
+def window_tokens(config: Qwen2_5_VLVisionConfig) -> int:
+    """The most tokens one window holds (64 in the released models): the band's span."""
+    return window_side(config) ** 2
+
+
+def block_segments(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> list[BlockAttention]:
+    """Per block: window ids (window blocks; banded) or the image segment ids (full-attention blocks).
 
     Windows tile each image slice from its top-left corner in squares of window_size // patch_size
     patches, as the stock `get_vision_window_index` tiles the merged grid (partial windows at the
-    bottom and right edges).
+    bottom and right edges). In window-major order (`window_order`) each is a contiguous run.
     """
-    side = config.window_size // config.patch_size
+    side = window_side(config)
     # positions are non-negative, so truncation is floor division; it lowers to one integer Div
     # (floor division of signed integers adds a sign test on booleans, which TensorRT rejects)
     window = torch.div(positions, side, rounding_mode="trunc")
-    windows = (segments * WINDOW_ID_STRIDE + window[:, 0]) * WINDOW_ID_STRIDE + window[:, 1]
-    return [segments if index in config.fullatt_block_indexes else windows for index in range(config.depth)]
+    windows = BlockAttention((segments * WINDOW_ID_STRIDE + window[:, 0]) * WINDOW_ID_STRIDE + window[:, 1],
+                             window_tokens(config))
+    return [BlockAttention(segments) if index in config.fullatt_block_indexes else windows
+            for index in range(config.depth)]
+
+
+def window_order(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """[N] place of each token (processor order: slice by slice, merge blocks row by row) in the
+    stock window-major order: within each slice, windows row by row, and within a window its merge
+    blocks row by row, each block's merge^2 tokens together. Element-wise integer arithmetic on
+    the merged grid, whose size per slice is read from the slice's last token (its bottom-right
+    patch); windows at the bottom and right edges are partial, as in `get_vision_window_index`."""
+    merge = config.spatial_merge_size
+    side = config.window_size // merge // config.patch_size  # window side in merge blocks, as the stock code
+    first, last = run_bounds(segments)
+    block = torch.div(positions, merge, rounding_mode="trunc")  # non-negative: trunc is floor
+    grid = block.index_select(0, last) + 1  # merged rows, columns of each token's slice
+    window = torch.div(block, side, rounding_mode="trunc")
+    corner = window * side
+    extent = torch.minimum(grid - corner, torch.full_like(grid, side))  # the window's rows, columns
+    inside = block - corner
+    place = (corner[:, 0] * grid[:, 1] + corner[:, 1] * extent[:, 0]  # blocks of the windows before
+             + inside[:, 0] * extent[:, 1] + inside[:, 1])
+    offset = positions - block * merge
+    return first + place * merge * merge + offset[:, 0] * merge + offset[:, 1]
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order` (a permutation of 0..N-1), by one scatter."""
+    return torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0], device=order.device))
 
 
 class ExportableQwen25VLVision(torch.nn.Module):
@@ -51,25 +91,59 @@ class ExportableQwen25VLVision(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
+        place = window_order(visual.config, position_ids, segment_ids)
+        window_major = _inverse(place)
+        position_ids, segment_ids = position_ids.index_select(0, window_major), segment_ids.index_select(0, window_major)
+        hidden = visual.patch_embed(pixel_values.index_select(0, window_major))
         rotary = visual.rotary_pos_emb(hidden, position_ids)
-        for block, segments in zip(visual.blocks, block_segments(visual.config, position_ids, segment_ids)):
+        for block, attention in zip(visual.blocks, block_segments(visual.config, position_ids, segment_ids)):
             # cu_seqlens / max_seqlen are required by the stock signature but unused by the registered
             # attention, which reads segment_ids (see qwen2_vl.ExportableQwen2VLVision).
-            hidden = block(hidden, cu_seqlens=segments, max_seqlen=0, position_embeddings=rotary, segment_ids=segments)
-        return visual.merger(hidden)
+            hidden = block(hidden, cu_seqlens=attention.segments, max_seqlen=0, position_embeddings=rotary,
+                           segment_ids=attention.segments, segment_span=attention.span)
+        return visual.merger(hidden).index_select(0, merged_places(visual.config, place))
+
+
+def merged_places(config: Qwen2_5_VLVisionConfig, place: torch.Tensor) -> torch.Tensor:
+    """[N / merge^2] window-major row of each processor-order merged token: a merge block moves as one."""
+    group = config.spatial_merge_size ** 2
+    return torch.div(place[::group], group, rounding_mode="trunc")
+
+
+def tower_shape(config: Qwen2_5_VLVisionConfig) -> TowerShape:
+    """The cost model's sizes; MLP: gated, three d x intermediate products. Window blocks attend in
+    a band of 3 x 64 keys per query (`ops._banded_attention`), full blocks densely within the image."""
+    return TowerShape(config.depth, config.hidden_size,
+                      config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
+                      3 * config.hidden_size * config.intermediate_size,
+                      merger_macs(config.hidden_size, config.spatial_merge_size, config.out_hidden_size),
+                      config.spatial_merge_size ** 2,
+                      banded_blocks=frozenset(range(config.depth)) - frozenset(config.fullatt_block_indexes),
+                      band_span=window_tokens(config))
 
 
 def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
                selection: str = "score") -> int:
-    """ipcv.md's cost model (see `cost.ipcv_flops`); MLP: gated, three d x intermediate products.
-    Window blocks cost as much as full ones here: the file's attention is dense, masked by segment."""
-    shape = TowerShape(config.depth, config.hidden_size,
-                       config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
-                       3 * config.hidden_size * config.intermediate_size,
-                       merger_macs(config.hidden_size, config.spatial_merge_size, config.out_hidden_size),
-                       config.spatial_merge_size ** 2)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
+    """ipcv.md's cost model (see `cost.ipcv_flops`) on this tower's shape."""
+    return ipcv_flops(tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
+
+
+def window_lengths(config: Qwen2_5_VLVisionConfig, grid_thw: torch.Tensor) -> list[int]:
+    """Tokens of every window of every slice, as the stock module's cu_window_seqlens has them."""
+    side = window_side(config)
+    return [min(side, h - top) * min(side, w - left)
+            for t, h, w in grid_thw.tolist() for _ in range(t)
+            for top in range(0, h, side) for left in range(0, w, side)]
+
+
+def stock_flops(config: Qwen2_5_VLVisionConfig, grid_thw: torch.Tensor) -> int:
+    """FLOPs of the stock module on one call: its varlen kernels attend within each window in
+    window blocks and within each slice in full blocks (`tests/test_flops.py` checks this against
+    torch.utils.flop_counter on the stock module)."""
+    windows = sum(length ** 2 for length in window_lengths(config, grid_thw))
+    slices = sum(length ** 2 for length in slice_lengths(grid_thw))
+    pairs = [slices if index in config.fullatt_block_indexes else windows for index in range(config.depth)]
+    return cost.stock_flops(tower_shape(config), sum(slice_lengths(grid_thw)), pairs)
 
 
 def build(vision_config: dict) -> Qwen2_5_VisionTransformerPretrainedModel:
@@ -89,5 +163,7 @@ QWEN2_5_VL = ModelDescription(
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
     flop_floor=flop_floor,
+    stock_flops=stock_flops,
     block_segments=block_segments,
+    token_order=window_order,
 )

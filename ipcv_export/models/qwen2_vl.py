@@ -14,7 +14,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from . import attention
+from ..inputs import slice_lengths
+from . import attention, cost
 from .cost import TowerShape, ipcv_flops, merger_macs
 from .description import ModelDescription
 
@@ -47,14 +48,24 @@ def image_processor(config: Qwen2VLVisionConfig) -> dict:
                        "image_std": list(OPENAI_CLIP_STD), "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}}
 
 
+def tower_shape(config: Qwen2VLVisionConfig) -> TowerShape:
+    """The cost model's sizes; MLP: fc1 and fc2 of width d * mlp_ratio."""
+    d = config.embed_dim
+    return TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
+                      2 * d * int(d * config.mlp_ratio), merger_macs(d, config.spatial_merge_size, config.hidden_size),
+                      config.spatial_merge_size ** 2)
+
+
 def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
                selection: str = "score") -> int:
-    """ipcv.md's cost model for this tower (see `cost.ipcv_flops`); MLP: fc1 and fc2 of width d * mlp_ratio."""
-    d = config.embed_dim
-    shape = TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
-                       2 * d * int(d * config.mlp_ratio), merger_macs(d, config.spatial_merge_size, config.hidden_size),
-                       config.spatial_merge_size ** 2)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
+    """ipcv.md's cost model for this tower (see `cost.ipcv_flops`)."""
+    return ipcv_flops(tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
+
+
+def stock_flops(config: Qwen2VLVisionConfig, grid_thw: torch.Tensor) -> int:
+    """FLOPs of the stock module on one call: its varlen kernels attend within each slice."""
+    lengths = slice_lengths(grid_thw)
+    return cost.stock_flops(tower_shape(config), sum(lengths), [sum(n ** 2 for n in lengths)] * config.depth)
 
 
 QWEN2_VL = ModelDescription(
@@ -68,4 +79,5 @@ QWEN2_VL = ModelDescription(
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
     flop_floor=flop_floor,
+    stock_flops=stock_flops,
 )

@@ -21,7 +21,8 @@ class StabilizeAttentionPass(PassBase):
         z = scatter_back(y, rec(y), slot)                  (N rows, original order)
         the nodes feeding the attention core (norm1, qkv, rotary) read z, the full tables and N
         instead of their kept views; the core takes queries q[:, :, keep] with kept segment ids,
-        keys and values from all N rows with full segment ids;
+        keys and values from all N rows with full segment ids (a banded core, whose band needs
+        one sequence, takes all N query rows and its output is read at keep);
         the residual adds and the MLP still read y and K: removed rows get no output of their own;
         with `query_projection` given, the linear layer producing the queries computes them for
         kept rows only (`tokens.project_except_queries`); its other columns still cover all N rows.
@@ -67,11 +68,16 @@ class StabilizeAttentionPass(PassBase):
             for arg in node.all_input_nodes:
                 if _graph.FULL in arg.meta:
                     node.replace_input_with(arg, arg.meta[_graph.FULL])
-        query, key, value, segment_q, segment_k, scale = core.args
-        kept_query = _graph.insert(graph, tokens.take, (query, _graph.one_with_role(graph, "keep"), 2),
-                                   pass_name=NAME, before=core)
+        query, key, value, segment_q, segment_k, scale, *banded = core.args
+        keep = _graph.one_with_role(graph, "keep")
         full_segment_k = segment_k.meta.get(_graph.FULL, segment_k) if segment_k is not None else None
-        core.args = (kept_query, key, value, segment_q, full_segment_k, scale)
+        if banded and banded[0] is not None:  # a band needs one sequence: all N queries, kept outputs
+            core.args = (query, key, value, segment_q.meta.get(_graph.FULL, segment_q), full_segment_k, scale, *banded)
+            kept_rows = _graph.insert(graph, tokens.take, (core, keep, 1), pass_name=NAME, after=core)
+            core.replace_all_uses_with(kept_rows, delete_user_cb=lambda user: user is not kept_rows)
+        else:
+            kept_query = _graph.insert(graph, tokens.take, (query, keep, 2), pass_name=NAME, before=core)
+            core.args = (kept_query, key, value, segment_q, full_segment_k, scale, *banded)
         if self.query_projection is not None:
             self._project_queries_for_kept_rows(graph, index, feeding)
 

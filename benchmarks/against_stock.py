@@ -1,0 +1,88 @@
+"""Latency of the exported files in ONNX Runtime CPU against the stock transformers module in
+PyTorch: what a user runs today (issue 18's latency targets).
+
+    .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --retentions 0.5
+    .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 0.5
+
+Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
+--folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
+patch grids), the stock module (`visual(pixel_values, grid_thw)`, SDPA attention, torch threads
+pinned to --threads) and each file (ORT, intra-op threads --threads), alternated round by round so
+that drift of the shared machine hits all alike: one warm-up round, median of --runs rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+import ipcv_export
+from ipcv_export.inputs import engine_inputs
+from ipcv_export.models import load_encoder
+
+
+def parse_grid(text: str) -> list[int]:
+    return [int(part) for part in text.lower().split("x")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-vl-7b-shape")
+    parser.add_argument("--grid", type=parse_grid, nargs="+", default=[[1, 64, 80]], help="t x h x w per image")
+    parser.add_argument("--retentions", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-stock-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = load_encoder(args.model)
+    files = {}
+    for retention in [1.0, *args.retentions]:
+        files[retention] = folder / f"{args.model}-rho{retention}.onnx"
+        if not files[retention].exists():
+            start = time.perf_counter()
+            ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
+            print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
+
+    grid = torch.tensor(args.grid)
+    positions, segments = engine_inputs(grid, encoder.merge_size)
+    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(0))
+    feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    sessions = {rho: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for rho, path in files.items()}
+
+    def stock() -> torch.Tensor:
+        with torch.no_grad():
+            return encoder.module(pixels, grid_thw=grid).pooler_output
+
+    runners = {"stock": stock, **{f"rho={rho}": (lambda s=s: s.run(None, feeds)) for rho, s in sessions.items()}}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for round_ in range(args.runs + 1):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            if round_:  # round 0 warms up
+                times[name].append((time.perf_counter() - start) * 1e3)
+    stock_ms = statistics.median(times["stock"])
+    print(f"{args.model}, grid {grid.tolist()} (N = {len(segments)}), {args.threads} threads, "
+          f"median of {args.runs} alternated rounds after 1 warm-up")
+    print(f"{'run':>10s} {'ms':>10s} {'/ stock':>8s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:>10s} {median:10.1f} {median / stock_ms:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
