@@ -83,7 +83,7 @@ def stock_flops(shape: TowerShape, tokens: int, pairs_per_block: Sequence[int]) 
 
 
 def block_flops(shape: TowerShape, queries: int, keys: int, pairs: int) -> int:
-    """One block: norm-free matrix work of qkv (queries for `queries` rows, keys and values for
+    """One block's matrix work: qkv (queries for `queries` rows, keys and values for
     `keys`), attention over `pairs`, the output projection and the MLP for `queries` rows."""
     d = shape.width
     return (2 * d * (queries * d + keys * 2 * d) + 4 * pairs * d + 2 * queries * d * d
