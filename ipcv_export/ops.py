@@ -28,10 +28,20 @@ from .tokens import row_chunks
 ATTENTION_NAME = "ipcv_flash_segments"
 
 
+QUERY_CHUNKS = 4
+"""The decomposition attends in this many slices of the queries, so no [heads, Nq, Nk] tensor
+exists at once, only [heads, Nq / 4, Nk] ones. Measured on the 7B-shape tower at N = 8192
+(benchmarks/memory.py, ONNX Runtime CPU): 9.4 GB peak with 4 slices, killed above 23 GB without.
+The peak still holds several slice-sized intermediates of the decomposition (scores, scaled,
+masked, soft-maxed), so more slices buy less than their count suggests, and each costs export
+time (onnxscript's rewriter matches every node): 8 slices took the 7B-shape ONNX lowering from
+42 s to 266 s, 4 slices to 121 s."""
+
+
 @torch.library.custom_op("ipcv::segment_attention", mutates_args=())
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
-                      span: int | None = None) -> torch.Tensor:
+                      span: int | None = None, query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
     """Attention in which query i sees key j only when segment_q[i] == segment_k[j].
 
     query [B, H, Nq, d], key/value [B, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [B, Nq, H, d]
@@ -39,20 +49,23 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     batched towers give None: each batch entry is one image, and every query sees every key.
     `span`: every segment is one contiguous run of at most `span` tokens, on both sides of one
     sequence (Nq == Nk); the decomposition then attends in a band (`_banded_attention`), linear in N.
+    `query_chunks`: otherwise the decomposition attends in this many slices of the queries
+    (`_masked_attention`; QUERY_CHUNKS unless the tower asks for more).
     """
-    return _attention(query, key, value, segment_q, segment_k, scale, span)
+    return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
 
 
 @segment_attention.register_fake
-def _segment_attention_fake(query, key, value, segment_q, segment_k, scale, span=None):
+def _segment_attention_fake(query, key, value, segment_q, segment_k, scale, span=None, query_chunks=QUERY_CHUNKS):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor | None,
-               segment_k: torch.Tensor | None, scale: float, span: int | None = None) -> torch.Tensor:
+               segment_k: torch.Tensor | None, scale: float, span: int | None = None,
+               query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
     """The decomposition: banded where segments are short runs, else dense and masked."""
     if span is None:
-        return _masked_attention(query, key, value, segment_q, segment_k, scale)
+        return _masked_attention(query, key, value, segment_q, segment_k, scale, query_chunks)
     return _banded_attention(query, key, value, segment_q, segment_k, scale, span)
 
 
@@ -97,21 +110,12 @@ def _banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.unflatten(0, (batch, tiles)).transpose(2, 3).flatten(1, 2).narrow(1, 0, n)
 
 
-QUERY_CHUNKS = 4
-"""The decomposition attends in this many slices of the queries, so no [heads, Nq, Nk] tensor
-exists at once, only [heads, Nq / 4, Nk] ones. Measured on the 7B-shape tower at N = 8192
-(benchmarks/memory.py, ONNX Runtime CPU): 9.4 GB peak with 4 slices, killed above 23 GB without.
-The peak still holds several slice-sized intermediates of the decomposition (scores, scaled,
-masked, soft-maxed), so more slices buy less than their count suggests, and each costs export
-time (onnxscript's rewriter matches every node): 8 slices took the 7B-shape ONNX lowering from
-42 s to 266 s, 4 slices to 121 s."""
-
-
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float) -> torch.Tensor:
-    queries = row_chunks(query, QUERY_CHUNKS, dim=2)
-    masks = ([None] * QUERY_CHUNKS if segment_q is None
-             else [seg[:, None] == segment_k[None, :] for seg in row_chunks(segment_q, QUERY_CHUNKS)])
+                      segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
+                      chunks: int = QUERY_CHUNKS) -> torch.Tensor:
+    queries = row_chunks(query, chunks, dim=2)
+    masks = ([None] * chunks if segment_q is None
+             else [seg[:, None] == segment_k[None, :] for seg in row_chunks(segment_q, chunks)])
     out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
            for q, mask in zip(queries, masks)]
     return torch.cat(out, 2).transpose(1, 2)
@@ -147,12 +151,14 @@ def decomposed_by_onnx_export() -> Iterator[None]:
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        segment_ids=None, segment_span=None, **kwargs):
+                        segment_ids=None, segment_span=None, query_chunks=None, **kwargs):
     """transformers attention function: one segment_attention node, segments (and, where they are
-    short contiguous runs such as windows, their longest length) from the caller."""
+    short contiguous runs such as windows, their longest length; where the tower asks for it, the
+    query slices of dense attention) from the caller."""
     if segment_ids is None:
         raise ValueError(f"attention '{ATTENTION_NAME}' needs segment_ids passed to the encoder's forward")
-    return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling, segment_span), None
+    return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling, segment_span,
+                                            query_chunks or QUERY_CHUNKS), None
 
 
 BATCHED_ATTENTION_NAME = "ipcv_batched"

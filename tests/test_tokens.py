@@ -103,12 +103,18 @@ def test_kth_largest_is_exact_at_binade_edges_subnormals_and_the_top_binade():
         assert torch.equal(tokens.kth_largest(rows, k), expected), k
 
 
-def test_chunked_attention_decomposition_equals_one_sdpa():
+@pytest.mark.parametrize("chunks", [None, 32])
+def test_chunked_attention_decomposition_equals_one_sdpa(chunks):
+    """Dense attention in query slices (the default count, and Qwen2.5-VL's full blocks' 32, more
+    slices than rows) equals one SDPA."""
     from ipcv_export.ops import QUERY_CHUNKS, decompositions
 
-    attention = decompositions()[torch.ops.ipcv.segment_attention.default]
+    decomposed = decompositions()[torch.ops.ipcv.segment_attention.default]
+    slices = chunks or QUERY_CHUNKS
+    attention = (decomposed if chunks is None
+                 else lambda *args: decomposed(*args, None, chunks))
     g = torch.Generator().manual_seed(3)
-    for queries in (1, QUERY_CHUNKS - 1, 50):
+    for queries in (1, slices - 1, 50):
         q = torch.randn(1, 2, queries, 8, generator=g)
         k, v = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
         seg_q, seg_k = torch.randint(0, 3, (queries,), generator=g), torch.arange(40) % 3

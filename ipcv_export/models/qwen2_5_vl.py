@@ -18,6 +18,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from ..inputs import slice_lengths
+from ..ops import QUERY_CHUNKS
 from ..tokens import run_bounds
 from . import attention, cost
 from .cost import TowerShape, ipcv_flops, merger_macs
@@ -39,6 +40,16 @@ def window_tokens(config: Qwen2_5_VLVisionConfig) -> int:
     return window_side(config) ** 2
 
 
+def full_block_query_chunks(config: Qwen2_5_VLVisionConfig) -> int:
+    """Query slices of the full-attention blocks (the only dense ones; windows are banded): 2 per
+    head, so one slice's scores are [heads, N / (2 heads), N] fp32, 2 N^2 bytes (0.5 GB at N =
+    16384) whatever the width. With the default 4 slices the 7B shape's were 4.3 GB there and the
+    rho = 1 file was killed above 23 GB in ONNX Runtime CPU (benchmarks/memory.py). 32 slices in
+    four blocks are as many slice nodes as Qwen2-VL's 32 blocks of 4 (export time); tiny towers
+    keep 4."""
+    return max(QUERY_CHUNKS, 2 * config.num_heads)
+
+
 def block_segments(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> list[BlockAttention]:
     """Per block: window ids (window blocks; banded) or the image segment ids (full-attention blocks).
 
@@ -52,8 +63,8 @@ def block_segments(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segm
     window = torch.div(positions, side, rounding_mode="trunc")
     windows = BlockAttention((segments * WINDOW_ID_STRIDE + window[:, 0]) * WINDOW_ID_STRIDE + window[:, 1],
                              window_tokens(config))
-    return [BlockAttention(segments) if index in config.fullatt_block_indexes else windows
-            for index in range(config.depth)]
+    full = BlockAttention(segments, query_chunks=full_block_query_chunks(config))
+    return [full if index in config.fullatt_block_indexes else windows for index in range(config.depth)]
 
 
 def window_order(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -100,7 +111,8 @@ class ExportableQwen25VLVision(torch.nn.Module):
             # cu_seqlens / max_seqlen are required by the stock signature but unused by the registered
             # attention, which reads segment_ids (see qwen2_vl.ExportableQwen2VLVision).
             hidden = block(hidden, cu_seqlens=attention.segments, max_seqlen=0, position_embeddings=rotary,
-                           segment_ids=attention.segments, segment_span=attention.span)
+                           segment_ids=attention.segments, segment_span=attention.span,
+                           query_chunks=attention.query_chunks)
         return visual.merger(hidden).index_select(0, merged_places(visual.config, place))
 
 
