@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +22,10 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-import ipcv_export
 from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
+
+from exported_files import exported_files  # benchmarks/, the script's own folder
 
 
 def parse_grid(text: str) -> list[int]:
@@ -43,16 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-stock-"))
-    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
-    files = {}
-    for retention in [1.0, *args.retentions]:
-        files[retention] = folder / f"{args.model}-rho{retention}.onnx"
-        if not files[retention].exists():
-            start = time.perf_counter()
-            ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
-            print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
+    files = exported_files(encoder, [1.0, *args.retentions], args.folder, prefix=f"{args.model}-")
 
     grid = torch.tensor(args.grid)
     positions, segments = engine_inputs(grid, encoder.merge_size)

@@ -4,16 +4,15 @@
     .venv/bin/python benchmarks/cpu_latency.py --model llava-1.5-7b-shape --tokens 576   # batched towers: one image
 
 Exports the original encoder (--retention 1) and one IPCV file per retention with this tool
-(verified as usual), then times each file on the same single-image inputs: ORT with
-intra-op threads pinned to --threads, one warm-up run, median of --runs runs. Prints the time
-ratio next to the FLOP floor (ipcv.md's cost model) and their quotient.
+(verified as usual; --folder reuses files already there), then times each file on the same
+single-image inputs: ORT with intra-op threads pinned to --threads, one warm-up run, median of
+--runs runs. Prints the time ratio next to the FLOP floor (ipcv.md's cost model) and their quotient.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,10 +20,11 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-import ipcv_export
 from ipcv_export.flops import floor_ratio
 from ipcv_export.inputs import engine_inputs, square_grid
 from ipcv_export.models import load_encoder
+
+from exported_files import exported_files  # benchmarks/, the script's own folder
 
 
 def single_image_feeds(encoder, tokens: int) -> dict:
@@ -60,18 +60,11 @@ def main() -> None:
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.5, 0.35])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--folder", type=Path, help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
-    files = {}
-    for retention in [1.0, *args.retentions]:
-        files[retention] = folder / f"rho{retention}.onnx"
-        start = time.perf_counter()
-        ipcv_export.export(encoder, files[retention], retention=retention, report=lambda _line: None)
-        print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
+    files = exported_files(encoder, [1.0, *args.retentions], args.folder)
 
     defaults = encoder.method_config()
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; "

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import ipcv_export
 from ipcv_export.inputs import square_grid
 from ipcv_export.models import load_encoder
+
+from exported_files import exported_files  # benchmarks/, the script's own folder
 
 
 def run_once(path: str, tokens: int, merge: int, width: int, threads: int, arena: bool, order: str,
@@ -62,15 +62,11 @@ def main() -> None:
                         help="ONNX opset of the exported files; 23 writes attention as one Attention operator")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
+    files = exported_files(encoder, args.retentions, args.folder, opset=args.opset)
     context = multiprocessing.get_context("spawn")
     print(f"{'rho':>5s} {'N':>6s} {'peak RSS GB':>11s} {'run s':>7s}")
-    for retention in args.retentions:
-        path = folder / f"rho{retention}.onnx"
-        if not path.exists():
-            ipcv_export.export(encoder, path, retention=retention, opset=args.opset, report=lambda _line: None)
+    for retention, path in files.items():
         for tokens in args.tokens:
             result = context.Queue()
             child = context.Process(target=run_once, args=(str(path), tokens, encoder.merge_size,

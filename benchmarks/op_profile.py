@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-import ipcv_export
 from ipcv_export.models import load_encoder
+
+from exported_files import exported_files  # benchmarks/, the script's own folder
 
 from cpu_latency import single_image_feeds  # the inputs the latency benchmark times (benchmarks/ is on sys.path)
 
@@ -63,15 +63,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="ipcv-profile-"))
-    folder.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
-    files = {}
-    for retention in (1.0, args.retention):
-        files[retention] = folder / f"rho{retention}.onnx"
-        if not files[retention].exists():
-            ipcv_export.export(encoder, files[retention], retention=retention, opt_patches=args.tokens,
-                               report=lambda _line: None)
+    files = exported_files(encoder, (1.0, args.retention), args.folder, opt_patches=args.tokens)
     feeds = single_image_feeds(encoder, args.tokens)
     original, ipcv = (profile(files[r], feeds, args.runs, args.threads) for r in (1.0, args.retention))
     total_original, total_ipcv = sum(original.values()), sum(ipcv.values())

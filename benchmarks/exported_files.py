@@ -1,0 +1,28 @@
+"""The files a benchmark measures: one verified export per retention, in a folder the user may
+give (then files already there are reused, so a long study can be re-run without re-exporting)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import ipcv_export
+from ipcv_export.models import LoadedEncoder
+
+
+def exported_files(encoder: LoadedEncoder, retentions: Iterable[float], folder: Path | None, prefix: str = "",
+                   **export_options) -> dict[float, Path]:
+    """retention -> `folder/{prefix}rho{retention}.onnx`, exported with this tool (verified as
+    usual) unless it exists; a temporary folder when `folder` is None. Prints each export's time."""
+    folder = folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for retention in dict.fromkeys(retentions):
+        path = files[retention] = folder / f"{prefix}rho{retention}.onnx"
+        if not path.exists():
+            start = time.perf_counter()
+            ipcv_export.export(encoder, path, retention=retention, report=lambda _line: None, **export_options)
+            print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
+    return files
