@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 GENERATE_EPILOG = """The encoder file is exported from the model's vision tower at --retention (ONNX, verified)
-into a temporary folder unless --encoder names one. The LLM prunes the first image's tokens
+once and cached ($IPCV_EXPORT_CACHE, else ~/.cache/ipcv-export; keyed by the weights, the
+settings files, the retention and the tool's code), unless --encoder names one; --no-cache exports
+into a temporary folder for this run only. The LLM prunes the first image's tokens
 before layer --llm-layer (ivc-prune.md). Built-in chat models have random weights and a byte
 tokenizer: their text is noise, their token counts and timings are real.
 
@@ -158,6 +160,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
                    help="decoder layer k before which the LLM prunes (default: 16 for 28-layer models, "
                         "else about 4/7 of the depth)")
     p.add_argument("--encoder", metavar="FILE", help="an encoder file exported by ipcv-export for this model")
+    p.add_argument("--no-cache", action="store_true",
+                   help="export the encoder for this run only (default: reuse the file an earlier run of the same "
+                        "model and --retention cached in $IPCV_EXPORT_CACHE or ~/.cache/ipcv-export, or cache it)")
     p.add_argument("--max-new-tokens", type=_number(int), default=32, help="tokens to generate (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the generated text")
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
@@ -186,7 +191,8 @@ def generate_main(argv: list[str]) -> int:
         chat.check_question(args.prompt)  # before the encoder export, which takes minutes
         retention = IpcvConfig().retention if args.retention is None else args.retention
         pipeline = Pipeline(chat, encoder=args.encoder, retention=retention,
-                            llm_retention=args.llm_retention, llm_layer=args.llm_layer, report=report)
+                            llm_retention=args.llm_retention, llm_layer=args.llm_layer, report=report,
+                            cache_encoder=not args.no_cache)
         result = pipeline.generate(images, args.prompt, max_new_tokens=args.max_new_tokens)
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))

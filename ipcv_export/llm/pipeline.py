@@ -17,6 +17,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import runtime
+from ..cache import encoder_cache_file
 from ..config import UsageError, check_retention
 from ..tokens import kept_count
 from .chat_models import ChatModel, load_chat_model
@@ -84,13 +85,14 @@ class Pipeline:
 
     model: a built-in chat model or a checkpoint folder. encoder: an exported encoder file; when
     omitted, the model's vision tower is exported at `retention` (ONNX, verified) into a temporary
-    folder that lives as long as the pipeline. A ChatModel passed in is taken over: its vision
-    module is replaced by the encoder file.
+    folder that lives as long as the pipeline, or with `cache_encoder` into the tool's cache
+    (`cache.encoder_cache_file`), where later pipelines of the same model and retention find it.
+    A ChatModel passed in is taken over: its vision module is replaced by the encoder file.
     """
 
     def __init__(self, model: str | ChatModel, encoder: str | Path | None = None, retention: float = 0.5,
                  llm_retention: float = 0.5, llm_layer: int | None = None,
-                 report: Callable[[str], None] = print) -> None:
+                 report: Callable[[str], None] = print, cache_encoder: bool = False) -> None:
         check_retention(retention)
         check_retention(llm_retention, "LLM retention")
         if encoder is not None and not Path(encoder).is_file():
@@ -99,7 +101,8 @@ class Pipeline:
         self.pruner = IvcPrune(self.chat.model, retention=llm_retention, layer=llm_layer)
         self._workdir = None
         if encoder is None:
-            encoder = self._export_encoder(retention, report)
+            encoder = (self._cached_encoder(retention, report) if cache_encoder
+                       else self._export_encoder(retention, report))
         encoder_file = runtime.load(encoder)
         if not encoder_file.manifest:
             raise UsageError(f"encoder file {str(encoder)!r} has no manifest (<file>.json) beside it: generation "
@@ -117,6 +120,20 @@ class Pipeline:
         export(self.chat.encoder_source, path, retention=retention, report=report)
         report(f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
                f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
+        return path
+
+    def _cached_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
+        from ..pipeline import export
+
+        folder = None if "builtin" in self.chat.source else self.chat.encoder_source
+        path = encoder_cache_file(self.chat.source, folder, check_retention(retention))
+        if path.is_file() and runtime.read_manifest(path) is not None:
+            report(f"  encoder: {path} (cached by an earlier run of this model and retention)")
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export(self.chat.encoder_source, path, retention=retention, report=report)
+        report(f"  the encoder file is cached for later runs of this model and retention: {path} (--no-cache: "
+               "export for this run only)")
         return path
 
     @property

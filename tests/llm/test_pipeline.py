@@ -108,15 +108,39 @@ def test_encoder_file_of_another_model_is_refused(unpruned, tmp_path):
         Pipeline(unpruned.chat, encoder=other)
 
 
-def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys):
+def test_cli_generate_from_a_checkpoint_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    """The encoder is exported once into the cache; the second run finds it there and answers the
+    same; another retention or changed settings are another file."""
+    monkeypatch.setenv("IPCV_EXPORT_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "photo.png"
     photo(3).save(image)
-    code = main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT,
-                 "--retention", "0.5", "--llm-retention", "0.5", "--max-new-tokens", "3"])
+    args = ["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT,
+            "--retention", "0.5", "--llm-retention", "0.5", "--max-new-tokens", "3"]
+    code = main(args)
     out = capsys.readouterr().out
     assert code == 0
     assert "80 patches -> encoder blocks on 40 -> 20 to the LLM -> 10 from its pruning layer on" in out
     assert "generated: " in out and "tokens/s" in out and "KV cache" in out
+    assert "the encoder file is cached for later runs" in out
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "cached by an earlier run" in again and "verify" not in again
+    assert again.split("generated: ")[1].splitlines()[0] == out.split("generated: ")[1].splitlines()[0]
+    assert len(list((tmp_path / "cache" / "encoders").iterdir())) == 1
+
+
+def test_encoder_cache_key_follows_weights_settings_and_retention(checkpoint, tmp_path):
+    from ipcv_export.cache import encoder_cache_file
+
+    chat = load_chat_model(str(checkpoint))
+    first = encoder_cache_file(chat.source, str(checkpoint), 5000)
+    assert encoder_cache_file(chat.source, str(checkpoint), 5000) == first
+    assert encoder_cache_file(chat.source, str(checkpoint), 3500) != first
+    assert encoder_cache_file(dict(chat.source, weights_sha256="0" * 64), str(checkpoint), 5000) != first
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    (changed / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 56 * 56}))
+    assert encoder_cache_file(chat.source, str(changed), 5000) != first
 
 
 def test_cli_generate_refuses_a_manifest_as_the_encoder(capsys, tmp_path):
