@@ -151,14 +151,14 @@ def decomposed_by_onnx_export() -> Iterator[None]:
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        segment_ids=None, segment_span=None, query_chunks=None, **kwargs):
+                        segment_ids=None, segment_span=None, query_chunks=QUERY_CHUNKS, **kwargs):
     """transformers attention function: one segment_attention node, segments (and, where they are
     short contiguous runs such as windows, their longest length; where the tower asks for it, the
     query slices of dense attention) from the caller."""
     if segment_ids is None:
         raise ValueError(f"attention '{ATTENTION_NAME}' needs segment_ids passed to the encoder's forward")
     return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling, segment_span,
-                                            query_chunks or QUERY_CHUNKS), None
+                                            query_chunks), None
 
 
 BATCHED_ATTENTION_NAME = "ipcv_batched"

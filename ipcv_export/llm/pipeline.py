@@ -101,8 +101,7 @@ class Pipeline:
         self.pruner = IvcPrune(self.chat.model, retention=llm_retention, layer=llm_layer)
         self._workdir = None
         if encoder is None:
-            encoder = (self._cached_encoder(retention, report) if cache_encoder
-                       else self._export_encoder(retention, report))
+            encoder = self._export_encoder(retention, report, cached=cache_encoder)
         encoder_file = runtime.load(encoder)
         if not encoder_file.manifest:
             raise UsageError(f"encoder file {str(encoder)!r} has no manifest (<file>.json) beside it: generation "
@@ -112,28 +111,26 @@ class Pipeline:
         self.tower = EncoderFileTower(encoder_file, width)
         self.chat.model.model.visual = self.tower
 
-    def _export_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
+    def _export_encoder(self, retention: float, report: Callable[[str], None], cached: bool) -> Path:
+        """The model's encoder file at `retention`: from the cache when an earlier run left it there,
+        else exported into the cache (`cached`) or into a folder that lives as long as the pipeline."""
         from ..pipeline import export
 
-        self._workdir = tempfile.TemporaryDirectory(prefix="ipcv-encoder-")
-        path = Path(self._workdir.name) / "encoder.onnx"
+        if cached:
+            path = encoder_cache_file(self.chat.source, self.chat.source.get("path"), check_retention(retention))
+            if path.is_file() and runtime.read_manifest(path) is not None:
+                report(f"  encoder: {path} (cached by an earlier run of this model and retention)")
+                return path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hint = (f"  the encoder file is cached for later runs of this model and retention: {path} "
+                    "(--no-cache: export for this run only)")
+        else:
+            self._workdir = tempfile.TemporaryDirectory(prefix="ipcv-encoder-")
+            path = Path(self._workdir.name) / "encoder.onnx"
+            hint = (f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
+                    f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
         export(self.chat.encoder_source, path, retention=retention, report=report)
-        report(f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
-               f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
-        return path
-
-    def _cached_encoder(self, retention: float, report: Callable[[str], None]) -> Path:
-        from ..pipeline import export
-
-        folder = None if "builtin" in self.chat.source else self.chat.encoder_source
-        path = encoder_cache_file(self.chat.source, folder, check_retention(retention))
-        if path.is_file() and runtime.read_manifest(path) is not None:
-            report(f"  encoder: {path} (cached by an earlier run of this model and retention)")
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export(self.chat.encoder_source, path, retention=retention, report=report)
-        report(f"  the encoder file is cached for later runs of this model and retention: {path} (--no-cache: "
-               "export for this run only)")
+        report(hint)
         return path
 
     @property

@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..ops import QUERY_CHUNKS
+
 
 def square_side(size: int | Sequence[int]) -> int:
     """A config's square size (image or patch side), given as an int or as [height, width]
@@ -19,13 +21,13 @@ class BlockAttention(NamedTuple):
     """Which keys a block's queries see: those of the same segment id. `span`: every segment is one
     contiguous run of at most this many tokens (a windowed tower's windows, in window-major token
     order), so attention can be banded; None: segments of any length (images, temporal slices).
-    `query_chunks`: dense attention (no span) computes its queries in this many slices (None:
-    `ops.QUERY_CHUNKS`); a tower with few dense blocks affords more, which bounds its memory at
-    large N for little export time."""
+    `query_chunks`: dense attention (no span) computes its queries in this many slices; a tower
+    with few dense blocks affords more than the default, which bounds its memory at large N for
+    little export time."""
 
     segments: torch.Tensor
     span: int | None = None
-    query_chunks: int | None = None
+    query_chunks: int = QUERY_CHUNKS
 
 
 @dataclass(frozen=True)
