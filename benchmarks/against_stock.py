@@ -22,7 +22,6 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
@@ -51,9 +50,8 @@ def main() -> None:
     files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-")
 
     grid = torch.tensor(args.grid)
-    positions, segments = engine_inputs(grid, encoder.merge_size)
-    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(0))
-    feeds = {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+    pixels = torch.randn(int(grid.prod(1).sum()), encoder.input_width, generator=torch.Generator().manual_seed(0))
+    feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     sessions = {rho: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

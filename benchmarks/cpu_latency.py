@@ -21,22 +21,21 @@ import onnxruntime
 import torch
 
 from ipcv_export.flops import floor_ratio
-from ipcv_export.inputs import engine_inputs, square_grid
+from ipcv_export.inputs import square_grid
 from ipcv_export.models import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
 
 
 def single_image_feeds(encoder, tokens: int) -> dict:
-    """The file's inputs for one image of `tokens` patches (packed: with positions and segments)."""
+    """The file's inputs for one image of `tokens` patches (packed: with its image_grid_thw row)."""
     rows, cols = square_grid(tokens, encoder.merge_size)
     generator = torch.Generator().manual_seed(0)
     if encoder.description.image_batch:
         p = encoder.patch_size
         return {"pixel_values": torch.randn(1, encoder.channels, rows * p, cols * p, generator=generator).numpy()}
-    positions, segments = engine_inputs(torch.tensor([[1, rows, cols]]), encoder.merge_size)
-    pixels = torch.randn(len(segments), encoder.input_width, generator=generator)
-    return {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(), "segment_ids": segments.numpy()}
+    pixels = torch.randn(rows * cols, encoder.input_width, generator=generator)
+    return {"pixel_values": pixels.numpy(), "image_grid_thw": torch.tensor([[1, rows, cols]]).numpy()}
 
 
 def median_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:

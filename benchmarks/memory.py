@@ -29,19 +29,15 @@ def run_once(path: str, tokens: int, merge: int, width: int, threads: int, arena
     import onnxruntime
     import torch
 
-    from ipcv_export.inputs import engine_inputs
-
     grid = torch.tensor([[1, *square_grid(tokens, merge)]])
-    positions, segments = engine_inputs(grid, merge)
-    pixels = torch.randn(len(segments), width, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(tokens, width, generator=torch.Generator().manual_seed(0))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena
     options.execution_order = getattr(onnxruntime.ExecutionOrder, order)
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     start = time.perf_counter()
-    session.run(None, {"pixel_values": pixels.numpy(), "position_ids": positions.numpy(),
-                       "segment_ids": segments.numpy()})
+    session.run(None, {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()})
     seconds = time.perf_counter() - start
     result.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds))
 

@@ -1,9 +1,11 @@
 """Capture: `torch.export` of the stock encoder with a dynamic number of patches N.
 
 The stock transformers module is exported unmodified through its own extension points (see
-`models/qwen2_vl.py`): positions and segment ids are inputs, attention is one custom-op node per
-block. N is one symbolic dimension, a multiple of merge^2 (the merger concatenates merge^2
-consecutive tokens). The example has two segments so the segment axis is not specialised.
+`models/qwen2_vl.py`): the inputs are the processor's pixel_values and image_grid_thw, positions
+and segment ids one custom-op node computed from them, attention one custom-op node per block.
+N is one symbolic dimension, a multiple of merge^2 (the merger concatenates merge^2 consecutive
+tokens), the number of images another. The example has two images, one of them a two-slice
+video, so neither axis is specialised.
 Towers that batch whole images have the number of images and each image's height and width in
 patches as symbolic dimensions.
 """
@@ -13,31 +15,32 @@ from __future__ import annotations
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .inputs import engine_inputs, square_grid
+from .inputs import square_grid
 from .models import LoadedEncoder
 from .tokens import RETENTION_SCALE, min_side, min_tokens
 
 MAX_TOKENS = 65536
 EXAMPLE_GRID = torch.tensor([[1, 8, 8], [2, 4, 6]])
 MAX_IMAGES, MAX_SIDE = 256, 128
-"""Batched towers: at most this many images per call, and patches per image side."""
+"""At most this many images per call (rows of image_grid_thw; images of a batched tower), and
+patches per image side of a batched tower."""
 
 
 def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
-    """Packed towers: (pixel_values, position_ids, segment_ids) for a grid. Batched towers:
-    (pixel_values,) of two images of 5 x 7 grid multiples of patches. Seeded random pixels."""
+    """Packed towers: (pixel_values, image_grid_thw) for a grid. Batched towers: (pixel_values,) of
+    two images of 5 x 7 grid multiples of patches. Seeded random pixels."""
     generator = torch.Generator().manual_seed(0)
     if encoder.description.image_batch:
         cell = encoder.patch_size * encoder.merge_size
         return (torch.randn(2, encoder.channels, 5 * cell, 7 * cell, generator=generator),)
-    positions, segments = engine_inputs(grid_thw, encoder.merge_size)
-    return torch.randn(len(segments), encoder.input_width, generator=generator), positions, segments
+    patches = int(grid_thw.prod(1).sum())
+    return torch.randn(patches, encoder.input_width, generator=generator), grid_thw.to(torch.int64)
 
 
 def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) -> tuple[dict, ...]:
-    """Packed: N = merge^2 * groups for all three inputs, groups in [ceil(min_tokens / merge^2),
-    MAX_TOKENS / merge^2]. Batched: B images of H x W pixels, H and W multiples of the patch size
-    times the grid multiple, with at least `min_side` patches per side (so that every image keeps
+    """Packed: N = merge^2 * groups rows of pixel_values, groups in [ceil(min_tokens / merge^2),
+    MAX_TOKENS / merge^2], and 1 to MAX_IMAGES rows of image_grid_thw. Batched: B images of H x W
+    pixels, H and W multiples of the patch size times the grid multiple, with at least `min_side` patches per side (so that every image keeps
     a token)."""
     if encoder.description.image_batch:
         multiple = encoder.merge_size
@@ -48,8 +51,7 @@ def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) 
         return ({0: images, 2: rows * cell, 3: cols * cell},)
     group = encoder.merge_size ** 2
     groups = torch.export.Dim("groups", min=max(1, -(-min_tokens(retention_e4) // group)), max=MAX_TOKENS // group)
-    n = groups * group
-    return {0: n}, {0: n}, {0: n}
+    return {0: groups * group}, {0: torch.export.Dim("images", min=1, max=MAX_IMAGES)}
 
 
 def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, ...]:
@@ -59,8 +61,8 @@ def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, 
         rows, cols = square_grid(tokens, encoder.merge_size)
         p = encoder.patch_size
         return (torch.empty(1, encoder.channels, rows * p, cols * p),)
-    return (torch.empty(tokens, encoder.input_width), torch.zeros(tokens, 2, dtype=torch.int64),
-            torch.zeros(tokens, dtype=torch.int64))
+    rows, cols = square_grid(tokens, encoder.merge_size)
+    return torch.empty(tokens, encoder.input_width), torch.tensor([[1, rows, cols]])
 
 
 def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> torch.export.ExportedProgram:
@@ -70,7 +72,7 @@ def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> t
 
 
 def capture(encoder: LoadedEncoder) -> torch.export.ExportedProgram:
-    """The stock encoder as an ExportedProgram: (pixel_values, position_ids, segment_ids) -> embeddings
+    """The stock encoder as an ExportedProgram: (pixel_values, image_grid_thw) -> embeddings
     for packed towers, pixel_values [B, C, H, W] -> tokens for batched ones."""
     module = encoder.description.exportable(encoder.module).eval()
     with encoder.description.attention_context(encoder.module):

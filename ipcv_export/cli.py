@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--atol", type=_number(float), metavar="TOL",
                         help="absolute tolerance of the parity gate on the embeddings (default 1e-4 for fp32 files; "
                              "reduced-precision engines add it to their relative limit); the kept set must still match")
+    target.add_argument("--diagnostic-outputs", action="store_true",
+                        help="an .onnx file also returns kept_index and neighbor_index after image_features "
+                             "(which patches were computed in full, what each removed one was rebuilt from); "
+                             "without it the file has the one output a serving runtime reads. Engines and .pt2 "
+                             "files always return all three")
     target.add_argument("--skip-verify", action="store_true",
                         help="do not check the file against the eager reference (loud, and recorded in the manifest)")
     p.add_argument("--list-models", action="store_true", help="list the built-in models and exit")
@@ -274,7 +279,7 @@ def _main(argv: list[str]) -> int:
                format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
                opset=args.opset, verify=not args.skip_verify, atol=args.atol, timing_cache=args.timing_cache,
-               report=report, verbose=args.verbose)
+               diagnostic_outputs=args.diagnostic_outputs, report=report, verbose=args.verbose)
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")
     except IncompatibleGraph as err:

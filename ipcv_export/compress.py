@@ -13,7 +13,9 @@ from .models import LoadedEncoder
 from .passes import RemoveNoOpCastsPass, ipcv_passes, run_passes
 from .passes import _graph
 
-OUTPUT_NAMES = ["embeddings", "kept_index", "neighbor_index"]
+OUTPUT_NAMES = ["image_features", "kept_index", "neighbor_index"]
+"""The program's outputs. `image_features` is the name ONNX Runtime GenAI reads; the other two are
+diagnostics (the parity gate reads them; `.onnx` files keep them only when asked)."""
 
 
 def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: int = 0,

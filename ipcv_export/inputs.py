@@ -1,7 +1,10 @@
-"""Host-side inputs: `grid_thw` -> the engine's position_ids and segment_ids.
+"""The processor's `grid_thw` -> each patch's (row, column) position and segment id.
 
 grid_thw rows are (t, h, w) in patches. Tokens come in the processor's order: slice by slice, and
 within a slice in merge x merge blocks (block-major), which is what the merger's `view` expects.
+The host functions (`position_ids`, `segment_ids`) are the readable definition the reference
+uses; `ipcv::grid_layout` computes the same inside an exported file, so that a file takes what the
+processor gives (pixel_values, image_grid_thw) and nothing else.
 """
 
 from __future__ import annotations
@@ -47,10 +50,61 @@ def slice_lengths(grid_thw: torch.Tensor) -> list[int]:
     return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
-def engine_inputs(grid_thw: torch.Tensor, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def host_layout(grid_thw: torch.Tensor, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, segment_ids) of a checked grid: what `grid_layout` must equal."""
     grid = check_grid(grid_thw, merge_size)
     return position_ids(grid, merge_size), segment_ids(grid)
 
+
+@torch.library.custom_op("ipcv::grid_layout", mutates_args=())
+def grid_layout(grid_thw: torch.Tensor, pixel_values: torch.Tensor,
+                merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids [N, 2], segment_ids [N]) of the N = pixel_values rows that `grid_thw` describes,
+    as `host_layout`. One graph node, so that passes find the segment ids (`_graph.segment_input`);
+    lowering replaces it by `decomposed_grid_layout`."""
+    return decomposed_grid_layout(grid_thw, pixel_values, merge_size)
+
+
+@grid_layout.register_fake
+def _grid_layout_fake(grid_thw, pixel_values, merge_size):
+    n = pixel_values.shape[0]
+    return grid_thw.new_empty(n, 2), grid_thw.new_empty(n)
+
+
+def decomposed_grid_layout(grid_thw: torch.Tensor, pixel_values: torch.Tensor,
+                           merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decomposition, element-wise over the N tokens with [N, images] comparisons: static shapes
+    (N from pixel_values, the images from grid_thw), integer Div on non-negative values (truncation
+    is floor division; TensorRT rejects the sign test of floor division), running sums in fp32
+    (TensorRT's CumSum takes floats; exact below 2^24 patches)."""
+    def div(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+        return torch.div(a, b, rounding_mode="trunc")
+
+    def running_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x.to(torch.float32), 0).to(torch.int64)
+
+    grid = grid_thw.to(torch.int64)
+    slices, rows, cols = grid.unbind(1)
+    area = rows * cols
+    image_end = running_sum(slices * area)
+    token = torch.arange(pixel_values.shape[0], device=grid.device)
+    image = (token[:, None] >= image_end[None, :]).to(torch.int64).sum(1)
+    image = torch.minimum(image, torch.full_like(image, grid.shape[0] - 1))  # rows beyond the grid: not valid input
+    local = token - (image_end - slices * area).index_select(0, image)
+    token_area = area.index_select(0, image)
+    slice_index = div(local, token_area)
+    segments = (running_sum(slices) - slices).index_select(0, image) + slice_index
+    in_slice = local - slice_index * token_area
+    group = merge_size * merge_size
+    block = div(in_slice, group)
+    in_block = in_slice - block * group
+    blocks_per_row = div(cols.index_select(0, image), merge_size)
+    block_row = div(block, blocks_per_row)
+    block_col = block - block_row * blocks_per_row
+    in_row = div(in_block, merge_size)
+    positions = torch.stack([block_row * merge_size + in_row,
+                             block_col * merge_size + in_block - in_row * merge_size], -1)
+    return positions, segments
 
 
 def square_grid(tokens: int, multiple: int = 1) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch._decomp
 import torch.fx.experimental._config as fx_config
 from transformers import AttentionInterface
 
+from .inputs import decomposed_grid_layout
 from .tokens import row_chunks
 
 ATTENTION_NAME = "ipcv_flash_segments"
@@ -122,12 +123,13 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def decompositions() -> dict:
-    """Decomposition table for `ExportedProgram.run_decompositions` before lowering."""
-    return {torch.ops.ipcv.segment_attention.default: _attention}
+    """Decomposition table of the custom ops (segment_attention, grid_layout) before lowering."""
+    return {torch.ops.ipcv.segment_attention.default: _attention,
+            torch.ops.ipcv.grid_layout.default: decomposed_grid_layout}
 
 
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The program with every segment_attention node replaced by its decomposition, traced with
+    """The program with every custom-op node replaced by its decomposition, traced with
     sizes treated as >= 2 as in capture (otherwise re-tracing SDPA records a guard that the
     number of images is not 1)."""
     with fx_config.patch(backed_size_oblivious=True):
@@ -136,18 +138,19 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
 
 @contextlib.contextmanager
 def decomposed_by_onnx_export() -> Iterator[None]:
-    """Within: torch.onnx.export decomposes segment_attention itself, in the one re-trace of the
+    """Within: torch.onnx.export decomposes the custom ops itself, in the one re-trace of the
     program it makes anyway (its decomposition table is built from torch._decomp's), instead of
     `decompose` re-tracing the whole program once more first (18.2 s of the tiny tower's 112 s of
     profiled ONNX lowering, BENCHMARKS.md). Scoped, not registered for good: torch.export consults the same table, so a capture
     would decompose the op before the passes could find it."""
     table = torch._decomp.decomposition_table
-    op = torch.ops.ipcv.segment_attention.default
-    table[op] = _attention
+    ours = decompositions()
+    table.update(ours)
     try:
         yield
     finally:
-        table.pop(op, None)
+        for op in ours:
+            table.pop(op, None)
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

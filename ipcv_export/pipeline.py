@@ -26,7 +26,7 @@ from .compress import OUTPUT_NAMES, compress
 from .config import DEFAULT_OPSET, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
 from .flops import program_flops
 from .lower import pt2, tensorrt
-from .lower.onnx import INPUT_NAMES, to_onnx
+from .lower.onnx import INPUT_NAMES, keep_outputs, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
@@ -57,7 +57,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, atol: float | None = None,
-           timing_cache: str | Path | None = None,
+           timing_cache: str | Path | None = None, diagnostic_outputs: bool = False,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
     """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
 
@@ -66,7 +66,10 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     best measured setting that fits it on this model (see budget.py). `prune_layer` and `as_depth`
     default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7; `neighbors`
     to 10 (merge selection: 1).
-    `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120. Raises UsageError (bad input), ParityError (the file disagrees
+    `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120.
+    `diagnostic_outputs`: an `.onnx` file also returns kept_index and neighbor_index after
+    image_features (engines and .pt2 files always do: see `_diagnostics_kept`).
+    Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
     """
@@ -107,7 +110,8 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
         with _stage("passes", timings, report, silent=True):
             program = compress(original, encoder, config)
             compute = _compute(original, program, encoder, profile.opt_tokens)
-        manifest = _manifest(encoder, config, format, precision, opset, profile, compute)
+        diagnostics = _diagnostics_kept(format, diagnostic_outputs)
+        manifest = _manifest(encoder, config, format, precision, opset, profile, compute, diagnostics)
         if chosen:
             manifest["ipcv"]["chosen_for_budget"] = chosen
 
@@ -129,8 +133,11 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                     raise IncompatibleGraph(compat.summary())
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      verify, atol, timings, report, verbose)
+            engine_built = format == "engine" and tensorrt.tensorrt_available()
+            if lowered == "onnx" and not diagnostic_outputs and not engine_built:
+                keep_outputs(lowered_path, OUTPUT_NAMES[:1])  # after the gate, which reads them
             if format == "engine":
-                if not tensorrt.tensorrt_available():
+                if not engine_built:
                     _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
                 with _stage("build", timings, report, "(TensorRT)", silent=True):
                     tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
@@ -165,6 +172,16 @@ def _as_run(config: IpcvConfig, encoder: LoadedEncoder, profile: ShapeProfile,
         raise UsageError(f"neighbors must be at most {usable} here (the kept tokens of the largest call, "
                          f"{profile.max_tokens} patches, and TensorRT's TopK limit {TOPK_MAX_K}), got {config.neighbors}")
     return config
+
+
+def _diagnostics_kept(format: str, asked: bool) -> bool:
+    """Whether the written file returns kept_index and neighbor_index after image_features. An
+    `.onnx` file (also the one written for a missing TensorRT) returns them only when asked, so a
+    runtime that reads one output gets one. Engines keep them: the reduced-precision gate compares
+    the engine with the reference run on the engine's own kept set. `.pt2` files keep them: their
+    parity gate reads them from the compiled package, which cannot be trimmed after compiling."""
+    fallback_onnx = format == "engine" and not tensorrt.tensorrt_available()
+    return asked or not (format == "onnx" or fallback_onnx)
 
 
 def _describe(config: IpcvConfig) -> str:
@@ -319,7 +336,7 @@ def _size(path: Path) -> int:
 
 
 def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision: str, opset: int,
-              profile: ShapeProfile, compute: dict) -> dict:
+              profile: ShapeProfile, compute: dict, diagnostics: bool) -> dict:
     """Everything a runtime or a reader needs to use and trust the file (see README, manifest)."""
     import onnx
     import onnxruntime
@@ -336,7 +353,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
                  "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection,
                  "ngr_weighting": config.ngr_weighting, "per_image_selection": config.per_image_selection},
         "inputs": inputs,
-        "outputs": outputs,
+        "outputs": outputs if diagnostics else outputs[:1],
         "preprocessing": encoder.preprocessing,
         "precision": precision, "opset": opset if format in ("onnx", "engine") else None,
         "profile": vars(profile),
@@ -351,16 +368,12 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
     merge, smallest = encoder.merge_size, min_tokens(config.retention_e4)
     inputs = {
         "layout": "packed", "merge_size": merge, "input_width": encoder.input_width, "min_tokens": smallest,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": MAX_TOKENS, "max_images": MAX_IMAGES,
         "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["N", encoder.input_width]},
-                    {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["N", 2]},
-                    {"name": INPUT_NAMES[2], "dtype": "int64", "shape": ["N"]}],
-        "rules": f"N = sum of t*h*w over grid_thw rows; N a multiple of {merge * merge}; "
-                 f"{-(-smallest // merge ** 2) * merge ** 2} <= N <= {MAX_TOKENS}; h and w multiples of {merge}",
-        "from_grid_thw": "tokens in processor order (slice by slice, merge x merge blocks in row-major "
-                         "order); position_ids[i] = (row, column) of patch i; segment_ids[i] = index of "
-                         "its image or temporal slice (0, 1, ...). Reference code: "
-                         "ipcv_export.inputs.engine_inputs(grid_thw, merge_size)",
+                    {"name": INPUT_NAMES[1], "dtype": "int64", "shape": ["S", 3]}],
+        "rules": f"the image processor's pixel_values and image_grid_thw as they come: rows (t, h, w) in "
+                 f"patches, h and w multiples of {merge}, 1 <= S <= {MAX_IMAGES}; N = sum of t*h*w; "
+                 f"{-(-smallest // merge ** 2) * merge ** 2} <= N <= {MAX_TOKENS}",
     }
     outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
                 "meaning": "merged embeddings, the original encoder's output in count and order"},

@@ -1,7 +1,7 @@
 """Run an exported encoder file with the call `encoder(pixel_values, grid_thw) -> embeddings`.
 
-Nothing here is needed at serving time: a runtime feeds the file the three inputs that
-`ipcv_export.inputs` documents. This module is the convenience and test harness in Python, one
+Nothing here is needed at serving time: a runtime feeds the file what the model's processor gives
+(pixel_values, and image_grid_thw for packed towers). This module is the convenience and test harness in Python, one
 class per file format, all behind `load(path)`. What a file needs besides itself (merge size,
 smallest N, the image processor's settings) is in the manifest `<file>.json` written beside it;
 ONNX files also carry the first two as metadata, so they load without the manifest.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import UsageError, first_line, read_json_object
-from .inputs import engine_inputs
+from .inputs import check_grid, slice_lengths
 from .tokens import min_side
 
 ONNX_PROVIDERS = ("CPUExecutionProvider",)
@@ -43,7 +43,8 @@ class EncoderFile(ABC):
 
     def run_all(self, pixel_values: torch.Tensor | np.ndarray,
                 grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Every output of the file: embeddings, then kept_index and neighbor_index."""
+        """Every output of the file: image_features, then kept_index and neighbor_index where the
+        file has them (ipcv-export --diagnostic-outputs; engines and .pt2 files always)."""
         pixels = torch.as_tensor(pixel_values)
         if pixels.dtype != torch.float32:
             raise ValueError(f"pixel_values must be float32, got {pixels.dtype}")
@@ -53,17 +54,23 @@ class EncoderFile(ABC):
     def _packed(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if grid_thw is None:
             raise ValueError("this file takes packed patches: pass grid_thw with pixel_values")
-        positions, segments = engine_inputs(grid_thw, self.merge_size)
+        grid = torch.as_tensor(grid_thw)
+        if grid.dtype != torch.int64:
+            raise ValueError(f"grid_thw must be int64, as the file declares image_grid_thw, got {grid.dtype}")
+        grid = check_grid(grid, self.merge_size)
+        patches = sum(slice_lengths(grid))
         if pixels.ndim != 2 or pixels.shape[1] != self.input_width:
             raise ValueError(f"pixel_values must have shape [N, {self.input_width}], got {list(pixels.shape)}")
-        if pixels.shape[0] != len(segments):
-            raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {len(segments)} patches")
-        if len(segments) < self.min_tokens:
-            raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {len(segments)}")
-        largest = self._limit("max_tokens")
-        if largest and len(segments) > largest:
-            raise ValueError(f"this file takes at most {largest} patches per call, got {len(segments)}: split the call")
-        return pixels, positions, segments
+        if pixels.shape[0] != patches:
+            raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {patches} patches")
+        if patches < self.min_tokens:
+            raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {patches}")
+        largest, images = self._limit("max_tokens"), self._limit("max_images")
+        if largest and patches > largest:
+            raise ValueError(f"this file takes at most {largest} patches per call, got {patches}: split the call")
+        if images and len(grid) > images:
+            raise ValueError(f"this file takes at most {images} images per call, got {len(grid)}: split the call")
+        return pixels, grid
 
     def _limit(self, name: str) -> int | None:
         """A size limit the manifest records (the exported graph's dynamic range), None without one."""
@@ -132,10 +139,23 @@ def _input_geometry(path: Path, manifest: dict) -> tuple[int, int, int, int | No
     carries no metadata of its own (.pt2, .engine); UsageError naming a missing entry."""
     try:
         inputs = manifest["inputs"]
+        refuse_earlier_contract(path, [t["name"] for t in inputs["tensors"]])
         return inputs["merge_size"], inputs["min_tokens"], inputs["input_width"], inputs.get("patch_size")
     except KeyError as err:
         raise UsageError(f"manifest {path.name}.json lacks {err.args[0]!r} under inputs: it was not written by "
                          "ipcv-export, or was edited") from None
+
+
+EARLIER_INPUTS = ("position_ids", "segment_ids")
+"""Inputs of packed-tower files written before the files computed them from image_grid_thw."""
+
+
+def refuse_earlier_contract(path: Path, input_names: Sequence[str]) -> None:
+    """UsageError for a file that wants position_ids and segment_ids from its caller: the runtimes
+    feed pixel_values and image_grid_thw only."""
+    if any(name in EARLIER_INPUTS for name in input_names):
+        raise UsageError(f"{path.name} was exported by an earlier ipcv-export (inputs {', '.join(input_names)}); "
+                         "re-export it with this version, whose files take pixel_values and image_grid_thw")
 
 
 class OnnxEncoder(EncoderFile):
@@ -149,6 +169,7 @@ class OnnxEncoder(EncoderFile):
         if missing:
             raise ValueError(f"ONNX Runtime here lacks {', '.join(missing)}; available: {', '.join(available)}")
         self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
+        refuse_earlier_contract(path, [arg.name for arg in self.session.get_inputs()])
         metadata = self.session.get_modelmeta().custom_metadata_map
         patch = metadata.get("patch_size")
         super().__init__(path, manifest, int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
@@ -163,12 +184,13 @@ class TorchEncoder(EncoderFile):
     """A `.pt2` file: an AOTInductor package or a saved ExportedProgram, run on `device`."""
 
     def __init__(self, path: Path, manifest: dict, device: str = "cpu") -> None:
+        geometry = _input_geometry(path, manifest)
         self.device = torch.device(device)
         if is_aoti_package(path):
             self.module = torch._inductor.aoti_load_package(str(path))
         else:
             self.module = torch.export.load(str(path)).module().to(self.device)
-        super().__init__(path, manifest, *_input_geometry(path, manifest))
+        super().__init__(path, manifest, *geometry)
 
     def _run(self, *inputs):
         with torch.no_grad():
@@ -181,13 +203,14 @@ class TensorRTEncoder(EncoderFile):
     def __init__(self, path: Path, manifest: dict) -> None:
         import tensorrt as trt
 
+        geometry = _input_geometry(path, manifest)
         self._trt = trt
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        super().__init__(path, manifest, *_input_geometry(path, manifest))
+        super().__init__(path, manifest, *geometry)
 
     def _run(self, *inputs):
         trt = self._trt

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ipcv_export.capture import capture
-from ipcv_export.inputs import engine_inputs
 from ipcv_export.models import load_encoder
 
 
@@ -27,11 +26,11 @@ def captured(tiny):
 
 
 def grid_inputs(encoder, grid: list[list[int]], seed: int = 0):
-    """(grid_thw, pixel_values, position_ids, segment_ids) for a grid, seeded pixels."""
+    """(image_grid_thw, pixel_values) for a grid, seeded pixels: what the processor gives a packed file."""
     grid_thw = torch.tensor(grid)
-    positions, segments = engine_inputs(grid_thw, encoder.merge_size)
-    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(seed))
-    return grid_thw, pixels, positions, segments
+    patches = int(grid_thw.prod(1).sum())
+    pixels = torch.randn(patches, encoder.input_width, generator=torch.Generator().manual_seed(seed))
+    return grid_thw, pixels
 
 
 # The grids every parity test runs: single images of 8x8, 16x24 and 64x64 patches, two images of

@@ -160,7 +160,8 @@ def test_flop_count_equals_the_cost_model(dino, dino_captured, selection):
 @pytest.fixture(scope="module")
 def dino_file(dino, tmp_path_factory):
     out = tmp_path_factory.mktemp("batched") / "tower.onnx"
-    result = export(dino, out, retention=0.35, as_depth=2, report=lambda _line: None)
+    result = export(dino, out, retention=0.35, as_depth=2, diagnostic_outputs=True,  # the test reads kept_index
+                    report=lambda _line: None)
     return out, result.manifest
 
 

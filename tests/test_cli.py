@@ -29,9 +29,11 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     assert lines[-1].startswith(f"wrote {out} (") and "expected compute 0." in lines[-1]
     assert manifest["compute"]["ratio"] == pytest.approx(manifest["compute"]["flops_ipcv"] / manifest["compute"]["flops_original"], abs=1e-4)
     assert manifest["source"] == {"builtin": "tiny-qwen2-vl", "seed": 0, "random_weights": True}
-    assert [t["name"] for t in manifest["inputs"]["tensors"]] == ["pixel_values", "position_ids", "segment_ids"]
+    assert [t["name"] for t in manifest["inputs"]["tensors"]] == ["pixel_values", "image_grid_thw"]
     assert manifest["tensorrt_compat"]["ok"] and set(manifest["timings_s"]) >= {"lower", "verify"}
+    assert [o["name"] for o in manifest["outputs"]] == ["image_features"]
     encoder = load(out)
+    assert [o.name for o in encoder.session.get_outputs()] == ["image_features"]  # what a runtime reads, alone
     grid = torch.tensor([[1, 16, 16]])
     assert encoder(torch.randn(256, tiny.input_width), grid).shape == (64, 48)
 
@@ -91,6 +93,9 @@ def test_runtime_refuses_bad_calls(tiny, tmp_path):
         (good[:, :10], grid, "must have shape"),
         (good.double(), grid, "must be float32"),
         (good, torch.tensor([[1, 8, 7]]), "multiples of the merge size"),
+        (good, torch.tensor([[1, 8, 8]], dtype=torch.int32), "must be int64, as the file declares image_grid_thw"),
+        (good, torch.tensor([[1, -8, -8]]), "positive integers"),
+        (good, torch.tensor([[1, 8, 8], [1, 2, 2]]), "64 rows but grid_thw describes 68"),
         (good[:1].expand(66048, -1), torch.tensor([[1, 8, 8256]]), "at most 65536 patches per call, got 66048"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -13,7 +13,6 @@ from conftest import PARITY_GRIDS, grid_inputs
 from ipcv_export.capture import example_inputs
 from ipcv_export.compress import OUTPUT_NAMES, compress
 from ipcv_export.config import IpcvConfig
-from ipcv_export.inputs import engine_inputs
 from ipcv_export.lower.onnx import to_onnx
 from ipcv_export.reference import stock_reference
 from ipcv_export.runtime import OnnxEncoder
@@ -25,11 +24,6 @@ CONFIGS = [IpcvConfig(r, lp, d, k) for r, lp, d, k in
     IpcvConfig(0.2, 1, 2, 3, per_image_selection=True)]
 
 
-def _program_runner(program, merge_size):
-    module = program.module()
-    return lambda pixels, grid_thw: module(pixels, *engine_inputs(grid_thw, merge_size))
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"rho{c.retention}-lp{c.prune_layer}-as{c.as_depth}-k{c.neighbors}-{c.ngr_weighting}"
                                      + ("-per-image" if c.per_image_selection else ""))
 def test_program_and_onnx_match_reference(config, tiny, captured, tmp_path):
@@ -37,9 +31,9 @@ def test_program_and_onnx_match_reference(config, tiny, captured, tmp_path):
     path = to_onnx(program, tmp_path / "encoder.onnx", OUTPUT_NAMES,
                    metadata={"merge_size": "2", "min_tokens": "1"})
     onnx_runner = OnnxEncoder(path).run_all
-    program_runner = _program_runner(program, tiny.merge_size)
+    program_runner = program.module()  # takes (pixel_values, image_grid_thw) as the file does
     for seed, grid in enumerate(PARITY_GRIDS):
-        grid_thw, pixels, _, _ = grid_inputs(tiny, grid, seed)
+        grid_thw, pixels = grid_inputs(tiny, grid, seed)
         for runner in (program_runner, onnx_runner):
             check_parity(runner, tiny.module, config, grid_thw, pixels)
 
@@ -49,9 +43,9 @@ def test_retention_one_is_the_original_encoder(tiny, captured, tmp_path):
     program = compress(captured, tiny, config)
     path = to_onnx(program, tmp_path / "encoder.onnx", OUTPUT_NAMES, metadata={"merge_size": "2"})
     onnx_encoder = OnnxEncoder(path)
-    program_runner = _program_runner(program, tiny.merge_size)
+    program_runner = program.module()  # takes (pixel_values, image_grid_thw) as the file does
     for seed, grid in enumerate(PARITY_GRIDS):
-        grid_thw, pixels, _, _ = grid_inputs(tiny, grid, seed)
+        grid_thw, pixels = grid_inputs(tiny, grid, seed)
         stock = stock_reference(tiny.module, pixels, grid_thw)
         for out in (program_runner(pixels, grid_thw)[0], onnx_encoder(pixels, grid_thw)):
             assert (out - stock).abs().max().item() <= 1e-5
@@ -60,14 +54,14 @@ def test_retention_one_is_the_original_encoder(tiny, captured, tmp_path):
 def test_capture_equals_stock_module(tiny, captured):
     module = captured.module()
     for seed, grid in enumerate(PARITY_GRIDS):
-        grid_thw, pixels, positions, segments = grid_inputs(tiny, grid, seed)
-        assert (module(pixels, positions, segments) - stock_reference(tiny.module, pixels, grid_thw)).abs().max() <= 1e-5
+        grid_thw, pixels = grid_inputs(tiny, grid, seed)
+        assert (module(pixels, grid_thw) - stock_reference(tiny.module, pixels, grid_thw)).abs().max() <= 1e-5
 
 
 def test_ipcv_changes_the_output(tiny, captured):
     """Guards the parity grid against a model whose blocks do nothing (then any method would 'match')."""
-    grid_thw, pixels, positions, segments = grid_inputs(tiny, [[1, 16, 16]])
-    out = compress(captured, tiny, IpcvConfig(retention=0.2, prune_layer=1)).module()(pixels, positions, segments)[0]
+    grid_thw, pixels = grid_inputs(tiny, [[1, 16, 16]])
+    out = compress(captured, tiny, IpcvConfig(retention=0.2, prune_layer=1)).module()(pixels, grid_thw)[0]
     assert (out - stock_reference(tiny.module, pixels, grid_thw)).abs().max() > 1e-2
 
 
@@ -83,7 +77,7 @@ def test_16384_patches_run_with_no_large_topk(tiny, captured, tmp_path):
     assert not [n for n in graph.node if n.op_type in ("Sort", "NonZero", "Unique")]
     for node in topk:  # K must be a constant, independent of N, and within TensorRT's limit
         assert node.input[1] in constants and int(constants[node.input[1]].max()) <= 3840
-    grid_thw, pixels, _, _ = grid_inputs(tiny, [[1, 128, 128]])
+    grid_thw, pixels = grid_inputs(tiny, [[1, 128, 128]])
     embeddings, kept, neighbors = OnnxEncoder(path).run_all(pixels, grid_thw)
     assert embeddings.shape == (4096, 48) and kept.shape == (8192,) and neighbors.shape == (8192, 10)
     assert torch.isfinite(embeddings).all()
@@ -91,5 +85,5 @@ def test_16384_patches_run_with_no_large_topk(tiny, captured, tmp_path):
 
 def test_the_capture_example_is_not_special(tiny):
     """The parity grids avoid the export sample's total N, so dynamic shapes are really exercised."""
-    n_example = len(example_inputs(tiny)[2])
+    n_example = example_inputs(tiny)[0].shape[0]
     assert all(sum(t * h * w for t, h, w in grid) != n_example for grid in PARITY_GRIDS)

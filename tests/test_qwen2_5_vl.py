@@ -10,7 +10,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ipcv_export import export
 from ipcv_export.config import IpcvConfig
-from ipcv_export.inputs import engine_inputs
+from ipcv_export.inputs import decomposed_grid_layout
 from ipcv_export.models import load_encoder
 from ipcv_export.models.qwen2_5_vl import block_segments, merged_places, window_order, window_tokens
 from ipcv_export.reference import ipcv_reference, stock_reference
@@ -26,10 +26,11 @@ def tiny25():
 
 
 def _inputs(encoder, grid, seed=0):
+    """(grid, pixels, positions, segments), the last two as the file computes them from the grid
+    (test_inputs.py checks that they equal the host definition)."""
     grid = torch.tensor(grid)
-    positions, segments = engine_inputs(grid, encoder.merge_size)
-    pixels = torch.randn(len(segments), encoder.input_width, generator=torch.Generator().manual_seed(seed))
-    return grid, pixels, positions, segments
+    pixels = torch.randn(int(grid.prod(1).sum()), encoder.input_width, generator=torch.Generator().manual_seed(seed))
+    return grid, pixels, *decomposed_grid_layout(grid, pixels, encoder.merge_size)
 
 
 def test_window_segments_tile_each_slice(tiny25):
@@ -44,7 +45,8 @@ def test_window_segments_tile_each_slice(tiny25):
     assert len(first[(positions[segments == 0] < 8).all(-1)].unique()) == 1  # the top-left window
 
 
-@pytest.mark.parametrize("grid", GRIDS + [[[1, 8, 40], [3, 24, 8], [1, 2, 2]]])
+@pytest.mark.parametrize("grid", GRIDS + [[[1, 8, 40], [3, 24, 8], [1, 2, 2]], [[1, 2, 2]], [[4, 6, 10]],
+                                          [[1, 30, 18], [2, 14, 6], [1, 16, 16]]])
 def test_window_order_is_the_stock_window_index(tiny25, grid):
     """The graph's integer arithmetic gives the stock Python loop's order, and in it every window
     is one contiguous run of at most `window_tokens` tokens (what the band needs)."""
@@ -65,7 +67,7 @@ def test_exportable_module_and_reference_equal_the_stock_tower(tiny25, grid):
     grid_thw, pixels, positions, segments = _inputs(tiny25, grid)
     stock = stock_reference(tiny25.module, pixels, grid_thw)
     with tiny25.description.attention_context(tiny25.module):
-        exportable = tiny25.description.exportable(tiny25.module)(pixels, positions, segments)
+        exportable = tiny25.description.exportable(tiny25.module)(pixels, grid_thw)
     reference = ipcv_reference(tiny25.module, pixels, grid_thw, IpcvConfig(retention=1.0),
                                block_segments=block_segments, token_order=window_order).embeddings
     assert (exportable - stock).abs().max() <= STOCK_TOLERANCE

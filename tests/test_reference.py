@@ -49,7 +49,7 @@ def authors_formulation(visual, pixels, grid_thw, config):
 @pytest.mark.parametrize("config", [IpcvConfig(0.35, 3, 7, 10), IpcvConfig(0.5, 1, 2, 1), IpcvConfig(0.2, 2, 0, 3)])
 @pytest.mark.parametrize("grid", [[[1, 16, 16]], [[1, 8, 8], [2, 4, 8]]])
 def test_reference_equals_authors_formulation(tiny, config, grid):
-    grid_thw, pixels, _, _ = grid_inputs(tiny, grid)
+    grid_thw, pixels = grid_inputs(tiny, grid)
     with torch.no_grad():
         expected = authors_formulation(tiny.module, pixels, grid_thw, config)
     actual = ipcv_reference(tiny.module, pixels, grid_thw, config).embeddings

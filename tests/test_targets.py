@@ -112,7 +112,7 @@ def test_engine_without_tensorrt_keeps_the_checked_onnx_and_says_how(tiny, tmp_p
     err = capsys.readouterr().err
     assert "TensorRT is not installed" in err and "pip install tensorrt" in err
     assert f"trtexec --onnx={tmp_path}/encoder.onnx --saveEngine={out}" in err and "--fp16" in err
-    assert "--maxShapes=pixel_values:8192x1176,position_ids:8192x2,segment_ids:8192" in err
+    assert "--maxShapes=pixel_values:8192x1176,image_grid_thw:16x3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.json"]
     manifest = json.loads((tmp_path / "encoder.onnx.json").read_text())
     assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"]
@@ -123,7 +123,7 @@ def test_trtexec_command_and_profile_checks(tmp_path):
     shapes = tensorrt.profile_shapes({"input_width": 588}, ShapeProfile(64, 1024, 4096))
     command = tensorrt.trtexec_command(tmp_path / "a b.onnx", tmp_path / "e.engine", shapes, "bf16", tmp_path / "cache")
     assert f"'--onnx={tmp_path}/a b.onnx'" in command and "--bf16" in command
-    assert "--minShapes=pixel_values:64x588,position_ids:64x2,segment_ids:64" in command
+    assert "--minShapes=pixel_values:64x588,image_grid_thw:1x3" in command
     assert f"--timingCacheFile={tmp_path}/cache" in command
     with pytest.raises(ValueError, match="multiple of 4"):
         ShapeProfile(62, 1024, 4096).check(2, 2, 65536)
@@ -160,9 +160,9 @@ def test_pt2_files_match_the_reference_and_load_without_the_project(format, tiny
     encoder = load(out)
     inputs, expected = [], []
     for seed, grid in enumerate(PARITY_GRIDS):
-        grid_thw, pixels, positions, segments = grid_inputs(tiny, grid, seed)
+        grid_thw, pixels = grid_inputs(tiny, grid, seed)
         check_parity(encoder.run_all, tiny.module, IpcvConfig(), grid_thw, pixels)
-        inputs.append((pixels, positions, segments))
+        inputs.append((pixels, grid_thw))
         expected.append(encoder(pixels, grid_thw))
     torch.save(inputs, tmp_path / "inputs.pt")
     subprocess.run([sys.executable, "-c", SERVE, str(out), format, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],

@@ -1,22 +1,24 @@
 """ExportedProgram -> ONNX file, through `torch.onnx.export(..., dynamo=True)`.
 
-`ipcv::segment_attention` is decomposed into a masked scaled-dot-product attention within
-torch.onnx's own decomposition run, so the file holds only standard ONNX operators. N stays a
+The custom ops (`ipcv::segment_attention`, `ipcv::grid_layout`) are decomposed within torch.onnx's
+own decomposition run, so the file holds only standard ONNX operators. N stays a
 symbolic dimension. Models over 2 GB use the external-data format (`<file>.data` beside the file).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
+import onnx
 import torch
 from onnxscript import rewriter
 
 from .. import ops
 from ..config import DEFAULT_OPSET
 
-INPUT_NAMES = ["pixel_values", "position_ids", "segment_ids"]
+INPUT_NAMES = ["pixel_values", "image_grid_thw"]
 TWO_GB = 2 * 1024**3
 SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
 """onnxscript rewrite rules the optimizer skips. SlicesSplit fuses Slices that tile a tensor into
@@ -53,3 +55,45 @@ def _optimize(onnx_program: torch.onnx.ONNXProgram) -> None:
     kept = tuple(rule for rule in rules if rule.name not in SKIPPED_REWRITE_RULES)
     with mock.patch.object(rewriter, "_DEFAULT_REWRITE_RULES", kept):
         onnx_program.optimize()
+
+
+def keep_outputs(path: Path, names: Sequence[str]) -> None:
+    """Rewrite the ONNX file at `path` (its external data untouched) so that it returns only the
+    outputs `names`, and drop the nodes no remaining output needs.
+
+    The parity gate reads the diagnostic outputs (kept and neighbour indices); a runtime that
+    expects one output must get one, so they are removed after the gate. The removed nodes feed
+    nothing else, so what remains computes exactly what was verified."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    unknown = set(names) - {o.name for o in graph.output}
+    if unknown:
+        raise ValueError(f"{path.name} has no output {sorted(unknown)}")
+    kept_outputs = [o for o in graph.output if o.name in names]
+    needed = {o.name for o in kept_outputs}
+    kept_nodes = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept_nodes.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(reversed(kept_nodes))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    onnx.save(model, str(path))
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing graph, or may."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+        for subgraph in subgraphs:
+            for inner in subgraph.node:
+                names.update(inner.input)
+                names.update(_subgraph_inputs(inner))
+    return names

@@ -28,8 +28,8 @@ def tensorrt_available() -> bool:
 
 
 ENGINE_MAX_IMAGES = 16
-"""Images (tiles) per call an engine of a batched tower accepts: InternVL's 12 tiles and a
-thumbnail, LLaVA-NeXT's 5 tiles fit."""
+"""Images (tiles, videos) per call an engine accepts: InternVL's 12 tiles and a thumbnail,
+LLaVA-NeXT's 5 tiles fit; for packed towers, rows of image_grid_thw."""
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 """Input name -> (min, opt, max) shape of the optimisation profile."""
@@ -37,14 +37,14 @@ Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 def profile_shapes(inputs: dict, profile: ShapeProfile) -> Shapes:
     """The profile's input shapes from the manifest's `inputs` (names as in lower/onnx.py).
-    Packed towers: N = min / opt / max patches per call. Batched towers: 1 / 1 / ENGINE_MAX_IMAGES
+    Packed towers: N = min / opt / max patches per call in pixel_values, 1 / 1 / ENGINE_MAX_IMAGES
+    rows of image_grid_thw. Batched towers: 1 / 1 / ENGINE_MAX_IMAGES
     images, each side the smallest square side (a multiple of the grid multiple) that holds the
     min / opt / max patches per image."""
     if inputs.get("layout") != "images":
         width = inputs["input_width"]
-        return {name: tuple(shape(n) for n in (profile.min_tokens, profile.opt_tokens, profile.max_tokens))
-                for name, shape in (("pixel_values", lambda n: (n, width)), ("position_ids", lambda n: (n, 2)),
-                                    ("segment_ids", lambda n: (n,)))}
+        return {"pixel_values": tuple((n, width) for n in (profile.min_tokens, profile.opt_tokens, profile.max_tokens)),
+                "image_grid_thw": ((1, 3), (1, 3), (ENGINE_MAX_IMAGES, 3))}
     channels, pixels = inputs["input_width"], inputs["patch_size"]
 
     def images(count: int, patches: int) -> tuple[int, ...]:

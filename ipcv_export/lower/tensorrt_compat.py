@@ -7,7 +7,7 @@ operator table; its source and version are in the file):
 - every operator is supported, for the data type of its data input;
 - no TopK asks for more than `TOPK_MAX_K` values when N is at the profile's maximum. K is
   evaluated: read from the graph when constant, else computed by running the sub-graph that
-  produces it (ONNX Runtime) on inputs of the maximum size;
+  produces it (ONNX Runtime) on inputs of the maximum size (one image of N patches);
 - no tensor has a type TensorRT rejects (double, strings, complex, ...);
 - no operator whose output shape depends on tensor values (NonZero, Unique, ...).
 """
@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto
+
+from ..inputs import square_grid
+from .onnx import INPUT_NAMES
 
 OPS_TABLE = Path(__file__).with_name("tensorrt_ops.json")
 TOPK_MAX_K = 3840
@@ -147,14 +150,19 @@ def _topk_sizes(model: onnx.ModelProto, folder: Path | None, nodes: list[onnx.No
 
 
 def _evaluate(model: onnx.ModelProto, names: list[str], max_tokens: int) -> dict[str, int]:
-    """Run the sub-graph that computes `names` on zero inputs whose first dimension is max_tokens."""
+    """Run the sub-graph that computes `names` on zero pixels whose first dimension is max_tokens
+    (and, for a packed tower, the grid of one image of max_tokens patches)."""
     import onnxruntime
 
     inputs = [i.name for i in model.graph.input]
     subgraph = onnx.utils.Extractor(model).extract_model(inputs, names)
     session = onnxruntime.InferenceSession(subgraph.SerializeToString(), providers=["CPUExecutionProvider"])
+    merge = int({p.key: p.value for p in model.metadata_props}.get("merge_size", 1))
     feeds = {}
     for arg in session.get_inputs():
+        if arg.name == INPUT_NAMES[1]:
+            feeds[arg.name] = np.array([[1, *square_grid(max_tokens, merge)]], dtype=np.int64)
+            continue
         shape = [max_tokens if i == 0 else int(d) for i, d in enumerate(arg.shape)]
         feeds[arg.name] = np.zeros(shape, dtype=np.float32 if "float" in arg.type else np.int64)
     return {name: int(np.asarray(v).reshape(-1)[0]) for name, v in zip(names, session.run(names, feeds))}

@@ -94,14 +94,16 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 
 class ExportableQwen25VLVision(torch.nn.Module):
-    """(pixel_values, position_ids, segment_ids) -> merged embeddings, from the stock submodules."""
+    """(pixel_values, image_grid_thw) -> merged embeddings, from the stock submodules."""
 
     def __init__(self, visual: Qwen2_5_VisionTransformerPretrainedModel) -> None:
         super().__init__()
         self.visual = visual
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         visual = self.visual
+        position_ids, segment_ids = torch.ops.ipcv.grid_layout(image_grid_thw, pixel_values,
+                                                               visual.config.spatial_merge_size)
         place = window_order(visual.config, position_ids, segment_ids)
         window_major = _inverse(place)
         position_ids, segment_ids = position_ids.index_select(0, window_major), segment_ids.index_select(0, window_major)

@@ -3,8 +3,9 @@
 Capture path: the stock `transformers` module, unmodified. Its forward accepts precomputed
 `position_ids` and `cu_seqlens` (transformers' `vision_utils` pops them from the keyword
 arguments), and its attention calls whatever function is registered under the configured name.
-Segment ids travel as one more keyword argument down to that function (see `ipcv_export.ops`), so
-the engine's inputs are pixel_values, position_ids and segment_ids.
+Segment ids travel as one more keyword argument down to that function (see `ipcv_export.ops`).
+Both come from `image_grid_thw` inside the graph (`inputs.grid_layout`), so the file's inputs are
+what the processor gives: pixel_values and image_grid_thw.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from .description import ModelDescription
 
 
 class ExportableQwen2VLVision(torch.nn.Module):
-    """(pixel_values, position_ids, segment_ids) -> merged embeddings, through the stock module."""
+    """(pixel_values, image_grid_thw) -> merged embeddings, through the stock module."""
 
     def __init__(self, visual: Qwen2VisionTransformerPretrainedModel) -> None:
         super().__init__()
         self.visual = visual
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        position_ids, segment_ids = torch.ops.ipcv.grid_layout(image_grid_thw, pixel_values,
+                                                               self.visual.config.spatial_merge_size)
         # cu_seqlens is required by the stock forward but unused by the registered attention,
         # which reads segment_ids instead; max_seqlen is likewise only read by flash kernels.
         return self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids,

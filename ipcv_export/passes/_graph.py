@@ -7,6 +7,7 @@ node carries `meta["ipcv_full"]`, the node it was gathered from.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -85,8 +86,11 @@ def pixel_input(graph: fx.Graph) -> fx.Node:
 
 
 def segment_input(graph: fx.Graph) -> fx.Node:
-    """A packed tower's `segment_ids` input: which image (or temporal slice) each patch belongs to."""
-    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == "segment_ids")
+    """A packed tower's segment ids, which image (or temporal slice) each patch belongs to: the
+    second output of the graph's `ipcv::grid_layout` node (processor order; a family that reorders
+    tokens keeps every segment one run, so the ids per place are the same in its order)."""
+    layout = next(n for n in graph.nodes if n.target is torch.ops.ipcv.grid_layout.default)
+    return next(user for user in layout.users if user.target is operator.getitem and user.args[1] == 1)
 
 
 def is_tensor(node: fx.Node) -> bool:
