@@ -8,7 +8,8 @@ import signal
 import sys
 
 from . import __version__
-from .config import DEFAULT_OPSET, FORMATS, NGR_WEIGHTINGS, PRECISIONS, SELECTIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import (DEFAULT_OPSET, FORMATS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES, SELECTIONS, IpcvConfig,
+                     ShapeProfile, UsageError)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--atol", type=_number(float), metavar="TOL",
                         help="absolute tolerance of the parity gate on the embeddings (default 1e-4 for fp32 files; "
                              "reduced-precision engines add it to their relative limit); the kept set must still match")
+    target.add_argument("--runtime", choices=RUNTIMES,
+                        help="which runtime an .onnx file is for: portable (default; operators every runtime "
+                             "takes, TensorRT included), tensorrt (the same, and a failed TensorRT check refuses "
+                             "the file; what .engine means), onnxruntime (full-attention blocks loop over the "
+                             "images and video slices of a call instead of a dense masked product: the stock "
+                             "kernels' cost; TensorRT cannot build it)")
     target.add_argument("--diagnostic-outputs", action="store_true",
                         help="an .onnx file also returns kept_index and neighbor_index after image_features "
                              "(which patches were computed in full, what each removed one was rebuilt from); "
@@ -279,7 +286,7 @@ def _main(argv: list[str]) -> int:
                format=args.format, precision=args.precision,
                min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
                opset=args.opset, verify=not args.skip_verify, atol=args.atol, timing_cache=args.timing_cache,
-               diagnostic_outputs=args.diagnostic_outputs, report=report, verbose=args.verbose)
+               diagnostic_outputs=args.diagnostic_outputs, runtime=args.runtime, report=report, verbose=args.verbose)
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")
     except IncompatibleGraph as err:

@@ -104,6 +104,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
 """Output formats and the file suffixes each may be written under."""
 FORMATS = tuple(FORMAT_SUFFIXES)
+RUNTIMES = ("portable", "onnxruntime", "tensorrt")
+"""Which runtime an ONNX file is for. `portable` (the default for .onnx): operators every runtime
+takes, TensorRT included, and the TensorRT check only reports. `tensorrt` (what .engine means): the
+same graph, and a failed TensorRT check refuses the file. `onnxruntime`: attention over several
+segments as a Loop over segments (ops.ATTENTION_FORMS), which TensorRT cannot build; the check
+only reports."""
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,22 @@ operator of the graph performs for inputs of a given N; fake tensors make this t
 a second at any N, with no memory for activations. Element-wise work is not counted (it is a small
 share of a ViT and is bandwidth-bound, not compute-bound). The attention core counts its dense
 [Nq, Nk] products, or its band's where segments are short runs (windows), which is what the
-decomposed graph computes.
+portable decomposition computes. Two counts on real inputs complete it for calls of several
+segments: what the attention needs segment by segment (`segment_attention_flops`), and what
+ONNX Runtime ran (`onnx_attention_flops`, from its profile).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import ops
@@ -47,3 +56,71 @@ def floor_ratio(encoder: LoadedEncoder, config: IpcvConfig, tokens: int) -> floa
     floor, vision = encoder.description.flop_floor, encoder.module.config
     ipcv = floor(vision, config.retention_e4, config.prune_layer, config.as_depth, tokens, config.selection)
     return ipcv / floor(vision, RETENTION_SCALE, config.prune_layer, config.as_depth, tokens)
+
+
+def segment_attention_flops(program: torch.export.ExportedProgram, pixel_values: torch.Tensor,
+                            grid_thw: torch.Tensor) -> int:
+    """FLOPs the attention cores of one real call need: per segment L_q x L_k in blocks that attend
+    over whole segments (what the stock varlen kernels pay), the band in banded blocks (what the
+    portable and the ONNX Runtime forms both compute there). Runs the program eagerly, because the
+    segment lengths after pruning are values (the selection's), not shapes."""
+    counter = _SegmentAttentionCounter()
+    with torch.no_grad(), counter:
+        program.module()(pixel_values, grid_thw)
+    return counter.flops
+
+
+class _SegmentAttentionCounter(TorchDispatchMode):
+    """Adds up, over every `ipcv::segment_attention` call it sees, that call's per-segment FLOPs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.ipcv.segment_attention.default:
+            self.flops += _per_segment_flops(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _per_segment_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor | None,
+                       segment_k: torch.Tensor | None, scale: float, span: int | None = None, *_args,
+                       **_kwargs) -> int:
+    batch, heads, n_query, depth = query.shape
+    if span is not None:
+        pairs = ops.band_rows(n_query, span) * ops.BAND_TILES * span
+    elif segment_q is None:
+        pairs = n_query * key.shape[2]
+    else:
+        count = int(max(segment_q.max(), segment_k.max())) + 1
+        pairs = int((torch.bincount(segment_q, minlength=count) * torch.bincount(segment_k, minlength=count)).sum())
+    return 2 * batch * heads * pairs * (depth + value.shape[3])
+
+
+def onnx_attention_flops(path: str | Path, feeds: dict[str, np.ndarray]) -> int:
+    """FLOPs of the attention products ONNX Runtime really ran for `feeds`: every MatMul (or fused
+    MatMul) between two 4-D activations ([.., Lq, d] x [.., d, Lk] and [.., Lq, Lk] x [.., Lk, d]),
+    read from its profile, loop iterations included. Projections multiply by 2-D weights and are
+    not counted."""
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    flops = 0
+    for event in events:
+        arguments = event.get("args", {})
+        if event.get("cat") != "Node" or "MatMul" not in arguments.get("op_name", ""):
+            continue
+        inputs = [next(iter(shape.values())) for shape in arguments.get("input_type_shape", [])]
+        if len(inputs) < 2 or len(inputs[0]) != 4 or len(inputs[1]) != 4:
+            continue
+        output = next(iter(arguments["output_type_shape"][0].values()))
+        inner = inputs[0][-1] if output[-2] == inputs[0][-2] else inputs[0][-2]  # transposed A (FusedMatMul)
+        flops += 2 * math.prod(output) * inner
+    return flops

@@ -122,9 +122,42 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.cat(out, 2).transpose(1, 2)
 
 
-def decompositions() -> dict:
-    """Decomposition table of the custom ops (segment_attention, grid_layout) before lowering."""
-    return {torch.ops.ipcv.segment_attention.default: _attention,
+ATTENTION_FORMS = ("portable", "onnxruntime")
+"""How a file's attention over several segments is written. `portable`: static-shaped operators
+every runtime takes (TensorRT included): bands where segments are short runs, else a dense product
+masked by segment. `onnxruntime`: the dense case becomes `ipcv::segment_loop_attention`, an ONNX
+Loop over segments (lower/segment_loop.py) that pays the sum of L_q * L_k over segments."""
+
+
+@torch.library.custom_op("ipcv::segment_loop_attention", mutates_args=())
+def segment_loop_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor,
+                           segment_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Segment attention to be written as a loop over segments (only torch.onnx lowers it, through
+    `lower.segment_loop.translation_table`); eagerly, the same result by the masked form."""
+    return _masked_attention(query, key, value, segment_q, segment_k, scale, 1)
+
+
+@segment_loop_attention.register_fake
+def _segment_loop_attention_fake(query, key, value, segment_q, segment_k, scale):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
+
+
+def _attention_for_onnxruntime(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
+                               span: int | None = None, query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
+    """The `onnxruntime` form's decomposition: segments that are not short runs attend in a loop."""
+    if span is None and segment_q is not None:
+        return torch.ops.ipcv.segment_loop_attention(query, key, value, segment_q, segment_k, scale)
+    return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
+
+
+def decompositions(form: str = "portable") -> dict:
+    """Decomposition table of the custom ops (segment_attention, grid_layout) before lowering, for
+    one of ATTENTION_FORMS."""
+    if form not in ATTENTION_FORMS:
+        raise ValueError(f"unknown attention form {form!r}; choose from {', '.join(ATTENTION_FORMS)}")
+    attention = _attention_for_onnxruntime if form == "onnxruntime" else _attention
+    return {torch.ops.ipcv.segment_attention.default: attention,
             torch.ops.ipcv.grid_layout.default: decomposed_grid_layout}
 
 
@@ -137,14 +170,14 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
 
 
 @contextlib.contextmanager
-def decomposed_by_onnx_export() -> Iterator[None]:
+def decomposed_by_onnx_export(form: str = "portable") -> Iterator[None]:
     """Within: torch.onnx.export decomposes the custom ops itself, in the one re-trace of the
     program it makes anyway (its decomposition table is built from torch._decomp's), instead of
     `decompose` re-tracing the whole program once more first (18.2 s of the tiny tower's 112 s of
-    profiled ONNX lowering, BENCHMARKS.md). Scoped, not registered for good: torch.export consults the same table, so a capture
-    would decompose the op before the passes could find it."""
+    profiled ONNX lowering, BENCHMARKS.md). Scoped, not registered for good: torch.export consults
+    the same table, so a capture would decompose the op before the passes could find it."""
     table = torch._decomp.decomposition_table
-    ours = decompositions()
+    ours = decompositions(form)
     table.update(ours)
     try:
         yield

@@ -23,7 +23,8 @@ from . import __version__, outputs
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
-from .config import DEFAULT_OPSET, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, IpcvConfig, ShapeProfile, UsageError
+from .config import (DEFAULT_OPSET, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, ShapeProfile,
+                     UsageError)
 from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import INPUT_NAMES, keep_outputs, to_onnx
@@ -57,7 +58,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
            format: str | None = None, precision: str = "fp32",
            min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
            opset: int = DEFAULT_OPSET, verify: bool = True, atol: float | None = None,
-           timing_cache: str | Path | None = None, diagnostic_outputs: bool = False,
+           timing_cache: str | Path | None = None, diagnostic_outputs: bool = False, runtime: str | None = None,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
     """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
 
@@ -68,13 +69,15 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
     to 10 (merge selection: 1).
     `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120.
     `diagnostic_outputs`: an `.onnx` file also returns kept_index and neighbor_index after
-    image_features (engines and .pt2 files always do: see `_diagnostics_kept`).
+    image_features (engines and .pt2 files always do: see `_diagnostics_kept`). `runtime`: one of
+    RUNTIMES, for .onnx files (default portable) and engines (tensorrt).
     Raises UsageError (bad input), ParityError (the file disagrees
     with the reference), IncompatibleGraph, or
     tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
     """
     output = Path(output)
     format = _check_output(output, format, precision)
+    runtime = _check_runtime(format, runtime)
     if atol is not None and not 0 <= atol < 1:
         raise UsageError(f"--atol must be in [0, 1), got {atol}")
     if opset not in OPSETS:
@@ -112,6 +115,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             compute = _compute(original, program, encoder, profile.opt_tokens)
         diagnostics = _diagnostics_kept(format, diagnostic_outputs)
         manifest = _manifest(encoder, config, format, precision, opset, profile, compute, diagnostics)
+        manifest["runtime"] = runtime
         if chosen:
             manifest["ipcv"]["chosen_for_budget"] = chosen
 
@@ -120,7 +124,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
             lowered_path = staged.with_suffix(".onnx") if format == "engine" else staged
             with _stage("lower", timings, report, f"({lowered})", silent=True):
-                _lower(program, lowered_path, lowered, opset, encoder, config)
+                _lower(program, lowered_path, lowered, opset, encoder, config, runtime)
             if lowered == "onnx":
                 with _stage("check", timings, report):
                     compat = check_tensorrt_compat(lowered_path, profile.max_tokens)
@@ -129,7 +133,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                     if verbose:
                         for finding in compat.findings:
                             report(f"  {finding}")
-                if format == "engine" and not compat.ok:
+                if runtime == "tensorrt" and not compat.ok:
                     raise IncompatibleGraph(compat.summary())
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      verify, atol, timings, report, verbose)
@@ -222,6 +226,19 @@ def _check_output(output: Path, format: str | None, precision: str) -> str:
     return format
 
 
+def _check_runtime(format: str, runtime: str | None) -> str:
+    """The runtime the file is for (RUNTIMES), or UsageError where the format rules it out."""
+    if runtime is None:
+        return "tensorrt" if format == "engine" else "portable"
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if format == "engine" and runtime == "onnxruntime":
+        raise UsageError("--runtime onnxruntime writes a loop TensorRT cannot build; an engine is for tensorrt")
+    if format not in ("onnx", "engine") and runtime != "portable":
+        raise UsageError(f"--runtime {runtime} chooses the form of an ONNX file; {format} files are not ONNX")
+    return runtime
+
+
 def _written_names(output: Path, format: str) -> list[Path]:
     """The names an export may write: an engine export writes its checked ONNX file instead when
     TensorRT is missing."""
@@ -229,13 +246,14 @@ def _written_names(output: Path, format: str) -> list[Path]:
 
 
 def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset: int,
-           encoder: LoadedEncoder, config: IpcvConfig) -> None:
+           encoder: LoadedEncoder, config: IpcvConfig, runtime: str) -> None:
     if format == "onnx":
         metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
                     "ipcv_export_version": __version__}
         if encoder.description.image_batch:
             metadata["patch_size"] = str(encoder.patch_size)
-        to_onnx(program, path, OUTPUT_NAMES, opset, metadata)
+        form = "onnxruntime" if runtime == "onnxruntime" else "portable"  # ops.ATTENTION_FORMS
+        to_onnx(program, path, OUTPUT_NAMES, opset, metadata, form)
     elif format == "aoti":
         pt2.to_aoti(program, path)
     else:

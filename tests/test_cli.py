@@ -63,6 +63,9 @@ def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     (["--budget", "0.7", "--reten", "0.3"], "unrecognized arguments: --reten 0.3"),
     (["--budget", "1.5"], "--budget must be in (0, 1]"),
     (["--budget", "0.01"], "no measured setting fits a budget of 0.01"),
+    (["-o", "{tmp}/e.engine", "--runtime", "onnxruntime"], "an engine is for tensorrt"),
+    (["-o", "{tmp}/e.pt2", "--runtime", "tensorrt"], "--runtime tensorrt chooses the form of an ONNX file"),
+    (["--runtime", "trt"], "argument --runtime: invalid choice: 'trt'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys):
     base = {"--model": "tiny-qwen2-vl", "-o": str(tmp_path / "encoder.onnx")}

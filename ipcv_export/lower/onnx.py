@@ -17,6 +17,7 @@ from onnxscript import rewriter
 
 from .. import ops
 from ..config import DEFAULT_OPSET
+from . import segment_loop
 
 INPUT_NAMES = ["pixel_values", "image_grid_thw"]
 TWO_GB = 2 * 1024**3
@@ -29,14 +30,17 @@ and 0.3 s for each other rule (benchmarks/onnx_lowering_steps.py --rules)."""
 
 
 def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str],
-            opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+            opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None,
+            attention_form: str = "portable") -> Path:
     """Write `program` as an ONNX model at `path` (the caller makes the write atomic), with
-    `metadata` as the model's metadata properties (what a runtime needs to prepare inputs)."""
+    `metadata` as the model's metadata properties (what a runtime needs to prepare inputs).
+    `attention_form`: one of ops.ATTENTION_FORMS."""
     large = sum(p.numel() * p.element_size() for p in program.state_dict.values()) > TWO_GB
     input_names = INPUT_NAMES[:len(program.graph_signature.user_inputs)]  # batched towers: pixel_values only
-    with ops.decomposed_by_onnx_export():
+    with ops.decomposed_by_onnx_export(attention_form):
         onnx_program = torch.onnx.export(program, input_names=input_names, output_names=output_names,
-                                         opset_version=opset, dynamo=True, verbose=False, optimize=False)
+                                         opset_version=opset, dynamo=True, verbose=False, optimize=False,
+                                         custom_translation_table=segment_loop.translation_table())
     _optimize(onnx_program)
     onnx_program.model.metadata_props.update(metadata or {})
     onnx_program.save(str(path), external_data=large)
