@@ -3,6 +3,7 @@ PyTorch: what a user runs today (issue 18's latency targets).
 
     .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --retentions 0.5
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 0.5 --without-original
+    .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 1 0.5 --runtime onnxruntime
 
 Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
 --folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
     parser.add_argument("--without-original", action="store_true",
                         help="leave out the rho = 1 file (the stock module and two ORT sessions of a 7B-shape "
                              "tower at N = 8192 were killed for memory in 23 GB)")
@@ -47,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model)
     retentions = args.retentions if args.without_original else [1.0, *args.retentions]
-    files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-")
+    files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-{args.runtime}-",
+                           runtime=args.runtime)
 
     grid = torch.tensor(args.grid)
     pixels = torch.randn(int(grid.prod(1).sum()), encoder.input_width, generator=torch.Generator().manual_seed(0))
@@ -70,7 +73,7 @@ def main() -> None:
             if round_:  # round 0 warms up
                 times[name].append((time.perf_counter() - start) * 1e3)
     stock_ms = statistics.median(times["stock"])
-    print(f"{args.model}, grid {grid.tolist()} (N = {len(segments)}), {args.threads} threads, "
+    print(f"{args.model}, grid {grid.tolist()} (N = {pixels.shape[0]}), --runtime {args.runtime}, {args.threads} threads, "
           f"median of {args.runs} alternated rounds after 1 warm-up")
     print(f"{'run':>10s} {'ms':>10s} {'/ stock':>8s}")
     for name, values in times.items():

@@ -56,10 +56,12 @@ def main() -> None:
                         help="ONNX Runtime's node execution order")
     parser.add_argument("--opset", type=int, default=18,
                         help="ONNX opset of the exported files; 23 writes attention as one Attention operator")
+    parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     encoder = load_encoder(args.model)
-    files = exported_files(encoder, args.retentions, args.folder, opset=args.opset)
+    files = exported_files(encoder, args.retentions, args.folder, prefix=f"{args.runtime}-opset{args.opset}-",
+                           opset=args.opset, runtime=args.runtime)
     context = multiprocessing.get_context("spawn")
     print(f"{'rho':>5s} {'N':>6s} {'peak RSS GB':>11s} {'run s':>7s}")
     for retention, path in files.items():

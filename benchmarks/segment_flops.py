@@ -1,0 +1,65 @@
+"""Attention FLOPs of calls with several segments (images, video slices): what the attention needs
+segment by segment, against what ONNX Runtime ran for the file (issue 33's first target).
+
+    .venv/bin/python benchmarks/segment_flops.py --model qwen2-vl-7b-shape --retentions 1 0.5 \
+        --grids 8x32x32 32x16x16 1x32x32,1x32x32,1x32x32,1x32x32 1x32x32,1x16x16,1x8x8
+
+Exports one file per retention with this tool (verified as usual; --folder reuses files already
+there), then for each call: "needed" runs the exported program eagerly and adds up, per attention
+core, the sum over segments of L_q x L_k (banded blocks: their band), from the real segment ids;
+"ran" is every attention product in ONNX Runtime's profile of one run of the file (run it with
+--runtime portable to see the dense masked product's count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+
+from ipcv_export.capture import capture
+from ipcv_export.compress import compress
+from ipcv_export.flops import onnx_attention_flops, segment_attention_flops
+from ipcv_export.models import load_encoder
+
+from exported_files import exported_files  # benchmarks/, the script's own folder
+
+
+def parse_call(text: str) -> list[list[int]]:
+    """'8x32x32' -> [[8, 32, 32]]; '1x32x32,1x16x16' -> two rows of image_grid_thw."""
+    return [[int(part) for part in row.split("x")] for row in text.lower().split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2-vl-7b-shape")
+    parser.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--grids", type=parse_call, nargs="+", default=[[[8, 32, 32]]],
+                        help="one call each: t x h x w rows joined by commas")
+    parser.add_argument("--runtime", default="onnxruntime", help="the files' --runtime")
+    parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    encoder = load_encoder(args.model)
+    files = exported_files(encoder, args.retentions, args.folder, prefix=f"{args.model}-{args.runtime}-",
+                           runtime=args.runtime)
+    captured = capture(encoder)
+    print(f"{args.model}, --runtime {args.runtime}; attention GFLOPs of one call")
+    print(f"{'rho':>5s} {'call':>36s} {'N':>6s} {'needed':>9s} {'ran':>9s} {'ran/needed':>10s}")
+    for retention, path in files.items():
+        program = compress(captured, encoder, encoder.method_config(retention=retention))
+        for call in args.grids:
+            grid_thw = torch.tensor(call)
+            pixels = torch.randn(int(grid_thw.prod(1).sum()), encoder.input_width,
+                                 generator=torch.Generator().manual_seed(0))
+            needed = segment_attention_flops(program, pixels, grid_thw)
+            ran = onnx_attention_flops(path, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})
+            print(f"{retention:5.2f} {str(call):>36s} {pixels.shape[0]:6d} {needed / 1e9:9.1f} {ran / 1e9:9.1f} "
+                  f"{ran / needed:10.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
