@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {"IpcvConfig": "config", "UsageError": "config", "ExportResult": "pipeline", "export": "pipeline",
            "load": "runtime", "Pipeline": "llm.pipeline", "GenerationReport": "llm.pipeline",
-           "IvcPrune": "llm.prune_hooks"}
+           "IvcPrune": "llm.prune_hooks", "export_ort_genai": "genai_folder"}
 
 __all__ = [*_PUBLIC, "__version__"]
 

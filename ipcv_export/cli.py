@@ -8,8 +8,8 @@ import signal
 import sys
 
 from . import __version__
-from .config import (DEFAULT_OPSET, FORMATS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES, SELECTIONS, IpcvConfig,
-                     ShapeProfile, UsageError)
+from .config import (DEFAULT_OPSET, FOLDER_FORMAT, FORMATS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES, SELECTIONS,
+                     IpcvConfig, ShapeProfile, UsageError)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -27,6 +27,10 @@ formats (from the suffix, or --format):
   .pt2             AOTInductor package (torch._inductor.aoti_load_package); with
                    --format exported-program, the ExportedProgram (torch.export.load)
   Beside each file, <file>.json: the manifest (inputs, settings, verification, timings).
+  --format ort-genai -o DIR   an ONNX Runtime GenAI model folder from a chat model (built-in
+                   chat name or checkpoint folder with its tokenizer): the IPCV vision.onnx,
+                   embedding.onnx, the decoder from ORT GenAI's builder, genai_config.json,
+                   processor_config.json, tokenizer; verified by generating (needs onnxruntime-genai)
 
 exit codes:
   {EXIT_OK}  written and verified            {EXIT_PARITY}  the file disagreed with the reference (nothing written)
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="built-in model name (see --list-models) or a local Hugging Face checkpoint "
                                    "folder (safetensors; nothing is downloaded)")
     p.add_argument("-o", "--output", help="output file; the format follows the suffix (see below)")
-    p.add_argument("--format", choices=FORMATS,
+    p.add_argument("--format", choices=(*FORMATS, FOLDER_FORMAT),
                    help="output format when the suffix is not enough (default: from the suffix)")
     method = p.add_argument_group("IPCV method (docs/ipcv.md in the repository)")
     method.add_argument("--retention", type=_number(float), default=d.retention,
@@ -280,6 +284,8 @@ def _main(argv: list[str]) -> int:
     from .verify import ParityError
 
     try:
+        if args.format == FOLDER_FORMAT:
+            return _export_folder(args, report)
         export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
                as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
                ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, budget=args.budget,
@@ -299,6 +305,21 @@ def _main(argv: list[str]) -> int:
         if args.verbose:
             raise
         return _fail(EXIT_FAILED, f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}; nothing written")
+    return EXIT_OK
+
+
+def _export_folder(args: argparse.Namespace, report) -> int:
+    """--format ort-genai: the IPCV method's flags apply to its vision file; target flags do not."""
+    from .genai_folder import export_ort_genai
+
+    targets = [flag for flag, given in (("--budget", args.budget is not None), ("--runtime", args.runtime),
+                                        ("--precision", args.precision != "fp32"), ("--skip-verify", args.skip_verify))
+               if given]
+    if targets:
+        raise UsageError(f"--format ort-genai writes a verified ONNX Runtime folder; drop {', '.join(targets)}")
+    export_ort_genai(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
+                     as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
+                     ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, report=report)
     return EXIT_OK
 
 

@@ -104,6 +104,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
 """Output formats and the file suffixes each may be written under."""
 FORMATS = tuple(FORMAT_SUFFIXES)
+FOLDER_FORMAT = "ort-genai"
+"""The one format that writes a folder: an ONNX Runtime GenAI model folder (genai_folder.py)."""
 RUNTIMES = ("portable", "onnxruntime", "tensorrt")
 """Which runtime an ONNX file is for. `portable` (the default for .onnx): operators every runtime
 takes, TensorRT included, and the TensorRT check only reports. `tensorrt` (what .engine means): the

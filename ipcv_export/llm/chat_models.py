@@ -47,14 +47,20 @@ class ChatModel:
             raise UsageError(f"the prompt holds the special token {special[0]!r}; give only the question "
                              "(images are placed by --image / the images argument)")
 
+    def prompt_text(self, question: str, images: int) -> str:
+        """Qwen's chat template for `images` images + question, one pad token per image (a runtime's
+        processor, like ONNX Runtime GenAI's, repeats it once per merged token), ending in the
+        assistant prefix."""
+        self.check_question(question)
+        pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in range(images))
+        return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{pads}{question}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
     def prompt_ids(self, question: str, grids: torch.Tensor) -> torch.Tensor:
         """[1, S] ids of Qwen's chat template for images + question, with each image's pad token
         repeated once per merged token (as the stock processor does), ending in the assistant prefix."""
-        self.check_question(question)
-        pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in range(len(grids)))
-        text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{pads}{question}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        ids = self.tokenizer(self.prompt_text(question, len(grids)), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"][0]
         pad = self.model.config.image_token_id
         counts = iter((grids.prod(-1) // self.merge_size ** 2).tolist())
         pieces = [torch.full((next(counts),), pad) if int(token) == pad else token.reshape(1) for token in ids]

@@ -48,7 +48,7 @@ def test_report_counts_every_stage(unpruned):
     assert result.patches == 16 * 12 and result.visual_tokens == 48
     assert result.encoder_kept == 192  # this encoder file was exported at retention 1
     assert result.llm_visual_kept == 17 and result.prompt_tokens_after == result.prompt_tokens - 31
-    assert result.kv_cache_bytes == 4 * 2 * 2 * 12 * 4 * (result.prompt_tokens_after + 3)  # layers, K+V, heads, d, fp32
+    assert result.kv_cache_bytes == 4 * 2 * 1 * 16 * 4 * (result.prompt_tokens_after + 3)  # layers, K+V, KV heads, d, fp32
     assert len(result.new_token_ids) == 4 and result.prefill_ms > 0 and result.decode_tokens_per_s > 0
 
 
