@@ -325,7 +325,8 @@ def _export_folder(args: argparse.Namespace, report) -> int:
 
 def _quiet_libraries() -> None:
     """Hide library chatter that says nothing about this export (deprecations inside torch and
-    transformers, the ONNX exporter listing torchvision ops it skips); -v shows it."""
+    transformers, the ONNX exporter listing torchvision ops it skips, transformers' bars while it
+    loads or saves a checkpoint); -v shows it."""
     import logging
     import warnings
 
@@ -337,6 +338,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def _fail(code: int, message: str) -> int:

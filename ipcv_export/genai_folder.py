@@ -98,12 +98,13 @@ def _check_folder_output(output: Path) -> None:
 
 
 def _checkpoint_folder(chat: ChatModel, work: Path) -> Path:
-    """A transformers folder of the whole model for the builder: the checkpoint itself, or the
-    built-in saved with its tokenizer."""
-    if "path" in chat.source:
+    """A transformers folder of the whole model for the builder: a Qwen2.5-VL checkpoint itself;
+    else the model saved with its tokenizer (a Qwen2-VL model as Qwen2.5-VL, `as_qwen2_5_vl`)."""
+    native = chat.model.config.model_type == "qwen2_5_vl"
+    if native and "path" in chat.source:
         return Path(chat.source["path"])
     folder = work / "checkpoint"
-    chat.model.save_pretrained(folder)
+    (chat.model if native else ort_genai.as_qwen2_5_vl(chat.model)).save_pretrained(folder)
     chat.tokenizer.save_pretrained(folder)
     return folder
 

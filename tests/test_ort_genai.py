@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 
 from ipcv_export.cli import EXIT_OK, EXIT_USAGE, main
 from ipcv_export.genai_folder import export_ort_genai, transformers_tokens
@@ -33,12 +34,12 @@ def photos(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def full_folder(tmp_path_factory):
-    """rho = 1, through the command line."""
-    out = tmp_path_factory.mktemp("genai") / "qwen-rho1"
-    assert main(["--model", CHAT, "--retention", "1", "--format", "ort-genai", "-o", str(out), "-q"]) == EXIT_OK
-    return out
+@pytest.fixture(scope="module", params=[CHAT, "tiny-qwen2-vl-chat"])
+def full_folder(request, tmp_path_factory):
+    """(chat model, folder) at rho = 1, through the command line; Qwen2-VL is served as Qwen2.5-VL."""
+    out = tmp_path_factory.mktemp("genai") / "rho1"
+    assert main(["--model", request.param, "--retention", "1", "--format", "ort-genai", "-o", str(out), "-q"]) == EXIT_OK
+    return request.param, out
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def ipcv_folder(tmp_path_factory):
 
 
 def test_the_folder_holds_what_ort_genai_reads(full_folder):
+    _, full_folder = full_folder
     names = {p.name for p in full_folder.iterdir()}
     assert {"vision.onnx", "embedding.onnx", "model.onnx", "genai_config.json", "processor_config.json",
             "tokenizer.json", "ipcv-export.json"} <= names
@@ -65,8 +67,9 @@ def test_the_folder_holds_what_ort_genai_reads(full_folder):
 def test_full_retention_generates_the_stock_models_tokens(full_folder, photos, images):
     """ORT GenAI's greedy ids equal transformers' generate with the stock model on the same image(s)
     and prompt (ORT GenAI's processor makes the pixels; the prompt ids are checked equal)."""
-    stock = load_chat_model(CHAT)
-    ran = ort_genai.generate(full_folder, photos[:images], stock.prompt_text(QUESTION, images), TOKENS)
+    chat, folder = full_folder
+    stock = load_chat_model(chat)
+    ran = ort_genai.generate(folder, photos[:images], stock.prompt_text(QUESTION, images), TOKENS)
     assert len(ran["image_grid_thw"]) == images and len(ran["tokens"]) == TOKENS
     assert ran["tokens"] == transformers_tokens(stock, QUESTION, ran, TOKENS)
 
@@ -90,7 +93,7 @@ def test_ipcv_folder_generates_from_its_own_vision_file(ipcv_folder, photos):
 @pytest.mark.parametrize("case, message", [
     ("file", "is a file; --format ort-genai writes a folder"),
     ("foreign", "is a folder ipcv-export did not write"),
-    ("qwen2-vl", "ONNX Runtime GenAI has no model type for 'qwen2_vl' here"),
+    ("head-12", "needs a decoder head size that is a multiple of 8; this model's is 12"),
     ("encoder-only", "unknown chat model 'tiny-qwen2.5-vl'"),
     ("no-tokenizer", "no usable tokenizer files"),
     ("no-genai", "needs onnxruntime-genai, which is not installed (pip install 'ipcv-export[serve]')"),
@@ -103,8 +106,13 @@ def test_bad_folder_exports_are_one_line_exit_2(case, message, tmp_path, capsys,
     elif case == "foreign":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
-    elif case == "qwen2-vl":
-        model = "tiny-qwen2-vl-chat"
+    elif case == "head-12":  # the tiny chat model's shape with 4 heads of 12, as it was before
+        model, chat = str(tmp_path / "checkpoint"), load_chat_model(CHAT)
+        text = chat.model.config.text_config
+        text.num_attention_heads, text.num_key_value_heads = 4, 2
+        text.rope_parameters["mrope_section"] = [2, 2, 2]
+        AutoModelForImageTextToText.from_config(chat.model.config).save_pretrained(model)
+        chat.tokenizer.save_pretrained(model)
     elif case == "encoder-only":
         model = "tiny-qwen2.5-vl"
     elif case == "no-tokenizer":

@@ -23,8 +23,11 @@ import torch
 
 from ..config import UsageError
 
-GENAI_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl"}
-"""transformers model_type -> ONNX Runtime GenAI model type, for the families served here."""
+GENAI_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl"}
+"""transformers model_type -> ONNX Runtime GenAI model type, for the families served here. ORT
+GenAI has no qwen2_vl type; Qwen2-VL's language model is Qwen2.5-VL's (same layers and weight
+names, M-RoPE with the same image positions), so it is served under qwen2_5_vl (`as_qwen2_5_vl`),
+which the folder's verification checks token for token."""
 INSTALL_HINT = "pip install 'ipcv-export[serve]'"
 DECODER_FILE = "model.onnx"
 
@@ -49,6 +52,31 @@ def genai_model_type(config) -> str:
         raise UsageError(f"ONNX Runtime GenAI's attention needs a decoder head size that is a multiple of 8; "
                          f"this model's is {head}")
     return GENAI_MODEL_TYPES[model_type]
+
+
+def as_qwen2_5_vl(model: torch.nn.Module) -> torch.nn.Module:
+    """A Qwen2-VL model's language model and head under Qwen2.5-VL's classes, for ORT GenAI's
+    builder (which knows Qwen2.5-VL's architecture only and reads only the language model): the
+    same tensors, not copies, and a one-block stand-in vision tower."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    source = model.config
+    text = {**source.get_text_config().to_dict(), "model_type": "qwen2_5_vl_text"}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 1, "hidden_size": 16, "num_heads": 1,
+                                                               "intermediate_size": 16, "out_hidden_size": text["hidden_size"]},
+                              image_token_id=source.image_token_id, video_token_id=source.video_token_id,
+                              vision_start_token_id=source.vision_start_token_id,
+                              vision_end_token_id=source.vision_end_token_id)
+    with torch.device("meta"):
+        relabelled = AutoModelForImageTextToText.from_config(config)
+    language = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("model.visual.")}
+    missing, unexpected = relabelled.load_state_dict(language, strict=False, assign=True)
+    if unexpected or any(not name.startswith("model.visual.") for name in missing):
+        raise UsageError(f"this model's language model does not match Qwen2.5-VL's ({(unexpected or missing)[0]})")
+    relabelled.model.visual.to_empty(device="cpu")
+    for parameter in relabelled.model.visual.parameters():
+        torch.nn.init.zeros_(parameter)
+    return relabelled
 
 
 def build_decoder(checkpoint: Path, folder: Path, cache: Path, log: Path) -> None:
