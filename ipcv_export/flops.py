@@ -87,14 +87,11 @@ class _SegmentAttentionCounter(TorchDispatchMode):
 def _per_segment_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor | None,
                        segment_k: torch.Tensor | None, scale: float, span: int | None = None, *_args,
                        **_kwargs) -> int:
-    batch, heads, n_query, depth = query.shape
-    if span is not None:
-        pairs = ops.band_rows(n_query, span) * ops.BAND_TILES * span
-    elif segment_q is None:
-        pairs = n_query * key.shape[2]
-    else:
-        count = int(max(segment_q.max(), segment_k.max())) + 1
-        pairs = int((torch.bincount(segment_q, minlength=count) * torch.bincount(segment_k, minlength=count)).sum())
+    if span is not None or segment_q is None:  # the band, or one image per batch entry: what the shapes say
+        return _segment_attention_flops(query.shape, key.shape, value.shape, span=span)
+    batch, heads, _, depth = query.shape
+    count = int(max(segment_q.max(), segment_k.max())) + 1
+    pairs = int((torch.bincount(segment_q, minlength=count) * torch.bincount(segment_k, minlength=count)).sum())
     return 2 * batch * heads * pairs * (depth + value.shape[3])
 
 

@@ -12,6 +12,7 @@ result is recorded in DIR/ipcv-export.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from .llm.chat_models import ChatModel, load_chat_model
 from .llm.pipeline import EncoderFileTower
 from .lower import ort_genai
 from .lower.onnx import keep_outputs
-from .models import load_encoder
+from .models import LoadedEncoder, load_encoder
 from .pipeline import ExportResult, export
 from .verify import ParityError, check_parity
 
@@ -37,7 +38,6 @@ MANIFEST = "ipcv-export.json"
 VISION_FILE, EMBEDDING_FILE = "vision.onnx", "embedding.onnx"
 CHECK_QUESTION = "Describe the image."
 CHECK_TOKENS = 8
-METHOD_FIELDS = ("retention", "prune_layer", "as_depth", "neighbors", "selection", "ngr_weighting", "per_image_selection")
 
 
 def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, report: Callable[[str], None] = print,
@@ -51,12 +51,13 @@ def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, 
     _check_folder_output(output)
     with outputs.locked(output):
         chat = load_chat_model(model)
-        ort_genai.genai_model_type(chat.model.config)
+        model_type = ort_genai.genai_model_type(chat.model.config)
+        encoder = load_encoder(chat.encoder_source)  # exported, then the folder's reference
         with outputs.staging(output.parent) as staging:
             folder, work = staging / output.name, staging / "work"
             folder.mkdir()
             work.mkdir()
-            vision = export(chat.encoder_source, folder / VISION_FILE, retention=retention, runtime="onnxruntime",
+            vision = export(encoder, folder / VISION_FILE, retention=retention, runtime="onnxruntime",
                             diagnostic_outputs=True, report=_staged_report(report), **method)
             report("build: the decoder with ONNX Runtime GenAI's builder ...")
             ort_genai.build_decoder(_checkpoint_folder(chat, work), folder, work / "cache", work / "builder.log")
@@ -65,14 +66,14 @@ def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, 
                                       folder / EMBEDDING_FILE)
             ort_genai.complete_genai_config(folder / "genai_config.json", config, VISION_FILE, EMBEDDING_FILE)
             ort_genai.write_processor_config(folder / "processor_config.json", vision.manifest["preprocessing"])
-            checked = verify_folder(folder, chat, vision.manifest, work)
+            checked = verify_folder(folder, chat, encoder, vision.manifest, work)
             report(f"verify (ONNX Runtime GenAI): {len(checked['tokens'])} generated tokens equal transformers'; "
                    f"vision features within {checked['vision']['limit']:.0e} of the reference")
             keep_outputs(folder / VISION_FILE, OUTPUT_NAMES[:1])
             vision.manifest["outputs"] = vision.manifest["outputs"][:1]
             Path(f"{folder / VISION_FILE}.json").unlink()
             manifest = {"tool": {"name": "ipcv-export", "version": __version__}, "format": "ort-genai",
-                        "model_type": ort_genai.genai_model_type(config), "source": chat.source,
+                        "model_type": model_type, "source": chat.source,
                         "vision": vision.manifest, "verification": checked}
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _replace_folder(folder, output, staging)
@@ -109,16 +110,15 @@ def _checkpoint_folder(chat: ChatModel, work: Path) -> Path:
     return folder
 
 
-def verify_folder(folder: Path, chat: ChatModel, vision_manifest: dict, work: Path) -> dict:
+def verify_folder(folder: Path, chat: ChatModel, encoder: LoadedEncoder, vision_manifest: dict, work: Path) -> dict:
     """Generate from the folder in ORT GenAI, check the vision file on the pixels it fed, and
     compare the tokens with transformers' greedy generation from the same encoder file and pixels."""
     image = work / "check.png"
     _check_image().save(image)
     ran = ort_genai.generate(folder, [image], chat.prompt_text(CHECK_QUESTION, 1), CHECK_TOKENS)
-    pixels, grid = torch.from_numpy(ran["pixel_values"]).float(), torch.from_numpy(ran["image_grid_thw"]).long()
+    pixels, grid = _processed(ran)
     vision_file = runtime.load(folder / VISION_FILE)
-    encoder = load_encoder(chat.encoder_source)
-    config = IpcvConfig(**{field: vision_manifest["ipcv"][field] for field in METHOD_FIELDS})
+    config = IpcvConfig(**{field.name: vision_manifest["ipcv"][field.name] for field in dataclasses.fields(IpcvConfig)})
     vision = check_parity(vision_file.run_all, encoder.module, config, grid, pixels,
                           block_segments=encoder.description.block_segments, token_order=encoder.description.token_order)
     chat.model.model.visual = EncoderFileTower(vision_file, chat.model.config.get_text_config().hidden_size)
@@ -134,7 +134,7 @@ def transformers_tokens(chat: ChatModel, question: str, ran: dict, count: int) -
     """transformers' greedy tokens for the question and the pixels and grid that ORT GenAI's
     processor made (`ran`, from ort_genai.generate), after checking that its prompt ids are the
     model tokenizer's."""
-    pixels, grid = torch.from_numpy(ran["pixel_values"]).float(), torch.from_numpy(ran["image_grid_thw"]).long()
+    pixels, grid = _processed(ran)
     ids = chat.prompt_ids(question, grid)
     if not np.array_equal(ran["input_ids"].reshape(-1), ids.reshape(-1).numpy()):
         raise ParityError("ONNX Runtime GenAI's processor made other prompt ids than the model's tokenizer")
@@ -144,6 +144,11 @@ def transformers_tokens(chat: ChatModel, question: str, ran: dict, count: int) -
                                   image_grid_thw=grid, mm_token_type_ids=image_tokens, max_new_tokens=count,
                                   do_sample=False)
     return out[0, ids.shape[1]:].tolist()
+
+
+def _processed(ran: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) that ORT GenAI's processor made, as torch tensors."""
+    return torch.from_numpy(ran["pixel_values"]).float(), torch.from_numpy(ran["image_grid_thw"]).long()
 
 
 def _check_image() -> Image.Image:

@@ -139,7 +139,7 @@ def segment_loop_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 @segment_loop_attention.register_fake
 def _segment_loop_attention_fake(query, key, value, segment_q, segment_k, scale):
-    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
+    return _segment_attention_fake(query, key, value, segment_q, segment_k, scale)
 
 
 def _attention_for_onnxruntime(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

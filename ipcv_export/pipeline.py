@@ -137,11 +137,10 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                     raise IncompatibleGraph(compat.summary())
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      verify, atol, timings, report, verbose)
-            engine_built = format == "engine" and tensorrt.tensorrt_available()
-            if lowered == "onnx" and not diagnostic_outputs and not engine_built:
-                keep_outputs(lowered_path, OUTPUT_NAMES[:1])  # after the gate, which reads them
+            if not diagnostics:  # an .onnx file (or the one kept for a missing TensorRT), after the gate
+                keep_outputs(lowered_path, OUTPUT_NAMES[:1])
             if format == "engine":
-                if not engine_built:
+                if not tensorrt.tensorrt_available():
                     _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
                 with _stage("build", timings, report, "(TensorRT)", silent=True):
                     tensorrt.build_engine(lowered_path, staged, tensorrt.profile_shapes(manifest["inputs"], profile),
