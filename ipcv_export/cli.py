@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 
 from . import __version__
 from .config import (DEFAULT_OPSET, FOLDER_FORMAT, FORMATS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES, SELECTIONS,
-                     IpcvConfig, ShapeProfile, UsageError)
+                     IpcvConfig, Method, ShapeProfile, Target, UsageError)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -284,15 +285,8 @@ def _main(argv: list[str]) -> int:
     from .verify import ParityError
 
     try:
-        if args.format == FOLDER_FORMAT:
-            return _export_folder(args, report)
-        export(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
-               as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
-               ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, budget=args.budget,
-               format=args.format, precision=args.precision,
-               min_patches=args.min_patches, opt_patches=args.opt_patches, max_patches=args.max_patches,
-               opset=args.opset, verify=not args.skip_verify, atol=args.atol, timing_cache=args.timing_cache,
-               diagnostic_outputs=args.diagnostic_outputs, runtime=args.runtime, report=report, verbose=args.verbose)
+        method, target = method_and_target(args)
+        export(args.model, target, method, report=report, verbose=args.verbose)
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")
     except IncompatibleGraph as err:
@@ -308,19 +302,12 @@ def _main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _export_folder(args: argparse.Namespace, report) -> int:
-    """--format ort-genai: the IPCV method's flags apply to its vision file; target flags do not."""
-    from .genai_folder import export_ort_genai
-
-    targets = [flag for flag, given in (("--budget", args.budget is not None), ("--runtime", args.runtime),
-                                        ("--precision", args.precision != "fp32"), ("--skip-verify", args.skip_verify))
-               if given]
-    if targets:
-        raise UsageError(f"--format ort-genai writes a verified ONNX Runtime folder; drop {', '.join(targets)}")
-    export_ort_genai(args.model, args.output, retention=args.retention, prune_layer=args.prune_layer,
-                     as_depth=args.as_depth, neighbors=args.neighbors, selection=args.selection,
-                     ngr_weighting=args.ngr_weighting, per_image_selection=args.per_image_selection, report=report)
-    return EXIT_OK
+def method_and_target(args: argparse.Namespace) -> tuple[Method, Target]:
+    """The export's two arguments from the parsed flags: each flag is the field of the same name
+    (--skip-verify is verify=False)."""
+    method = Method(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Method)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Target) if f.name != "verify"}
+    return method, Target(**given, verify=not args.skip_verify)
 
 
 def _quiet_libraries() -> None:

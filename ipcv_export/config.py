@@ -91,6 +91,27 @@ class IpcvConfig:
         return self
 
 
+@dataclass(frozen=True)
+class Method:
+    """The IPCV method as asked for, before a model is known: None leaves a setting to the family's
+    default (ModelDescription.method_defaults), else IpcvConfig's; merge selection defaults to one
+    neighbour. `budget` (a FLOP fraction in (0, 1]) replaces the other settings by the best measured
+    setting that fits it on the model (budget.py). Resolved against a model into an IpcvConfig."""
+
+    retention: float = IpcvConfig.retention
+    prune_layer: int | None = None
+    as_depth: int | None = None
+    neighbors: int | None = None
+    selection: str = IpcvConfig.selection
+    ngr_weighting: str = IpcvConfig.ngr_weighting
+    per_image_selection: bool = IpcvConfig.per_image_selection
+    budget: float | None = None
+
+    def settings(self) -> dict:
+        """The IpcvConfig fields asked for, None where the family decides."""
+        return {name: value for name, value in vars(self).items() if name != "budget"}
+
+
 def check_retention(value: float, name: str = "retention") -> int:
     """Retention as an integer count of 10^-4 (K = L * it // 10^4); UsageError unless in (0, 1]."""
     if not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -136,3 +157,32 @@ class ShapeProfile:
             raise UsageError(f"patch profile must satisfy {smallest} <= min <= opt <= max <= {largest}, got "
                              f"{self.min_tokens} / {self.opt_tokens} / {self.max_tokens}")
         return self
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an export writes and for which runtime. `output`: the file (its suffix gives the format
+    unless `format` names one of FORMATS), or the folder of FOLDER_FORMAT. `runtime`: one of
+    RUNTIMES for .onnx files (default portable) and engines (tensorrt). `precision`: of a TensorRT
+    engine. The patch profile (`min_patches` / `opt_patches` / `max_patches`, ShapeProfile's range;
+    `opt_patches` None: the native grid of a tower that batches whole images, else 5120).
+    `diagnostic_outputs`: an .onnx file also returns kept_index and neighbor_index. `verify` False
+    skips the parity gate (recorded); `atol` replaces its absolute tolerance."""
+
+    output: Path
+    format: str | None = None
+    runtime: str | None = None
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    min_patches: int = ShapeProfile.min_tokens
+    opt_patches: int | None = None
+    max_patches: int = ShapeProfile.max_tokens
+    timing_cache: Path | None = None
+    diagnostic_outputs: bool = False
+    verify: bool = True
+    atol: float | None = None
+
+    def __post_init__(self) -> None:  # paths as given (str or Path) become Paths
+        object.__setattr__(self, "output", Path(self.output))
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", Path(self.timing_cache))

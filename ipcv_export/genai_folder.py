@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import __version__, outputs, runtime
 from .compress import OUTPUT_NAMES
-from .config import IpcvConfig, UsageError
+from .config import IpcvConfig, Method, Target, UsageError
 from .llm.chat_models import ChatModel, load_chat_model
 from .llm.pipeline import EncoderFileTower
 from .lower import ort_genai
@@ -40,13 +40,13 @@ CHECK_QUESTION = "Describe the image."
 CHECK_TOKENS = 8
 
 
-def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, report: Callable[[str], None] = print,
-                     **method) -> ExportResult:
-    """Write the ORT GenAI folder of a chat model (built-in name or checkpoint folder with its
-    tokenizer) with the vision tower exported at `retention`; `method` takes export()'s other IPCV
-    settings. UsageError for bad input, ParityError when the folder does not generate what
-    transformers does."""
-    output = Path(output)
+def export_ort_genai(model: str, target: Target, method: Method, report: Callable[[str], None] = print) -> ExportResult:
+    """Write the ORT GenAI folder `target.output` of a chat model (built-in name or checkpoint
+    folder with its tokenizer) with the vision tower exported with `method`; export() calls it
+    for a FOLDER_FORMAT target. UsageError for bad input, ParityError when the folder does not
+    generate what transformers does."""
+    output = target.output
+    _check_folder_target(target, method)
     ort_genai.require_genai()
     _check_folder_output(output)
     with outputs.locked(output):
@@ -57,8 +57,8 @@ def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, 
             folder, work = staging / output.name, staging / "work"
             folder.mkdir()
             work.mkdir()
-            vision = export(encoder, folder / VISION_FILE, retention=retention, runtime="onnxruntime",
-                            diagnostic_outputs=True, report=_staged_report(report), **method)
+            vision_target = Target(folder / VISION_FILE, runtime="onnxruntime", diagnostic_outputs=True)
+            vision = export(encoder, vision_target, method, report=_staged_report(report))
             report("build: the decoder with ONNX Runtime GenAI's builder ...")
             ort_genai.build_decoder(_checkpoint_folder(chat, work), folder, work / "cache", work / "builder.log")
             config = chat.model.config
@@ -84,6 +84,18 @@ def export_ort_genai(model: str, output: str | Path, *, retention: float = 0.5, 
 def _staged_report(report: Callable[[str], None]) -> Callable[[str], None]:
     """The vision export's lines, less the one naming its staged path (the folder's own line follows)."""
     return lambda line: None if line.startswith("wrote ") else report(f"vision {line.strip()}")
+
+
+def _check_folder_target(target: Target, method: Method) -> None:
+    """UsageError for a target setting the folder does not take (it is always verified, its vision
+    file is fp32 ONNX for ONNX Runtime), and for --budget: the method is given by its settings."""
+    defaults = Target(target.output, target.format)
+    refused = [flag for flag, given in (("--budget", method.budget is not None),
+                                        ("--runtime", target.runtime != defaults.runtime),
+                                        ("--precision", target.precision != defaults.precision),
+                                        ("--skip-verify", not target.verify)) if given]
+    if refused:
+        raise UsageError(f"--format ort-genai writes a verified ONNX Runtime folder; drop {', '.join(refused)}")
 
 
 def _check_folder_output(output: Path) -> None:

@@ -23,8 +23,8 @@ from . import __version__, outputs
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
 from .compress import OUTPUT_NAMES, compress
-from .config import (DEFAULT_OPSET, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, ShapeProfile,
-                     UsageError)
+from .config import (FOLDER_FORMAT, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, Method,
+                     ShapeProfile, Target, UsageError)
 from .flops import program_flops
 from .lower import pt2, tensorrt
 from .lower.onnx import INPUT_NAMES, keep_outputs, to_onnx
@@ -52,39 +52,30 @@ class ExportResult:
     manifest: dict = field(default_factory=dict)
 
 
-def export(model: str | LoadedEncoder, output: str | Path, *, retention: float = 0.5, prune_layer: int | None = None,
-           as_depth: int | None = None, neighbors: int | None = None, selection: str = "score", ngr_weighting: str = "mean",
-           per_image_selection: bool = False, budget: float | None = None,
-           format: str | None = None, precision: str = "fp32",
-           min_patches: int = 64, opt_patches: int | None = None, max_patches: int = 16384,
-           opset: int = DEFAULT_OPSET, verify: bool = True, atol: float | None = None,
-           timing_cache: str | Path | None = None, diagnostic_outputs: bool = False, runtime: str | None = None,
+def export(model: str | LoadedEncoder, target: Target | str | Path, method: Method = Method(), *,
            report: Callable[[str], None] = print, verbose: bool = False) -> ExportResult:
-    """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with IPCV to `output`.
-
-    The format follows the suffix (.onnx, .engine/.plan, .pt2 = AOTInductor package) unless
-    `format` names one of FORMATS. `budget` (a FLOP fraction) replaces the method settings by the
-    best measured setting that fits it on this model (see budget.py). `prune_layer` and `as_depth`
-    default to the family's (ModelDescription.method_defaults), else ipcv.md's 3 and 7; `neighbors`
-    to 10 (merge selection: 1).
-    `opt_patches` defaults to the native grid of a tower that batches whole images, else 5120.
-    `diagnostic_outputs`: an `.onnx` file also returns kept_index and neighbor_index after
-    image_features (engines and .pt2 files always do: see `_diagnostics_kept`). `runtime`: one of
-    RUNTIMES, for .onnx files (default portable) and engines (tensorrt).
-    Raises UsageError (bad input), ParityError (the file disagrees
-    with the reference), IncompatibleGraph, or
-    tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file was written instead).
+    """Export `model` (built-in name, checkpoint folder or LoadedEncoder) with the IPCV `method` to
+    `target` (a Target, or just the output path). A FOLDER_FORMAT target writes an ONNX Runtime
+    GenAI folder (genai_folder.py). `verbose` reports per-grid diffs and every TensorRT finding.
+    Raises UsageError (bad input), ParityError (the file disagrees with the reference),
+    IncompatibleGraph, or tensorrt.TensorRTMissing (an engine was asked for; the checked ONNX file
+    was written instead).
     """
-    output = Path(output)
-    format = _check_output(output, format, precision)
-    runtime = _check_runtime(format, runtime)
+    target = target if isinstance(target, Target) else Target(target)
+    if target.format == FOLDER_FORMAT:
+        from .genai_folder import export_ort_genai
+
+        return export_ort_genai(model, target, method, report)
+    output, opset, atol, timing_cache = target.output, target.opset, target.atol, target.timing_cache
+    format = _check_output(output, target.format, target.precision)
+    runtime = _check_runtime(format, target.runtime)
+    precision, diagnostic_outputs = target.precision, target.diagnostic_outputs
     if atol is not None and not 0 <= atol < 1:
         raise UsageError(f"--atol must be in [0, 1), got {atol}")
     if opset not in OPSETS:
         raise UsageError(f"--opset must be in [{OPSETS[0]}, {OPSETS[-1]}] (TensorRT 10 parses 18 to 20), got {opset}")
     if timing_cache and format != "engine":
         raise UsageError(f"--timing-cache applies to TensorRT engines; {format} files are not built by TensorRT")
-    timing_cache = Path(timing_cache) if timing_cache else None
     timings: dict[str, float] = {}
 
     with contextlib.ExitStack() as held:
@@ -92,20 +83,19 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
             held.enter_context(outputs.locked(name))
         with _stage("load", timings, report):
             encoder = model if isinstance(model, LoadedEncoder) else load_encoder(model)
-            config = encoder.method_config(retention=retention, prune_layer=prune_layer, as_depth=as_depth,
-                                           neighbors=neighbors, selection=selection, ngr_weighting=ngr_weighting,
-                                           per_image_selection=per_image_selection)
+            config = encoder.method_config(**method.settings())
+            opt_patches = target.opt_patches
             if opt_patches is None:
                 opt_patches = encoder.native_patches or ShapeProfile().opt_tokens
             chosen = None
-            if budget is not None:
-                config, chosen = choose_setting(encoder, budget, opt_patches)
-                report(f"  budget {budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
+            if method.budget is not None:
+                config, chosen = choose_setting(encoder, method.budget, opt_patches)
+                report(f"  budget {method.budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
                        f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
             config.check(encoder.depth)
             check_supported(config, encoder.description)
             largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
-            profile = ShapeProfile(min_patches, opt_patches, max_patches).check(
+            profile = ShapeProfile(target.min_patches, opt_patches, target.max_patches).check(
                 encoder.merge_size, min_tokens(config.retention_e4), largest)
             config = _as_run(config, encoder, profile, report)
         with _stage("capture", timings, report, silent=True):
@@ -136,7 +126,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                 if runtime == "tensorrt" and not compat.ok:
                     raise IncompatibleGraph(compat.summary())
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
-                                                     verify, atol, timings, report, verbose)
+                                                     target.verify, atol, timings, report, verbose)
             if not diagnostics:  # an .onnx file (or the one kept for a missing TensorRT), after the gate
                 keep_outputs(lowered_path, OUTPUT_NAMES[:1])
             if format == "engine":
@@ -147,7 +137,7 @@ def export(model: str | LoadedEncoder, output: str | Path, *, retention: float =
                                           precision, timing_cache)
                 lowered_path.unlink()
                 manifest["verification"] = _verify_stage(staged, "engine", precision, manifest, encoder, config,
-                                                         verify, atol, timings, report, verbose)
+                                                         target.verify, atol, timings, report, verbose)
             with _stage("write", timings, report):
                 manifest["timings_s"] = timings
                 outputs.write_manifest(staged, manifest)

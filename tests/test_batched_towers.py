@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ipcv_export import export, load
+from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig
@@ -160,7 +160,7 @@ def test_flop_count_equals_the_cost_model(dino, dino_captured, selection):
 @pytest.fixture(scope="module")
 def dino_file(dino, tmp_path_factory):
     out = tmp_path_factory.mktemp("batched") / "tower.onnx"
-    result = export(dino, out, retention=0.35, as_depth=2, diagnostic_outputs=True,  # the test reads kept_index
+    result = export(dino, Target(out, diagnostic_outputs=True), Method(retention=0.35, as_depth=2),  # reads kept_index
                     report=lambda _line: None)
     return out, result.manifest
 
@@ -182,7 +182,8 @@ def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
 
 def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_path):
     """rho = 1: nothing pruned; kept_index lists every token (CLS included, even where the head drops it)."""
-    result = export(dino, tmp_path / "full.pt2", retention=1.0, format="exported-program", report=lambda _line: None)
+    result = export(dino, Target(tmp_path / "full.pt2", format="exported-program"), Method(retention=1.0),
+                    report=lambda _line: None)
     assert result.manifest["verification"]["verified"]
     pixels = _pixels(2, 6, 9, seed=7, multiple=dino.merge_size)
     tokens, keep, neighbors = load(tmp_path / "full.pt2").run_all(pixels)
@@ -228,7 +229,7 @@ def test_engine_request_without_tensorrt_keeps_the_checked_onnx(tmp_path):
     from ipcv_export.lower.tensorrt import TensorRTMissing
 
     with pytest.raises(TensorRTMissing, match="maxShapes=pixel_values:16x3x1792x1792"):
-        export("tiny-internvl", tmp_path / "tower.engine", precision="fp16", report=lambda _line: None)
+        export("tiny-internvl", Target(tmp_path / "tower.engine", precision="fp16"), report=lambda _line: None)
     manifest = json.loads((tmp_path / "tower.onnx.json").read_text())
     assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]
     assert manifest["profile"]["opt_tokens"] == 64  # the tiny tower's native 8 x 8 grid

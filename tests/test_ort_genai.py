@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from ipcv_export import Method, Target, export
 from ipcv_export.cli import EXIT_OK, EXIT_USAGE, main
-from ipcv_export.genai_folder import export_ort_genai, transformers_tokens
+from ipcv_export.genai_folder import transformers_tokens
 from ipcv_export.llm.chat_models import load_chat_model
 from ipcv_export.llm.pipeline import EncoderFileTower
 from ipcv_export.lower import ort_genai
@@ -45,7 +46,7 @@ def full_folder(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ipcv_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("genai") / "qwen-rho0.5"
-    export_ort_genai(CHAT, out, retention=0.5, report=lambda _line: None)
+    export(CHAT, Target(out, format="ort-genai"), Method(retention=0.5), report=lambda _line: None)  # the API's folder target
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from ipcv_export import export
+from ipcv_export import Method, export
 from ipcv_export.config import IpcvConfig
 from ipcv_export.inputs import decomposed_grid_layout
 from ipcv_export.models import load_encoder
@@ -83,7 +83,7 @@ def test_windows_matter(tiny25):
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["call-wide", "per-image"])
 def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path, per_image):
-    result = export("tiny-qwen2.5-vl", tmp_path / "q25.onnx", retention=0.35, per_image_selection=per_image,
+    result = export("tiny-qwen2.5-vl", tmp_path / "q25.onnx", Method(retention=0.35, per_image_selection=per_image),
                     report=lambda _: None)
     manifest = json.loads((tmp_path / "q25.onnx.json").read_text())
     assert manifest["ipcv"]["per_image_selection"] is per_image

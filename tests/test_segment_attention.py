@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from conftest import grid_inputs
-from ipcv_export import export, load
+from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import onnx_attention_flops, segment_attention_flops
@@ -35,8 +35,8 @@ def loop_file(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("loop") / "encoder.onnx"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(segment_loop, "LOOP_QUERY_ROWS", LOOP_ROWS)
-        result = export(encoder, out, retention=retention, runtime="onnxruntime", diagnostic_outputs=True,
-                        report=lambda _line: None)
+        result = export(encoder, Target(out, runtime="onnxruntime", diagnostic_outputs=True),
+                        Method(retention=retention), report=lambda _line: None)
     return encoder, encoder.method_config(retention=retention), out, result.manifest
 
 
@@ -78,7 +78,7 @@ def test_attention_costs_the_sum_over_segments(loop_file):
 def test_the_portable_form_is_the_dense_one_this_replaces(tiny, captured, tmp_path):
     """Guards the measure above: the portable file runs the same video at 8 x the need."""
     out = tmp_path / "portable.onnx"
-    export(tiny, out, retention=1.0, report=lambda _line: None)
+    export(tiny, out, Method(retention=1.0), report=lambda _line: None)
     grid_thw, pixels = grid_inputs(tiny, [[8, 8, 8]])
     needed = segment_attention_flops(compress(captured, tiny, tiny.method_config(retention=1.0)), pixels, grid_thw)
     ran = onnx_attention_flops(out, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 import ipcv_export.pipeline as pipeline
 from conftest import PARITY_GRIDS, grid_inputs
-from ipcv_export import IpcvConfig, export, load
+from ipcv_export import IpcvConfig, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.cli import EXIT_NO_TENSORRT, EXIT_PARITY, EXIT_USAGE, main
 from ipcv_export.compress import OUTPUT_NAMES, compress
@@ -134,7 +134,7 @@ def test_trtexec_command_and_profile_checks(tmp_path):
 @pytest.mark.skipif(not tensorrt.tensorrt_available(), reason="tensorrt is not importable here (see README, TensorRT)")
 def test_engine_build_and_parity(tiny, tmp_path):
     out = tmp_path / "encoder.engine"
-    result = export(tiny, out, precision="fp16", timing_cache=tmp_path / "cache", **QUIET)
+    result = export(tiny, Target(out, precision="fp16", timing_cache=tmp_path / "cache"), **QUIET)
     assert result.manifest["verification"]["verified"] and (tmp_path / "cache").exists()
     assert load(out)(*grid_inputs(tiny, [[1, 16, 16]])[1::-1]).shape == (64, 48)
 
@@ -155,7 +155,7 @@ def test_pt2_files_match_the_reference_and_load_without_the_project(format, tiny
     """The gate passes, the runtime matches the reference on every parity grid, and a plain
     torch process (nothing of this project imported) reproduces the outputs."""
     out = tmp_path / "encoder.pt2"
-    result = export(tiny, out, format=format, **QUIET)
+    result = export(tiny, Target(out, format=format), **QUIET)
     assert result.manifest["verification"]["runtime"] == format
     encoder = load(out)
     inputs, expected = [], []

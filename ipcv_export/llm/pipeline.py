@@ -114,6 +114,7 @@ class Pipeline:
     def _export_encoder(self, retention: float, report: Callable[[str], None], cached: bool) -> Path:
         """The model's encoder file at `retention`: from the cache when an earlier run left it there,
         else exported into the cache (`cached`) or into a folder that lives as long as the pipeline."""
+        from ..config import Method
         from ..pipeline import export
 
         if cached:
@@ -129,7 +130,7 @@ class Pipeline:
             path = Path(self._workdir.name) / "encoder.onnx"
             hint = (f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
                     f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
-        export(self.chat.encoder_source, path, retention=retention, report=report)
+        export(self.chat.encoder_source, path, Method(retention=retention), report=report)
         report(hint)
         return path
 
