@@ -52,7 +52,7 @@ def profile_export(model: str, retention: float, folder: Path) -> tuple[list[str
     output = folder / f"{model}-{retention}.onnx"
     profiler = cProfile.Profile()
     profiler.enable()
-    ipcv_export.export(model, output, retention=retention, report=lines.append)
+    ipcv_export.export(model, output, ipcv_export.Method(retention=retention), report=lines.append)
     profiler.disable()
     stats = pstats.Stats(profiler)
     steps = {label: cumulative(stats, *where) for label, where in STEPS.items()}

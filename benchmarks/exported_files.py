@@ -13,9 +13,10 @@ from ipcv_export.models import LoadedEncoder
 
 
 def exported_files(encoder: LoadedEncoder, retentions: Iterable[float], folder: Path | None, prefix: str = "",
-                   **export_options) -> dict[float, Path]:
+                   **target_options) -> dict[float, Path]:
     """retention -> `folder/{prefix}rho{retention}.onnx`, exported with this tool (verified as
-    usual) unless it exists; a temporary folder when `folder` is None. Prints each export's time."""
+    usual; `target_options`: ipcv_export.Target's fields) unless it exists; a temporary folder when
+    `folder` is None. Prints each export's time."""
     folder = folder or Path(tempfile.mkdtemp(prefix="ipcv-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -23,6 +24,7 @@ def exported_files(encoder: LoadedEncoder, retentions: Iterable[float], folder: 
         path = files[retention] = folder / f"{prefix}rho{retention}.onnx"
         if not path.exists():
             start = time.perf_counter()
-            ipcv_export.export(encoder, path, retention=retention, report=lambda _line: None, **export_options)
+            ipcv_export.export(encoder, ipcv_export.Target(path, **target_options), ipcv_export.Method(retention=retention),
+                               report=lambda _line: None)
             print(f"exported rho={retention} in {time.perf_counter() - start:.0f} s")
     return files

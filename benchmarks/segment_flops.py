@@ -1,5 +1,6 @@
-"""Attention FLOPs of calls with several segments (images, video slices): what the attention needs
-segment by segment, against what ONNX Runtime ran for the file (issue 33's first target).
+"""FLOPs of calls with several segments (images, video slices): what the attention needs segment by
+segment, against what ONNX Runtime ran for the file (issue 33's first target); and the whole call
+counted, against the per-call cost model and the stock module.
 
     .venv/bin/python benchmarks/segment_flops.py --model qwen2-vl-7b-shape --retentions 1 0.5 \
         --grids 8x32x32 32x16x16 1x32x32,1x32x32,1x32x32,1x32x32 1x32x32,1x16x16,1x8x8
@@ -8,7 +9,9 @@ Exports one file per retention with this tool (verified as usual; --folder reuse
 there), then for each call: "needed" runs the exported program eagerly and adds up, per attention
 core, the sum over segments of L_q x L_k (banded blocks: their band), from the real segment ids;
 "ran" is every attention product in ONNX Runtime's profile of one run of the file (run it with
---runtime portable to see the dense masked product's count).
+--runtime portable to see the dense masked product's count). "counted" is the whole call's matrix
+work with attention priced so, "model" the cost model's price of the call (`call_flop_floor`, for
+the kept counts per slice the selection chose), "stock" the stock module's (`stock_flops`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
-from ipcv_export.flops import onnx_attention_flops, segment_attention_flops
+from ipcv_export.flops import count_call, kept_per_slice, onnx_attention_flops
 from ipcv_export.models import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
@@ -47,18 +50,25 @@ def main() -> None:
     files = exported_files(encoder, args.retentions, args.folder, prefix=f"{args.model}-{args.runtime}-",
                            runtime=args.runtime)
     captured = capture(encoder)
-    print(f"{args.model}, --runtime {args.runtime}; attention GFLOPs of one call")
-    print(f"{'rho':>5s} {'call':>36s} {'N':>6s} {'needed':>9s} {'ran':>9s} {'ran/needed':>10s}")
+    print(f"{args.model}, --runtime {args.runtime}; GFLOPs of one call: attention, then the whole call")
+    print(f"{'rho':>5s} {'call':>36s} {'N':>6s} {'needed':>9s} {'ran':>9s} {'ran/needed':>10s} "
+          f"{'counted':>9s} {'model':>9s} {'stock':>9s}")
+    vision = encoder.module.config
     for retention, path in files.items():
-        program = compress(captured, encoder, encoder.method_config(retention=retention))
+        config = encoder.method_config(retention=retention)
+        program = compress(captured, encoder, config)
         for call in args.grids:
             grid_thw = torch.tensor(call)
             pixels = torch.randn(int(grid_thw.prod(1).sum()), encoder.input_width,
                                  generator=torch.Generator().manual_seed(0))
-            needed = segment_attention_flops(program, pixels, grid_thw)
+            counted = count_call(program, pixels, grid_thw)
             ran = onnx_attention_flops(path, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})
-            print(f"{retention:5.2f} {str(call):>36s} {pixels.shape[0]:6d} {needed / 1e9:9.1f} {ran / 1e9:9.1f} "
-                  f"{ran / needed:10.4f}", flush=True)
+            model = encoder.description.call_flop_floor(vision, config.retention_e4, config.prune_layer, config.as_depth,
+                                                        kept_per_slice(grid_thw, counted.outputs[1]))
+            stock = encoder.description.stock_flops(vision, grid_thw)
+            print(f"{retention:5.2f} {str(call):>36s} {pixels.shape[0]:6d} {counted.attention / 1e9:9.1f} "
+                  f"{ran / 1e9:9.1f} {ran / counted.attention:10.4f} {counted.total / 1e9:9.1f} {model / 1e9:9.1f} "
+                  f"{stock / 1e9:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

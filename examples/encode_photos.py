@@ -64,8 +64,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch's exporter
 
     quiet = {"report": lambda _line: None}
-    ipcv_export.export("tiny-qwen2-vl", args.out / "ipcv.onnx", retention=args.retention, **quiet)
-    ipcv_export.export("tiny-qwen2-vl", args.out / "original.onnx", retention=1.0, **quiet)
+    ipcv_export.export("tiny-qwen2-vl", args.out / "ipcv.onnx", ipcv_export.Method(retention=args.retention), **quiet)
+    ipcv_export.export("tiny-qwen2-vl", args.out / "original.onnx", ipcv_export.Method(retention=1.0), **quiet)
     compressed, original = ipcv_export.load(args.out / "ipcv.onnx"), ipcv_export.load(args.out / "original.onnx")
 
     photos = {"astronaut": Image.fromarray(data.astronaut()), "chelsea": Image.fromarray(data.chelsea())}

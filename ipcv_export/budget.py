@@ -27,7 +27,7 @@ def choose_setting(encoder: LoadedEncoder, budget: float, tokens: int) -> tuple[
     the worst photo's mean patch cosine, then the mean, then fewer FLOPs."""
     if not 0 < budget <= 1:
         raise UsageError(f"--budget must be in (0, 1] (a fraction of the original encoder's FLOPs), got {budget}")
-    if encoder.description.flop_floor is None:
+    if encoder.description.tower_shape is None:
         raise UsageError(f"--budget needs a cost model; {encoder.description.architecture} has none")
     table = json.loads(SETTINGS.read_text())
     fitting, cheapest = [], 1.0

@@ -6,7 +6,7 @@ a second at any N, with no memory for activations. Element-wise work is not coun
 share of a ViT and is bandwidth-bound, not compute-bound). The attention core counts its dense
 [Nq, Nk] products, or its band's where segments are short runs (windows), which is what the
 portable decomposition computes. Two counts on real inputs complete it for calls of several
-segments: what the attention needs segment by segment (`segment_attention_flops`), and what
+segments: the call's FLOPs with attention priced segment by segment (`count_call`), and what
 ONNX Runtime ran (`onnx_attention_flops`, from its profile).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,29 +59,51 @@ def floor_ratio(encoder: LoadedEncoder, config: IpcvConfig, tokens: int) -> floa
     return ipcv / floor(vision, RETENTION_SCALE, config.prune_layer, config.as_depth, tokens)
 
 
-def segment_attention_flops(program: torch.export.ExportedProgram, pixel_values: torch.Tensor,
-                            grid_thw: torch.Tensor) -> int:
-    """FLOPs the attention cores of one real call need: per segment L_q x L_k in blocks that attend
-    over whole segments (what the stock varlen kernels pay), the band in banded blocks (what the
-    portable and the ONNX Runtime forms both compute there). Runs the program eagerly, because the
-    segment lengths after pruning are values (the selection's), not shapes."""
-    counter = _SegmentAttentionCounter()
-    with torch.no_grad(), counter:
-        program.module()(pixel_values, grid_thw)
-    return counter.flops
+@dataclass(frozen=True)
+class CallCount:
+    """FLOPs of one real call of a program. `attention`: what its attention cores need segment by
+    segment, L_q x L_k per segment in blocks that attend over whole segments (what the stock varlen
+    kernels pay), the band in banded blocks (what the portable and the ONNX Runtime forms both
+    compute there). `total`: every matrix product as `program_flops` counts it, attention priced
+    so: what the cost model's `ModelDescription.call_flop_floor` must equal. `outputs`: the call's."""
+
+    total: int
+    attention: int
+    outputs: tuple[torch.Tensor, ...]
+
+
+def count_call(program: torch.export.ExportedProgram, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> CallCount:
+    """Run the program eagerly on one call and count it (CallCount): the segment lengths after
+    pruning are values (the selection's), not shapes, so fake tensors cannot count them."""
+    attention = _SegmentAttentionCounter()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, attention:
+        outputs = program.module()(pixel_values, grid_thw)
+    return CallCount(counter.get_total_flops() - attention.dense_flops + attention.flops, attention.flops,
+                     tuple(outputs))
+
+
+def kept_per_slice(grid_thw: torch.Tensor, kept_index: torch.Tensor) -> list[tuple[int, int]]:
+    """(patches, kept patches) of each temporal slice of a packed call, from a file's kept_index:
+    the segments `call_flop_floor` prices (a windowed tower's window order keeps slices in place)."""
+    lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    slice_of = torch.bucketize(kept_index, torch.tensor(lengths).cumsum(0), right=True)
+    return list(zip(lengths, torch.bincount(slice_of, minlength=len(lengths)).tolist()))
 
 
 class _SegmentAttentionCounter(TorchDispatchMode):
-    """Adds up, over every `ipcv::segment_attention` call it sees, that call's per-segment FLOPs."""
+    """Adds up, over every `ipcv::segment_attention` call it sees, that call's per-segment FLOPs
+    (`flops`), and what the FLOP counter's formula charges for it from its shapes (`dense_flops`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.flops = 0
+        self.flops = self.dense_flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.ipcv.segment_attention.default:
             self.flops += _per_segment_flops(*args, **kwargs)
+            query, key, value, *rest = args
+            self.dense_flops += _segment_attention_flops(query.shape, key.shape, value.shape, *rest, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -67,3 +67,52 @@ def test_window_blocks_are_linear_in_the_tokens():
     tiny25 = load_encoder("tiny-qwen2.5-vl")
     counted = program_flops(capture(tiny25), tiny25, 4096)
     assert counted <= 1.10 * tiny25.description.stock_flops(tiny25.module.config, torch.tensor([[1, 64, 64]]))
+
+
+CALL_GRIDS = [[[4, 8, 8]], [[1, 16, 24], [1, 8, 8], [2, 4, 6]]]
+"""A video of 4 slices, and images of different sizes with a 2-slice video in one call."""
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def packed(request):
+    """(encoder, captured program) of each packed family."""
+    from ipcv_export.capture import capture
+    from ipcv_export.models import load_encoder
+
+    encoder = load_encoder(request.param)
+    return encoder, capture(encoder)
+
+
+@pytest.mark.parametrize("config", [IpcvConfig(1.0), IpcvConfig(0.5), IpcvConfig(0.35, 2, 3, 4)], ids=str)
+def test_a_call_of_several_segments_costs_its_cost_model(config, packed):
+    """Counted on a real call, attention priced segment by segment (flops.count_call), equals the
+    per-call cost model (attention per segment, the rest on the call's rows) for the kept counts
+    per slice the call-wide selection chose."""
+    from conftest import grid_inputs
+    from ipcv_export.flops import count_call, kept_per_slice
+
+    encoder, captured = packed
+    program = compress(captured, encoder, config)
+    for grid in CALL_GRIDS:
+        grid_thw, pixels = grid_inputs(encoder, grid)
+        counted = count_call(program, pixels, grid_thw)
+        modelled = encoder.description.call_flop_floor(encoder.module.config, config.retention_e4, config.prune_layer,
+                                                      config.as_depth, kept_per_slice(grid_thw, counted.outputs[1]))
+        assert counted.total == modelled, grid
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.5])
+def test_the_cost_model_prices_a_video_by_its_slices(retention, packed):
+    """Fails if the cost model priced attention densely over the call again: 8 slices of 64 patches
+    cost exactly 8 x one slice at rho = 1; at rho = 0.5 at least that (the call-wide neighbour search
+    adds its cross-slice distances), and below one image of 512 patches, which is what attention
+    dense over the call would cost."""
+    encoder, _ = packed
+    config, vision = encoder.method_config(retention=retention), encoder.module.config
+    model = encoder.description
+    call = model.call_flop_floor(vision, config.retention_e4, config.prune_layer, config.as_depth, [(64, int(64 * retention))] * 8)
+    one = model.flop_floor(vision, config.retention_e4, config.prune_layer, config.as_depth, 64)
+    dense = model.flop_floor(vision, config.retention_e4, config.prune_layer, config.as_depth, 512)
+    if retention == 1.0:
+        assert call == 8 * one
+    assert 8 * one <= call < dense

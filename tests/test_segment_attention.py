@@ -11,7 +11,7 @@ from conftest import grid_inputs
 from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
-from ipcv_export.flops import onnx_attention_flops, segment_attention_flops
+from ipcv_export.flops import count_call, onnx_attention_flops
 from ipcv_export.lower import segment_loop
 from ipcv_export.models import load_encoder
 from ipcv_export.reference import stock_reference
@@ -70,7 +70,7 @@ def test_attention_costs_the_sum_over_segments(loop_file):
     program = compress(capture(encoder), encoder, config)
     for grid in ([[8, 8, 8]], [[1, 16, 16], [1, 8, 8], [1, 4, 4]]):
         grid_thw, pixels = grid_inputs(encoder, grid)
-        needed = segment_attention_flops(program, pixels, grid_thw)
+        needed = count_call(program, pixels, grid_thw).attention
         ran = onnx_attention_flops(path, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})
         assert needed <= ran <= 1.10 * needed, (grid, ran / needed)
 
@@ -80,6 +80,6 @@ def test_the_portable_form_is_the_dense_one_this_replaces(tiny, captured, tmp_pa
     out = tmp_path / "portable.onnx"
     export(tiny, out, Method(retention=1.0), report=lambda _line: None)
     grid_thw, pixels = grid_inputs(tiny, [[8, 8, 8]])
-    needed = segment_attention_flops(compress(captured, tiny, tiny.method_config(retention=1.0)), pixels, grid_thw)
+    needed = count_call(compress(captured, tiny, tiny.method_config(retention=1.0)), pixels, grid_thw).attention
     ran = onnx_attention_flops(out, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})
     assert ran == pytest.approx(8 * needed, rel=0.01)

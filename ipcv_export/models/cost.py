@@ -53,25 +53,47 @@ def ipcv_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth:
     or banded in `shape.banded_blocks`; `pairs` prices it otherwise (an ideal floor).
     Special tokens add to N and to K. Bipartite selection adds its N x (K // 2) cosines; merge
     selection replaces the neighbour search by its rounds (`merge_flops`)."""
+    return ipcv_call_flops(shape, retention_e4, prune_layer, as_depth, [(tokens, kept_count(tokens, retention_e4))],
+                           selection, pairs)
+
+
+def ipcv_call_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_depth: int,
+                    segments: Sequence[tuple[int, int]], selection: str = "score",
+                    pairs: AttentionPairs | None = None) -> int:
+    """FLOPs of one call of several segments (images, video slices), each given as (patches, kept
+    patches): `ipcv_flops` per segment, except that attention never crosses a segment (the sum of
+    L_q x L_k over segments, what the stock kernels and the ONNX Runtime form compute; banded
+    blocks' band runs over the call's rows) and the neighbour search runs over the call (each
+    removed token against every kept one, masked by segment). With the authors' call-wide
+    selection the kept counts per segment are the selection's (values): read them from the file."""
     pairs = pairs or shape.attention_pairs
+    special = shape.special_tokens
+    full = [(patches + special, patches + special) for patches, _ in segments]
+    kept = [(chosen + special, patches + special) for patches, chosen in segments]
 
-    def blocks(indices: range, queries: int, keys: int) -> int:
-        return sum(block_flops(shape, queries, keys, pairs(index, queries, keys)) for index in indices)
+    def blocks(indices: range, sizes: list[tuple[int, int]]) -> int:
+        """Blocks whose segments have (queries, keys) rows each."""
+        queries, keys = sum(q for q, _ in sizes), sum(k for _, k in sizes)
+        return sum(block_flops(shape, queries, keys,
+                               pairs(index, queries, keys) if index in shape.banded_blocks
+                               else sum(pairs(index, q, k) for q, k in sizes))
+                   for index in indices)
 
-    n = tokens + shape.special_tokens
-    kept = shape.special_tokens + kept_count(tokens, retention_e4)
+    tokens = sum(patches for patches, _ in segments)
     ends = _embed_flops(shape, tokens) + _head_flops(shape, tokens)
-    if kept == n:
-        return ends + blocks(range(shape.depth), n, n)
+    if all(chosen == patches for patches, chosen in segments):
+        return ends + blocks(range(shape.depth), full)
     stabilized = range(prune_layer, min(prune_layer + as_depth, shape.depth))
-    neighbour_search = 0 if selection == "merge" else 2 * (n - kept) * kept * shape.width
+    n, k = sum(rows for rows, _ in full), sum(rows for rows, _ in kept)
+    neighbour_search = 0 if selection == "merge" else 2 * (n - k) * k * shape.width
     matching = 0
-    if selection == "bipartite":
-        matching = 2 * n * (kept_count(tokens, retention_e4) // 2) * shape.width
-    elif selection == "merge":
-        matching = merge_flops(shape.width, tokens, retention_e4)
-    return (ends + blocks(range(prune_layer), n, n) + blocks(stabilized, kept, n)
-            + blocks(range(stabilized.stop, shape.depth), kept, kept) + neighbour_search + matching)
+    for patches, _ in segments:
+        if selection == "bipartite":
+            matching += 2 * (patches + special) * (kept_count(patches, retention_e4) // 2) * shape.width
+        elif selection == "merge":
+            matching += merge_flops(shape.width, patches, retention_e4)
+    return (ends + blocks(range(prune_layer), full) + blocks(stabilized, kept)
+            + blocks(range(stabilized.stop, shape.depth), [(q, q) for q, _ in kept]) + neighbour_search + matching)
 
 
 def stock_flops(shape: TowerShape, tokens: int, pairs_per_block: Sequence[int]) -> int:

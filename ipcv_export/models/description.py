@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..ops import QUERY_CHUNKS
+from .cost import TowerShape, ipcv_call_flops, ipcv_flops
 
 
 def square_side(size: int | Sequence[int]) -> int:
@@ -79,8 +80,8 @@ class ModelDescription:
     query_projection: (path regex, part, parts) of the linear layer whose output holds the attention
         queries as part `part` of `parts` equal column slices (Qwen2-VL's fused qkv: 0 of 3), or
         None; attention-stabilised blocks then compute queries for kept rows only.
-    flop_floor: (vision config, retention_e4, l_p, Delta, N, selection="score") -> FLOPs of
-        ipcv.md's cost model, the figure benchmarks hold the counted graph against.
+    tower_shape: vision config -> the sizes of ipcv.md's cost model (cost.TowerShape), which
+        `flop_floor` and `call_flop_floor` price: the figures the counted graph is held against.
     stock_flops: (vision config, grid_thw) -> FLOPs of the stock module on that call, with its own
         kernels' attention (per window, per segment): what users run today, for the benchmarks.
     block_segments: (vision config, position_ids, segment_ids) -> one BlockAttention per block
@@ -109,10 +110,21 @@ class ModelDescription:
     attention_context: Callable[[torch.nn.Module], Any]
     image_processor: Callable[[Any], dict]
     query_projection: tuple[str, int, int] | None = None
-    flop_floor: Callable[..., int] | None = None
+    tower_shape: Callable[[Any], TowerShape] | None = None
     stock_flops: Callable[[Any, torch.Tensor], int] | None = None
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[BlockAttention]] | None = None
     token_order: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     image_batch: ImageBatch | None = None
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)
+
+    def flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
+                   selection: str = "score") -> int:
+        """ipcv.md's cost model for one image (segment) of `tokens` patches (`cost.ipcv_flops`)."""
+        return ipcv_flops(self.tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
+
+    def call_flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int,
+                        segments: Sequence[tuple[int, int]], selection: str = "score") -> int:
+        """The cost model for one call of several segments, each (patches, kept patches), attention
+        priced segment by segment (`cost.ipcv_call_flops`)."""
+        return ipcv_call_flops(self.tower_shape(config), retention_e4, prune_layer, as_depth, segments, selection)

@@ -16,7 +16,7 @@ from transformers.models.dinov2.configuration_dinov2 import Dinov2Config
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
 
 from . import attention
-from .cost import TowerShape, ipcv_flops
+from .cost import TowerShape
 from .description import ImageBatch, ModelDescription, TowerParts
 from .image_batch import ExportableImageBatch
 from .positions import resized_positions
@@ -55,13 +55,11 @@ def image_processor(config: Dinov2Config) -> dict:
                        "image_std": list(IMAGENET_DEFAULT_STD), "do_convert_rgb": True}}
 
 
-def flop_floor(config: Dinov2Config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
-    """ipcv.md's cost model for one image of `tokens` patches plus the CLS token (no merger)."""
+def tower_shape(config: Dinov2Config) -> TowerShape:
+    """The cost model's sizes for one image plus the CLS token (no merger)."""
     d = config.hidden_size
-    shape = TowerShape(config.num_hidden_layers, d, config.num_channels * config.patch_size ** 2,
-                       2 * d * int(d * config.mlp_ratio), special_tokens=1)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
+    return TowerShape(config.num_hidden_layers, d, config.num_channels * config.patch_size ** 2,
+                      2 * d * int(d * config.mlp_ratio), special_tokens=1)
 
 
 DINOV2 = ModelDescription(
@@ -74,6 +72,6 @@ DINOV2 = ModelDescription(
     attention_context=attention.batched,
     image_processor=image_processor,
     query_projection=(r"attention\.q_proj$", 0, 1),
-    flop_floor=flop_floor,
+    tower_shape=tower_shape,
     image_batch=ImageBatch(special_tokens=1, parts=parts),
 )

@@ -20,7 +20,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from . import attention
-from .cost import TowerShape, ipcv_flops
+from .cost import TowerShape
 from .description import ImageBatch, ModelDescription, TowerParts, square_side
 from .image_batch import ExportableImageBatch
 from .llava import WEIGHT_NAMES, LlavaFamily, LlavaVisionSide, builder
@@ -74,17 +74,15 @@ def image_processor(config: InternVLConfig) -> dict:
                        "image_mean": list(INTERNVL_FAMILY.mean), "image_std": list(INTERNVL_FAMILY.std)}}
 
 
-def flop_floor(config: InternVLConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
-    """ipcv.md's cost model for one tile: the blocks up to the feature layer, then the projector on
-    every shuffled token (one per f x f patches)."""
+def tower_shape(config: InternVLConfig) -> TowerShape:
+    """The cost model's sizes for one tile: the blocks up to the feature layer, then the projector
+    on every shuffled token (one per f x f patches)."""
     vision, out, f = config.vision_config, config.text_config.hidden_size, shuffle_factor(config)
     d, layer = vision.hidden_size, config.vision_feature_layer
     depth = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
     patch_width = vision.num_channels * square_side(vision.patch_size) ** 2
-    shape = TowerShape(depth, d, patch_width, 2 * d * vision.intermediate_size,
-                       head_macs=d * f * f * out + out * out, head_group=f * f, special_tokens=1)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
+    return TowerShape(depth, d, patch_width, 2 * d * vision.intermediate_size,
+                      head_macs=d * f * f * out + out * out, head_group=f * f, special_tokens=1)
 
 
 INTERNVL_VIT = ModelDescription(
@@ -97,7 +95,7 @@ INTERNVL_VIT = ModelDescription(
     attention_context=attention.batched,
     image_processor=image_processor,
     query_projection=(r"attention\.q_proj$", 0, 1),
-    flop_floor=flop_floor,
+    tower_shape=tower_shape,
     image_batch=ImageBatch(special_tokens=1, parts=parts, grid_multiple=2, neighbors_across_images=True),
     whole_config=True,
     method_defaults={"prune_layer": 7, "as_depth": 3},

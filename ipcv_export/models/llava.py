@@ -26,7 +26,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 
 from . import attention
-from .cost import TowerShape, ipcv_flops
+from .cost import TowerShape
 from .description import ImageBatch, ModelDescription, TowerParts
 from .image_batch import ExportableImageBatch
 from .positions import resized_positions
@@ -113,18 +113,16 @@ def image_processor(config) -> dict:
                        "image_std": list(family.std)}}
 
 
-def flop_floor(config, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
-    """ipcv.md's cost model for one image: the blocks up to the feature layer, then the projector
+def tower_shape(config) -> TowerShape:
+    """The cost model's sizes for one image: the blocks up to the feature layer, then the projector
     on every token the LLM reads."""
     vision, out = config.vision_config, config.text_config.hidden_size
     d = vision.hidden_size
     layer = config.vision_feature_layer
     depth = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
     special = FAMILIES[config.model_type].special_tokens
-    shape = TowerShape(depth, d, vision.num_channels * vision.patch_size ** 2, 2 * d * vision.intermediate_size,
-                       head_macs=d * out + out * out, special_tokens=special)
-    return ipcv_flops(shape, retention_e4, prune_layer, as_depth, tokens, selection)
+    return TowerShape(depth, d, vision.num_channels * vision.patch_size ** 2, 2 * d * vision.intermediate_size,
+                      head_macs=d * out + out * out, special_tokens=special)
 
 
 FAMILIES = {"llava": LLAVA_1_5, "llava_onevision": LLAVA_ONEVISION}
@@ -147,7 +145,7 @@ def description(architecture: str, model_type: str) -> ModelDescription:
         attention_context=attention.batched,
         image_processor=image_processor,
         query_projection=(r"self_attn\.q_proj$", 0, 1),
-        flop_floor=flop_floor,
+        tower_shape=tower_shape,
         image_batch=ImageBatch(special_tokens=family.special_tokens, parts=parts),
         whole_config=True,
     )

@@ -21,7 +21,7 @@ from ..inputs import slice_lengths
 from ..ops import QUERY_CHUNKS
 from ..tokens import run_bounds
 from . import attention, cost
-from .cost import TowerShape, ipcv_flops, merger_macs
+from .cost import TowerShape, merger_macs
 from .description import BlockAttention, ModelDescription
 from .qwen2_vl import image_processor
 
@@ -136,12 +136,6 @@ def tower_shape(config: Qwen2_5_VLVisionConfig) -> TowerShape:
                       band_span=window_tokens(config))
 
 
-def flop_floor(config: Qwen2_5_VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
-    """ipcv.md's cost model (see `cost.ipcv_flops`) on this tower's shape."""
-    return ipcv_flops(tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
-
-
 def window_lengths(config: Qwen2_5_VLVisionConfig, grid_thw: torch.Tensor) -> list[int]:
     """Tokens of every window of every slice, as the stock module's cu_window_seqlens has them."""
     side = window_side(config)
@@ -176,7 +170,7 @@ QWEN2_5_VL = ModelDescription(
     attention_context=attention.packed,
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
-    flop_floor=flop_floor,
+    tower_shape=tower_shape,
     stock_flops=stock_flops,
     block_segments=block_segments,
     token_order=window_order,

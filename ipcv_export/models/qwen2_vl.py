@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from ..inputs import slice_lengths
 from . import attention, cost
-from .cost import TowerShape, ipcv_flops, merger_macs
+from .cost import TowerShape, merger_macs
 from .description import ModelDescription
 
 
@@ -59,12 +59,6 @@ def tower_shape(config: Qwen2VLVisionConfig) -> TowerShape:
                       config.spatial_merge_size ** 2)
 
 
-def flop_floor(config: Qwen2VLVisionConfig, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-               selection: str = "score") -> int:
-    """ipcv.md's cost model for this tower (see `cost.ipcv_flops`)."""
-    return ipcv_flops(tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
-
-
 def stock_flops(config: Qwen2VLVisionConfig, grid_thw: torch.Tensor) -> int:
     """FLOPs of the stock module on one call: its varlen kernels attend within each slice."""
     lengths = slice_lengths(grid_thw)
@@ -81,6 +75,6 @@ QWEN2_VL = ModelDescription(
     attention_context=attention.packed,
     image_processor=image_processor,
     query_projection=(r"attn\.qkv$", 0, 3),
-    flop_floor=flop_floor,
+    tower_shape=tower_shape,
     stock_flops=stock_flops,
 )
