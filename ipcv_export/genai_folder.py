@@ -131,8 +131,7 @@ def verify_folder(folder: Path, chat: ChatModel, encoder: LoadedEncoder, vision_
     pixels, grid = _processed(ran)
     vision_file = runtime.load(folder / VISION_FILE)
     config = IpcvConfig(**{field.name: vision_manifest["ipcv"][field.name] for field in dataclasses.fields(IpcvConfig)})
-    vision = check_parity(vision_file.run_all, encoder.module, config, grid, pixels,
-                          block_segments=encoder.description.block_segments, token_order=encoder.description.token_order)
+    vision = check_parity(vision_file.run_all, encoder.module, config, grid, pixels, description=encoder.description)
     chat.model.model.visual = EncoderFileTower(vision_file, chat.model.config.get_text_config().hidden_size)
     expected = transformers_tokens(chat, CHECK_QUESTION, ran, CHECK_TOKENS)
     if ran["tokens"] != expected[:len(ran["tokens"])] or not ran["tokens"]:

@@ -77,19 +77,10 @@ def decomposed_grid_layout(grid_thw: torch.Tensor, pixel_values: torch.Tensor,
     (N from pixel_values, the images from grid_thw), integer Div on non-negative values (truncation
     is floor division; TensorRT rejects the sign test of floor division), running sums in fp32
     (TensorRT's CumSum takes floats; exact below 2^24 patches)."""
-    def div(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
-        return torch.div(a, b, rounding_mode="trunc")
-
-    def running_sum(x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x.to(torch.float32), 0).to(torch.int64)
-
     grid = grid_thw.to(torch.int64)
     slices, rows, cols = grid.unbind(1)
     area = rows * cols
-    image_end = running_sum(slices * area)
-    token = torch.arange(pixel_values.shape[0], device=grid.device)
-    image = (token[:, None] >= image_end[None, :]).to(torch.int64).sum(1)
-    image = torch.minimum(image, torch.full_like(image, grid.shape[0] - 1))  # rows beyond the grid: not valid input
+    token, image, image_end = _token_images(grid, pixel_values)
     local = token - (image_end - slices * area).index_select(0, image)
     token_area = area.index_select(0, image)
     slice_index = div(local, token_area)
@@ -105,6 +96,35 @@ def decomposed_grid_layout(grid_thw: torch.Tensor, pixel_values: torch.Tensor,
     positions = torch.stack([block_row * merge_size + in_row,
                              block_col * merge_size + in_block - in_row * merge_size], -1)
     return positions, segments
+
+
+def patch_grid_sides(grid_thw: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, 2] (h, w) of the grid each of the N = pixel_values rows belongs to, in graph-safe
+    operations as `decomposed_grid_layout` (towers that resample a position table per image)."""
+    grid = grid_thw.to(torch.int64)
+    _, image, _ = _token_images(grid, pixel_values)
+    return grid[:, 1:].index_select(0, image)
+
+
+def _token_images(grid: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token [N] 0..N-1, the grid row each token belongs to [N], each row's end in tokens [S]),
+    by [N, S] comparisons (static shapes)."""
+    slices, rows, cols = grid.unbind(1)
+    image_end = running_sum(slices * rows * cols)
+    token = torch.arange(pixel_values.shape[0], device=grid.device)
+    image = (token[:, None] >= image_end[None, :]).to(torch.int64).sum(1)
+    image = torch.minimum(image, torch.full_like(image, grid.shape[0] - 1))  # rows beyond the grid: not valid input
+    return token, image, image_end
+
+
+def div(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    """Integer division of non-negative values (truncation: TensorRT rejects floor's sign test)."""
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def running_sum(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum of integers in fp32 (TensorRT's CumSum takes floats; exact below 2^24)."""
+    return torch.cumsum(x.to(torch.float32), 0).to(torch.int64)
 
 
 def square_grid(tokens: int, multiple: int = 1) -> tuple[int, int]:

@@ -275,7 +275,7 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
                 grid_thw = torch.tensor(case)
                 pixels = torch.randn(int(grid_thw.prod(-1).sum()), encoder.input_width, generator=generator)
                 checks.append(check_parity(runner.run_all, encoder.module, config, grid_thw, pixels, tolerance,
-                                           encoder.description.block_segments, encoder.description.token_order))
+                                           encoder.description))
             if verbose:
                 report(f"  {checks[-1].grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
     return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),

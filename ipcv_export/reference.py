@@ -8,7 +8,6 @@ attention, one segment at a time) wherever a block runs unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +16,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, segment_ids
-from .models.description import BlockAttention, TowerParts
+from .models.description import ModelDescription, TowerParts
 from .tokens import WEIGHT_EPSILON, rankable, unit_rows
 
-BlockSegments = Callable[[object, torch.Tensor, torch.Tensor], list[BlockAttention]]
-TokenOrder = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -37,13 +34,13 @@ class ReferenceResult:
 @torch.no_grad()
 def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                    config: IpcvConfig, neighbors: torch.Tensor | None = None,
-                   keep: torch.Tensor | None = None, block_segments: BlockSegments | None = None,
-                   token_order: TokenOrder | None = None) -> ReferenceResult:
+                   keep: torch.Tensor | None = None, description: ModelDescription | None = None) -> ReferenceResult:
     """Run the encoder `visual` (a stock Qwen2-VL-style vision module) with IPCV.
 
-    `block_segments` is the model description's per-block attention segments (window ids in a
-    windowed tower's window blocks); by default every block attends within each image.
-    `token_order` is the description's order of the blocks' tokens (window-major in a windowed
+    From the tower's `description` (None: every field's default): `block_segments`, the per-block
+    attention segments (window ids in a windowed tower's window blocks; by default every block
+    attends within each image); `embed` (patches plus resampled positions; by default the module's
+    patch embedding); `token_order`, the order of the blocks' tokens (window-major in a windowed
     tower): the tokens are put in it after the patch embedding, keep and neighbours index it,
     and the merger's output is put back in the processor's order.
 
@@ -51,17 +48,19 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     file whose discrete choices differ from ours (equally distant neighbours; or, in fp16/bf16,
     scores computed from rounded states) can be compared value by value (see verify.py).
     """
+    block_segments, token_order, embed = ((description.block_segments, description.token_order, description.embed)
+                                          if description else (None, None, None))
     grid = check_grid(grid_thw, visual.spatial_merge_size)
     positions, images = position_ids(grid, visual.spatial_merge_size), segment_ids(grid)
     group = visual.spatial_merge_size ** 2
     place = (token_order(visual.config, positions, images) if token_order
              else torch.arange(len(images)))
     order = torch.argsort(place)
-    positions, images, pixel_values = positions[order], images[order], pixel_values[order]
+    x = embed(visual, pixel_values, grid) if embed else visual.patch_embed(pixel_values)  # each row alone
+    positions, images, x = positions[order], images[order], x[order]
     blocks = list(visual.blocks)
     segs = ([attention.segments for attention in block_segments(visual.config, positions, images)]
             if block_segments else [images] * len(blocks))
-    x = visual.patch_embed(pixel_values)
     cos, sin = visual.rotary_pos_emb(x, positions)
     n = x.shape[0]
 

@@ -16,8 +16,8 @@ from functools import partial
 import torch
 
 from .config import IpcvConfig
-from .models.description import TowerParts
-from .reference import BlockSegments, ReferenceResult, TokenOrder, batched_reference, ipcv_reference
+from .models.description import ModelDescription, TowerParts
+from .reference import ReferenceResult, batched_reference, ipcv_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -57,11 +57,10 @@ class ParityCheck:
 
 def check_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], visual: torch.nn.Module,
                  config: IpcvConfig, grid_thw: torch.Tensor, pixel_values: torch.Tensor,
-                 tolerance: Tolerance = TOLERANCES["fp32"], block_segments: BlockSegments | None = None,
-                 token_order: TokenOrder | None = None) -> ParityCheck:
-    """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare."""
-    reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, block_segments=block_segments,
-                           token_order=token_order)
+                 tolerance: Tolerance = TOLERANCES["fp32"], description: ModelDescription | None = None) -> ParityCheck:
+    """Run `run(pixel_values, grid_thw) -> (embeddings, kept_index, neighbor_index)` and compare
+    with the reference of the tower `description` describes (None: a plain Qwen2-VL-style tower)."""
+    reference_of = partial(ipcv_reference, visual, pixel_values, grid_thw, config, description=description)
     return _check(run(pixel_values, grid_thw), reference_of, tolerance, grid_thw.tolist())
 
 

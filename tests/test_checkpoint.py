@@ -15,10 +15,10 @@ TINY_VISION = json.loads(
 )["vision_config"]
 
 
-def _write_checkpoint(folder, visual, prefix, shards=2):
+def _write_checkpoint(folder, visual, prefix, shards=2, model_type="qwen2_vl", vision_config=None):
     """A full-model-like folder: config.json, sharded safetensors with an index, and LLM weights."""
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": TINY_VISION}))
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision_config or TINY_VISION}))
     state = {prefix + k: v.contiguous() for k, v in visual.state_dict().items() if "inv_freq" not in k}
     state["model.language_model.embed_tokens.weight"] = torch.zeros(10, 4)
     keys = sorted(state)
@@ -39,6 +39,21 @@ def test_checkpoint_round_trip(prefix, tiny, tmp_path):
     for key, value in tiny.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value), key
     assert loaded.source["path"] == str(folder.resolve()) and len(loaded.source["weights_sha256"]) == 64
+
+
+@pytest.mark.parametrize("builtin,model_type", [("tiny-qwen3.5", "qwen3_5")])
+def test_newer_families_round_trip(builtin, model_type, tmp_path):
+    """The vision tower and its mergers (DeepStack's included) come back from a full-model folder."""
+    from ipcv_export.models import CONFIG_DIR
+
+    encoder = load_encoder(builtin)
+    vision = json.loads((CONFIG_DIR / f"{builtin}.json").read_text())["vision_config"]
+    folder = _write_checkpoint(tmp_path / "ckpt", encoder.module, "model.visual.", model_type=model_type,
+                               vision_config=vision)
+    loaded = load_encoder(str(folder))
+    assert loaded.description is encoder.description
+    for key, value in encoder.module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
 
 
 def test_bin_only_folder_is_refused(tmp_path):

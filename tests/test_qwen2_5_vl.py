@@ -69,7 +69,7 @@ def test_exportable_module_and_reference_equal_the_stock_tower(tiny25, grid):
     with tiny25.description.attention_context(tiny25.module):
         exportable = tiny25.description.exportable(tiny25.module)(pixels, grid_thw)
     reference = ipcv_reference(tiny25.module, pixels, grid_thw, IpcvConfig(retention=1.0),
-                               block_segments=block_segments, token_order=window_order).embeddings
+                               description=tiny25.description).embeddings
     assert (exportable - stock).abs().max() <= STOCK_TOLERANCE
     assert (reference - stock).abs().max() <= STOCK_TOLERANCE
 

@@ -59,8 +59,7 @@ def test_onnx_runtime_form_is_exact(loop_file):
             stock = stock_reference(encoder.module, pixels, grid_thw)
             assert (file(pixels, grid_thw) - stock).abs().max().item() <= 1e-5, grid
         else:
-            check_parity(file.run_all, encoder.module, config, grid_thw, pixels,
-                         block_segments=encoder.description.block_segments, token_order=encoder.description.token_order)
+            check_parity(file.run_all, encoder.module, config, grid_thw, pixels, description=encoder.description)
 
 
 def test_attention_costs_the_sum_over_segments(loop_file):

@@ -17,8 +17,9 @@ from .internvl import INTERNVL_VIT
 from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
+from .qwen3_vl import QWEN3_5
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, DINOV2, LLAVA_CLIP,
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, QWEN3_5, DINOV2, LLAVA_CLIP,
                                                                              LLAVA_ONEVISION_SIGLIP, INTERNVL_VIT)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
+from ..inputs import slice_lengths
 from ..ops import BAND_TILES, band_rows
 from ..tokens import kept_count, merge_rounds
 
@@ -102,6 +105,13 @@ def stock_flops(shape: TowerShape, tokens: int, pairs_per_block: Sequence[int]) 
     n = tokens + shape.special_tokens
     return (_embed_flops(shape, tokens) + _head_flops(shape, tokens)
             + sum(block_flops(shape, n, n, pairs) for pairs in pairs_per_block))
+
+
+def slice_attention_stock_flops(shape: TowerShape, grid_thw: torch.Tensor) -> int:
+    """FLOPs of a stock packed tower whose every block attends within each image or temporal slice
+    (its varlen kernels), on one call."""
+    lengths = slice_lengths(grid_thw)
+    return stock_flops(shape, sum(lengths), [sum(n ** 2 for n in lengths)] * shape.depth)
 
 
 def block_flops(shape: TowerShape, queries: int, keys: int, pairs: int) -> int:

@@ -91,6 +91,9 @@ class ModelDescription:
         token in the order the tower runs its blocks (window-major for a windowed tower, so that
         windows are contiguous runs), or None for the processor's order. The exportable module and
         the reference both apply it; kept indices and neighbours refer to that order.
+    embed: (stock module, pixel_values, grid_thw) -> the reference's [N, D] token states before
+        block 0, for a packed tower that adds more than its patch embedding (a learned position
+        table resampled to each grid); None: the module's patch_embed.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
@@ -114,6 +117,7 @@ class ModelDescription:
     stock_flops: Callable[[Any, torch.Tensor], int] | None = None
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[BlockAttention]] | None = None
     token_order: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    embed: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     image_batch: ImageBatch | None = None
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)

@@ -15,7 +15,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from ..inputs import slice_lengths
 from . import attention, cost
 from .cost import TowerShape, merger_macs
 from .description import ModelDescription
@@ -60,9 +59,8 @@ def tower_shape(config: Qwen2VLVisionConfig) -> TowerShape:
 
 
 def stock_flops(config: Qwen2VLVisionConfig, grid_thw: torch.Tensor) -> int:
-    """FLOPs of the stock module on one call: its varlen kernels attend within each slice."""
-    lengths = slice_lengths(grid_thw)
-    return cost.stock_flops(tower_shape(config), sum(lengths), [sum(n ** 2 for n in lengths)] * config.depth)
+    """FLOPs of the stock module on one call (`cost.slice_attention_stock_flops`)."""
+    return cost.slice_attention_stock_flops(tower_shape(config), grid_thw)
 
 
 QWEN2_VL = ModelDescription(

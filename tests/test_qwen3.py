@@ -1,0 +1,88 @@
+"""Qwen3.5's (and Qwen3-VL's) vision tower: the learned position table resampled in the graph,
+files equal to the stock module at rho = 1, IPCV equal to the reference, TensorRT-ready, and
+counted FLOPs equal to the cost model."""
+
+import pytest
+import torch
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+from conftest import grid_inputs
+from ipcv_export import Method, Target, export, load
+from ipcv_export.capture import capture
+from ipcv_export.compress import compress
+from ipcv_export.flops import count_call, kept_per_slice, program_flops
+from ipcv_export.inputs import host_layout, patch_grid_sides
+from ipcv_export.models import load_encoder
+from ipcv_export.models.qwen3_vl import table_taps
+from ipcv_export.reference import stock_reference
+from ipcv_export.verify import check_parity
+
+FAMILIES = ["tiny-qwen3.5"]
+STOCK_TOLERANCE = 1e-5
+GRIDS = [[[1, 16, 24]],  # one image, wider than the 8 x 8 table
+         [[1, 30, 6]],  # odd merged sides (15 x 3)
+         [[1, 8, 8], [1, 12, 16], [2, 4, 6]],  # several images and a video in one call
+         [[4, 8, 12]]]  # a video of 4 slices
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(encoder, {retention: (path, manifest)}): one verified ONNX file per retention."""
+    encoder = load_encoder(request.param)
+    folder = tmp_path_factory.mktemp("qwen3")
+    files = {}
+    for retention in (1.0, 0.5):
+        path = folder / f"rho{retention}.onnx"
+        result = export(encoder, Target(path, diagnostic_outputs=True), Method(retention=retention),
+                        report=lambda _line: None)
+        files[retention] = path, result.manifest
+    return encoder, files
+
+
+@pytest.mark.parametrize("grid", [[[1, 2, 2]], *GRIDS, [[1, 64, 32]]], ids=str)
+def test_table_taps_are_transformers_interpolation(grid):
+    """Indices equal, weights within 1e-7, to transformers' host computation, on grids smaller and larger than the table."""
+    grid_thw = torch.tensor(grid)
+    pixels = torch.zeros(int(grid_thw.prod(-1).sum()), 1)
+    positions, _ = host_layout(grid_thw, 2)
+    indices, weights = table_taps(positions, patch_grid_sides(grid_thw, pixels), 8)
+    expected_indices, expected_weights = get_vision_interpolation_indices_and_weights(
+        grid_thw, 8, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    assert torch.equal(indices, expected_indices)
+    assert (weights - expected_weights).abs().max() <= 1e-7
+
+
+def test_rho1_file_equals_the_stock_module(family):
+    encoder, files = family
+    file = load(files[1.0][0])
+    for seed, grid in enumerate(GRIDS):
+        grid_thw, pixels = grid_inputs(encoder, grid, seed)
+        stock = stock_reference(encoder.module, pixels, grid_thw)
+        assert (file(pixels, grid_thw) - stock).abs().max() <= STOCK_TOLERANCE, grid
+
+
+def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(family):
+    """Kept set exact, embeddings within 1e-4 (check_parity's fp32 tolerance)."""
+    encoder, files = family
+    path, manifest = files[0.5]
+    assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]
+    file = load(path)
+    config = encoder.method_config(retention=0.5)
+    for seed, grid in enumerate(GRIDS):
+        grid_thw, pixels = grid_inputs(encoder, grid, seed)
+        check_parity(file.run_all, encoder.module, config, grid_thw, pixels, description=encoder.description)
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.35])
+def test_counted_flops_are_the_cost_model(family, retention):
+    """One image (fake tensors) and a mixed call (attention segment by segment), counted == modelled."""
+    encoder, _ = family
+    config, vision = encoder.method_config(retention=retention), encoder.module.config
+    program = compress(capture(encoder), encoder, config)
+    for tokens in (256, 1024):
+        assert program_flops(program, encoder, tokens) == encoder.description.flop_floor(
+            vision, config.retention_e4, config.prune_layer, config.as_depth, tokens), tokens
+    grid_thw, pixels = grid_inputs(encoder, GRIDS[2])
+    counted = count_call(program, pixels, grid_thw)
+    assert counted.total == encoder.description.call_flop_floor(
+        vision, config.retention_e4, config.prune_layer, config.as_depth, kept_per_slice(grid_thw, counted.outputs[1]))
