@@ -64,7 +64,7 @@ def main() -> None:
             counted = count_call(program, pixels, grid_thw)
             ran = onnx_attention_flops(path, {"pixel_values": pixels.numpy(), "image_grid_thw": grid_thw.numpy()})
             model = encoder.description.call_flop_floor(vision, config.retention_e4, config.prune_layer, config.as_depth,
-                                                        kept_per_slice(grid_thw, counted.outputs[1]))
+                                                        kept_per_slice(grid_thw, counted.kept_index))
             stock = encoder.description.stock_flops(vision, grid_thw)
             print(f"{retention:5.2f} {str(call):>36s} {pixels.shape[0]:6d} {counted.attention / 1e9:9.1f} "
                   f"{ran / 1e9:9.1f} {ran / counted.attention:10.4f} {counted.total / 1e9:9.1f} {model / 1e9:9.1f} "

@@ -13,14 +13,29 @@ from .models import LoadedEncoder
 from .passes import RemoveNoOpCastsPass, ipcv_passes, run_passes
 from .passes import _graph
 
-OUTPUT_NAMES = ["image_features", "kept_index", "neighbor_index"]
-"""The program's outputs. `image_features` is the name ONNX Runtime GenAI reads; the other two are
-diagnostics (the parity gate reads them; `.onnx` files keep them only when asked)."""
+DIAGNOSTIC_NAMES = ["kept_index", "neighbor_index"]
+"""The program's last two outputs: diagnostics (the parity gate reads them; `.onnx` files keep them
+only when asked)."""
+
+
+def feature_names(taps: int) -> list[str]:
+    """The program's first outputs: `image_features` (the name ONNX Runtime GenAI reads), then one
+    per tapped block, `deepstack_features_<i>` (the names TensorRT Edge-LLM reads), in stock order."""
+    return ["image_features", *(f"deepstack_features_{i}" for i in range(taps))]
+
+
+def output_names(taps: int = 0) -> list[str]:
+    """Every output of the program of a tower with `taps` tapped blocks: features, then diagnostics."""
+    return [*feature_names(taps), *DIAGNOSTIC_NAMES]
+
+
+OUTPUT_NAMES = output_names()
+"""The outputs of a tower without taps (every family but Qwen3-VL)."""
 
 
 def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: int = 0,
                      patch_size: int | None = None) -> None:
-    """Add the kept indices [K] and neighbour indices [R, k] as outputs after the embeddings.
+    """Add the kept indices [K] and neighbour indices [R, k] as outputs after the features.
 
     They let a runtime or the parity gate see which patches were computed in full and what each
     removed patch was rebuilt from; a runtime that only wants embeddings ignores them. Batched
@@ -28,7 +43,7 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: i
     """
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
-    (embeddings,) = output.args[0]
+    features = tuple(output.args[0])
     if _graph.with_role(graph, "keep"):
         selection = (_graph.one_with_role(graph, "keep"), _graph.one_with_role(graph, "neighbors"))
     else:
@@ -36,9 +51,10 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: i
                              pass_name="compress", before=output)
         selection = tuple(_graph.insert(graph, operator.getitem, (both, i), pass_name="compress", before=output)
                           for i in range(2))
-    output.args = ((embeddings, *selection),)
+    output.args = ((*features, *selection),)
     codegen = gm.graph._codegen
-    codegen.pytree_info = codegen.pytree_info._replace(out_spec=torch.utils._pytree.tree_structure((0, 0, 0)))
+    leaves = (0,) * (len(features) + len(selection))
+    codegen.pytree_info = codegen.pytree_info._replace(out_spec=torch.utils._pytree.tree_structure(leaves))
     gm.recompile()
 
 
@@ -52,7 +68,7 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     config.check(encoder.depth)
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
-        passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size)
+        passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size, encoder.tap_blocks)
         gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
     batched = encoder.description.image_batch is not None
     expose_selection(gm, config.neighbors, encoder.special_tokens, encoder.patch_size if batched else None)

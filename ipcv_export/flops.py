@@ -71,6 +71,11 @@ class CallCount:
     attention: int
     outputs: tuple[torch.Tensor, ...]
 
+    @property
+    def kept_index(self) -> torch.Tensor:
+        """The call's kept_index output (the second to last: features, kept_index, neighbor_index)."""
+        return self.outputs[-2]
+
 
 def count_call(program: torch.export.ExportedProgram, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> CallCount:
     """Run the program eagerly on one call and count it (CallCount): the segment lengths after

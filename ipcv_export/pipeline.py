@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__, outputs
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
-from .compress import OUTPUT_NAMES, compress
+from .compress import compress, feature_names, output_names
 from .config import (FOLDER_FORMAT, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, Method,
                      ShapeProfile, Target, UsageError)
 from .flops import program_flops
@@ -128,7 +128,7 @@ def export(model: str | LoadedEncoder, target: Target | str | Path, method: Meth
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      target.verify, atol, timings, report, verbose)
             if not diagnostics:  # an .onnx file (or the one kept for a missing TensorRT), after the gate
-                keep_outputs(lowered_path, OUTPUT_NAMES[:1])
+                keep_outputs(lowered_path, feature_names(len(encoder.tap_blocks)))
             if format == "engine":
                 if not tensorrt.tensorrt_available():
                     _missing_tensorrt(lowered_path, output, profile, precision, timing_cache, manifest, timings)
@@ -242,7 +242,7 @@ def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset
         if encoder.description.image_batch:
             metadata["patch_size"] = str(encoder.patch_size)
         form = "onnxruntime" if runtime == "onnxruntime" else "portable"  # ops.ATTENTION_FORMS
-        to_onnx(program, path, OUTPUT_NAMES, opset, metadata, form)
+        to_onnx(program, path, output_names(len(encoder.tap_blocks)), opset, metadata, form)
     elif format == "aoti":
         pt2.to_aoti(program, path)
     else:
@@ -360,7 +360,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
                  "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection,
                  "ngr_weighting": config.ngr_weighting, "per_image_selection": config.per_image_selection},
         "inputs": inputs,
-        "outputs": outputs if diagnostics else outputs[:1],
+        "outputs": outputs if diagnostics else outputs[:-2],
         "preprocessing": encoder.preprocessing,
         "precision": precision, "opset": opset if format in ("onnx", "engine") else None,
         "profile": vars(profile),
@@ -382,11 +382,17 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
                  f"patches, h and w multiples of {merge}, 1 <= S <= {MAX_IMAGES}; N = sum of t*h*w; "
                  f"{-(-smallest // merge ** 2) * merge ** 2} <= N <= {MAX_TOKENS}",
     }
-    outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
+    names = output_names(len(encoder.tap_blocks))
+    features, (kept, neighbors) = names[:-2], names[-2:]
+    outputs = [{"name": features[0], "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
                 "meaning": "merged embeddings, the original encoder's output in count and order"},
-               {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["K"],
+               *({"name": name, "dtype": "float32", "shape": [f"N/{merge * merge}", "hidden"],
+                  "meaning": f"block {block}'s own merger on every token in its place (DeepStack), as the "
+                             f"original encoder's deepstack_features[{index}]"}
+                 for index, (name, block) in enumerate(zip(features[1:], encoder.tap_blocks))),
+               {"name": kept, "dtype": "int64", "shape": ["K"],
                 "meaning": f"ascending indices of the kept tokens, K = N*{config.retention_e4}//10000"},
-               {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["N-K", config.neighbors],
+               {"name": neighbors, "dtype": "int64", "shape": ["N-K", config.neighbors],
                 "meaning": "indices into kept_index of each removed token's neighbours; K means none"}]
     return inputs, outputs
 
@@ -401,10 +407,11 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
               "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
               "rules": f"H and W multiples of {p * multiple}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
                        f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}
-    outputs = [{"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
+    names = output_names()
+    outputs = [{"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
                 "meaning": "every token of every image (special tokens first), the original encoder's output"},
-               {"name": OUTPUT_NAMES[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
+               {"name": names[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
                 "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
-               {"name": OUTPUT_NAMES[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
+               {"name": names[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
                 "meaning": "per image, indices into kept_index of each removed token's neighbours; K means none"}]
     return inputs, outputs

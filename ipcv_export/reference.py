@@ -8,7 +8,7 @@ attention, one segment at a time) wherever a block runs unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ class ReferenceResult:
     keep: torch.Tensor  # [K] ascending indices of the kept tokens (in the description's token order)
     neighbors: torch.Tensor  # [R, k'] indices into keep of each removed token's neighbours
     distances: torch.Tensor  # [R, K] fp32 distances between removed and kept tokens at l_p
+    taps: list[torch.Tensor] = field(default_factory=list)  # each tapped block's merger output, as embeddings
 
 
 @torch.no_grad()
@@ -50,6 +51,8 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     """
     block_segments, token_order, embed = ((description.block_segments, description.token_order, description.embed)
                                           if description else (None, None, None))
+    taps = dict(description.taps(visual)) if description and description.taps else {}  # block -> its merger
+    tapped: dict[int, torch.Tensor] = {}  # block -> its merger's output, in token order
     grid = check_grid(grid_thw, visual.spatial_merge_size)
     positions, images = position_ids(grid, visual.spatial_merge_size), segment_ids(grid)
     group = visual.spatial_merge_size ** 2
@@ -65,9 +68,13 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     n = x.shape[0]
 
     # Blocks before the pruning point run unchanged.
-    for block, seg in zip(blocks[:config.prune_layer - 1], segs):
+    for index, (block, seg) in enumerate(zip(blocks[:config.prune_layer - 1], segs)):
         x = _stock_block(block, x, cos, sin, seg)
+        if index in taps:
+            tapped[index] = taps[index](x)
     x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, segs[config.prune_layer - 1])
+    if config.prune_layer - 1 in taps:
+        tapped[config.prune_layer - 1] = taps[config.prune_layer - 1](x_after)
 
     # 1. Prune: keep the K tokens that block l_p-1 changed most (ties to the lower index).
     score = rankable((x_after.float() - x.float()).pow(2).sum(-1))  # NaN counts as 0
@@ -103,10 +110,13 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
             y = _stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, segs[index])
         else:
             y = _stock_block(blocks[index], y, cos[keep], sin[keep], segs[index][keep])
+        if index in taps:  # a tap after l_p reads every token: rebuilt as at the end (ipcv.md)
+            tapped[index] = taps[index](full_sequence(y))
 
     # 5. Reintegrate every token in its place, then the merger as it is.
-    merged = visual.merger(full_sequence(y))[place[::group] // group]  # back in the processor's order
-    return ReferenceResult(merged, keep, neighbors, distances)
+    back = place[::group] // group  # merged rows back in the processor's order
+    merged = visual.merger(full_sequence(y))[back]
+    return ReferenceResult(merged, keep, neighbors, distances, [tapped[index][back] for index in taps])
 
 
 def per_image_keep(score: torch.Tensor, segments: torch.Tensor, k: int, retention_e4: int) -> torch.Tensor:

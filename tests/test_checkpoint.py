@@ -41,7 +41,7 @@ def test_checkpoint_round_trip(prefix, tiny, tmp_path):
     assert loaded.source["path"] == str(folder.resolve()) and len(loaded.source["weights_sha256"]) == 64
 
 
-@pytest.mark.parametrize("builtin,model_type", [("tiny-qwen3.5", "qwen3_5")])
+@pytest.mark.parametrize("builtin,model_type", [("tiny-qwen3.5", "qwen3_5"), ("tiny-qwen3-vl", "qwen3_vl")])
 def test_newer_families_round_trip(builtin, model_type, tmp_path):
     """The vision tower and its mergers (DeepStack's included) come back from a full-model folder."""
     from ipcv_export.models import CONFIG_DIR

@@ -97,7 +97,7 @@ def test_a_call_of_several_segments_costs_its_cost_model(config, packed):
         grid_thw, pixels = grid_inputs(encoder, grid)
         counted = count_call(program, pixels, grid_thw)
         modelled = encoder.description.call_flop_floor(encoder.module.config, config.retention_e4, config.prune_layer,
-                                                      config.as_depth, kept_per_slice(grid_thw, counted.outputs[1]))
+                                                      config.as_depth, kept_per_slice(grid_thw, counted.kept_index))
         assert counted.total == modelled, grid
 
 

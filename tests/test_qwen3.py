@@ -1,6 +1,6 @@
-"""Qwen3.5's (and Qwen3-VL's) vision tower: the learned position table resampled in the graph,
-files equal to the stock module at rho = 1, IPCV equal to the reference, TensorRT-ready, and
-counted FLOPs equal to the cost model."""
+"""Qwen3.5's and Qwen3-VL's vision towers: the learned position table resampled in the graph,
+DeepStack's taps as outputs after image_features, files equal to the stock module at rho = 1 (taps
+included), IPCV equal to the reference, TensorRT-ready, and counted FLOPs equal to the cost model."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from ipcv_export.models.qwen3_vl import table_taps
 from ipcv_export.reference import stock_reference
 from ipcv_export.verify import check_parity
 
-FAMILIES = ["tiny-qwen3.5"]
+FAMILIES = ["tiny-qwen3.5", "tiny-qwen3-vl"]
 STOCK_TOLERANCE = 1e-5
 GRIDS = [[[1, 16, 24]],  # one image, wider than the 8 x 8 table
          [[1, 30, 6]],  # odd merged sides (15 x 3)
@@ -52,13 +52,23 @@ def test_table_taps_are_transformers_interpolation(grid):
     assert (weights - expected_weights).abs().max() <= 1e-7
 
 
+def _stock_outputs(encoder, pixels, grid_thw) -> list[torch.Tensor]:
+    """The stock module's merged embeddings, then its DeepStack features (none for Qwen3.5)."""
+    with torch.no_grad():
+        out = encoder.module(pixels, grid_thw=grid_thw)
+    return [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+
+
 def test_rho1_file_equals_the_stock_module(family):
+    """Every feature output, DeepStack taps included, within 1e-5 of the stock module."""
     encoder, files = family
     file = load(files[1.0][0])
     for seed, grid in enumerate(GRIDS):
         grid_thw, pixels = grid_inputs(encoder, grid, seed)
-        stock = stock_reference(encoder.module, pixels, grid_thw)
-        assert (file(pixels, grid_thw) - stock).abs().max() <= STOCK_TOLERANCE, grid
+        stock = _stock_outputs(encoder, pixels, grid_thw)
+        assert len(stock) == 1 + len(encoder.tap_blocks)
+        for ours, theirs in zip(file.run_all(pixels, grid_thw), stock):
+            assert (ours - theirs).abs().max() <= STOCK_TOLERANCE, grid
 
 
 def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(family):
@@ -85,4 +95,23 @@ def test_counted_flops_are_the_cost_model(family, retention):
     grid_thw, pixels = grid_inputs(encoder, GRIDS[2])
     counted = count_call(program, pixels, grid_thw)
     assert counted.total == encoder.description.call_flop_floor(
-        vision, config.retention_e4, config.prune_layer, config.as_depth, kept_per_slice(grid_thw, counted.outputs[1]))
+        vision, config.retention_e4, config.prune_layer, config.as_depth, kept_per_slice(grid_thw, counted.kept_index))
+
+
+def test_a_deepstack_file_returns_the_features_a_runtime_reads(tmp_path):
+    """Without --diagnostic-outputs: image_features then deepstack_features_0..2 (TensorRT Edge-LLM's
+    names), in the manifest and in the file; taps after l_p differ from the stock ones (rebuilt by NGR)."""
+    import onnx
+
+    encoder = load_encoder("tiny-qwen3-vl")
+    path = tmp_path / "qwen3-vl.onnx"
+    result = export(encoder, path, Method(retention=0.5), report=lambda _line: None)
+    names = ["image_features", "deepstack_features_0", "deepstack_features_1", "deepstack_features_2"]
+    assert [o["name"] for o in result.manifest["outputs"]] == names
+    assert [o.name for o in onnx.load(str(path)).graph.output] == names
+    grid_thw, pixels = grid_inputs(encoder, GRIDS[0])
+    outputs, stock = load(path).run_all(pixels, grid_thw), _stock_outputs(encoder, pixels, grid_thw)
+    assert [o.shape for o in outputs] == [s.shape for s in stock]
+    assert (outputs[1] - stock[1]).abs().max() <= STOCK_TOLERANCE  # block 1 < l_p = 3: every token computed in full
+    assert (outputs[2] - stock[2]).abs().max() > 1e-3  # block 3 >= l_p: pruned, rebuilt
+

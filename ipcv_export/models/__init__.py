@@ -17,9 +17,9 @@ from .internvl import INTERNVL_VIT
 from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen2_vl import QWEN2_VL
-from .qwen3_vl import QWEN3_5
+from .qwen3_vl import QWEN3_5, QWEN3_VL
 
-ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, QWEN3_5, DINOV2, LLAVA_CLIP,
+ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_5, DINOV2, LLAVA_CLIP,
                                                                              LLAVA_ONEVISION_SIGLIP, INTERNVL_VIT)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -44,6 +44,12 @@ class LoadedEncoder:
         if self.description.image_batch:
             return len(self.description.image_batch.parts(self.module).blocks)
         return self.vision_config.depth
+
+    @property
+    def tap_blocks(self) -> tuple[int, ...]:
+        """Blocks whose outputs also leave the tower (ModelDescription.taps), in output order."""
+        taps = self.description.taps
+        return tuple(index for index, _ in taps(self.module)) if taps else ()
 
     @property
     def special_tokens(self) -> int:

@@ -26,6 +26,7 @@ class TowerShape:
     mlp_macs: int
     head_macs: int = 0
     head_group: int = 1
+    heads: int = 1  # the head runs once per output: a final merger and one per DeepStack tap, all alike
     special_tokens: int = 0
     banded_blocks: frozenset[int] = frozenset()
     band_span: int = 0
@@ -127,7 +128,7 @@ def _embed_flops(shape: TowerShape, tokens: int) -> int:
 
 
 def _head_flops(shape: TowerShape, tokens: int) -> int:
-    return 2 * (tokens // shape.head_group) * shape.head_macs
+    return 2 * (tokens // shape.head_group) * shape.head_macs * shape.heads
 
 
 def merge_flops(width: int, patches: int, retention_e4: int) -> int:

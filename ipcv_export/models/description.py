@@ -94,6 +94,8 @@ class ModelDescription:
     embed: (stock module, pixel_values, grid_thw) -> the reference's [N, D] token states before
         block 0, for a packed tower that adds more than its patch embedding (a learned position
         table resampled to each grid); None: the module's patch_embed.
+    taps: stock module -> (block index, merger) of each block whose output also leaves the tower
+        through its own merger (Qwen3-VL's DeepStack), in the stock order of its outputs; None: none.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
@@ -118,6 +120,7 @@ class ModelDescription:
     block_segments: Callable[[Any, torch.Tensor, torch.Tensor], list[BlockAttention]] | None = None
     token_order: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     embed: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    taps: Callable[[torch.nn.Module], list[tuple[int, torch.nn.Module]]] | None = None
     image_batch: ImageBatch | None = None
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)

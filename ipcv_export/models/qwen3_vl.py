@@ -18,6 +18,8 @@ embedding, before block 0: pruning never touches them (ipcv.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
@@ -87,17 +89,21 @@ def image_processor(config: Qwen3VLVisionConfig | Qwen3_5VisionConfig) -> dict:
 
 def tower_shape(config: Qwen3VLVisionConfig | Qwen3_5VisionConfig) -> TowerShape:
     """The cost model's sizes; MLP: fc1 and fc2 of the intermediate width; every block attends
-    within each image or slice. DeepStack's tap mergers are not priced (they are a few % of one
-    block)."""
+    within each image or slice; each DeepStack tap's merger costs what the final one does."""
     d = config.hidden_size
     return TowerShape(config.depth, d, config.in_channels * config.temporal_patch_size * config.patch_size ** 2,
                       2 * d * config.intermediate_size, merger_macs(d, config.spatial_merge_size, config.out_hidden_size),
-                      config.spatial_merge_size ** 2)
+                      config.spatial_merge_size ** 2, heads=1 + len(getattr(config, "deepstack_visual_indexes", ())))
 
 
 def stock_flops(config: Qwen3VLVisionConfig | Qwen3_5VisionConfig, grid_thw: torch.Tensor) -> int:
     """FLOPs of the stock module on one call (`cost.slice_attention_stock_flops`)."""
     return cost.slice_attention_stock_flops(tower_shape(config), grid_thw)
+
+
+def deepstack_taps(visual: Qwen3VLVisionModel) -> list[tuple[int, torch.nn.Module]]:
+    """(block, merger) of each DeepStack output, in the order the stock module returns them."""
+    return list(zip(visual.deepstack_visual_indexes, visual.deepstack_merger_list))
 
 
 def build_qwen3_vl(vision_config: dict) -> Qwen3VLVisionModel:
@@ -126,3 +132,7 @@ QWEN3_5 = ModelDescription(
     stock_flops=stock_flops,
     embed=embed,
 )
+
+QWEN3_VL = dataclasses.replace(QWEN3_5, architecture="qwen3_vl", model_types=("qwen3_vl",), build=build_qwen3_vl,
+                               taps=deepstack_taps)
+"""Qwen3.5's description plus DeepStack: its tapped blocks' outputs leave through their own mergers."""

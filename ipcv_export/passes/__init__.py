@@ -38,9 +38,11 @@ def check_supported(config: IpcvConfig, description: ModelDescription) -> None:
                          "select within each image")
 
 
-def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None) -> list:
+def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None,
+                taps: tuple[int, ...] = ()) -> list:
     """The ordered pass list for one configuration of an encoder family: ipcv.md's steps.
-    `patch_size` is needed for every selection but score (towers that batch whole images)."""
+    `patch_size` is needed for every selection but score (towers that batch whole images); `taps`
+    are the blocks whose outputs also leave the tower (LoadedEncoder.tap_blocks)."""
     check_supported(config, description)
     batch = description.image_batch
     if config.selection != "score" and patch_size is None:
@@ -54,7 +56,7 @@ def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, p
                         config.selection, patch_size, config.per_image_selection and batch is None),
         *search,
         StabilizeAttentionPass(config.prune_layer, config.as_depth, depth, description.query_projection),
-        ReintegrateTokensPass(depth),
+        ReintegrateTokensPass(depth, tuple(j for j in taps if j >= config.prune_layer)),
     ]
 
 
