@@ -107,8 +107,18 @@ def _banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ids_q = pad_ids(segment_q, (0, rows - n)).reshape(tiles, 1, span, 1)
     ids_k = neighbourhood(pad_ids(segment_k, (span, rows - n + span)).reshape(tiles + 2, 1, span), 0, 2)
     mask = (ids_q == ids_k.unsqueeze(2)).repeat(batch, 1, 1, 1)  # [B * tiles, 1, span, 3 span]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive(mask, q.dtype), scale=scale)
     return out.unflatten(0, (batch, tiles)).transpose(2, 3).flatten(1, 2).narrow(1, 0, n)
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the bias torch.onnx turns it into (0 where attended, the dtype's
+    lowest value elsewhere), given as such: the same softmax, without the NaN guard (IsNaN and Where
+    over every score) that torch.onnx writes after a boolean-masked softmax. No row here is fully
+    masked (every query sees itself; a band's padding rows see each other), so the guard never
+    acts; it cost about 12 % of a Qwen2.5-VL file's time (BENCHMARKS.md)."""
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -116,7 +126,7 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       chunks: int = QUERY_CHUNKS) -> torch.Tensor:
     queries = row_chunks(query, chunks, dim=2)
     masks = ([None] * chunks if segment_q is None
-             else [seg[:, None] == segment_k[None, :] for seg in row_chunks(segment_q, chunks)])
+             else [additive(seg[:, None] == segment_k[None, :], query.dtype) for seg in row_chunks(segment_q, chunks)])
     out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
            for q, mask in zip(queries, masks)]
     return torch.cat(out, 2).transpose(1, 2)
