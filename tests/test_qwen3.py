@@ -39,6 +39,12 @@ def family(request, tmp_path_factory):
     return encoder, files
 
 
+@pytest.fixture(scope="module")
+def family_program(family):
+    """The family's captured program, shared by the FLOP tests."""
+    return capture(family[0])
+
+
 @pytest.mark.parametrize("grid", [[[1, 2, 2]], *GRIDS, [[1, 64, 32]]], ids=str)
 def test_table_taps_are_transformers_interpolation(grid):
     """Indices equal, weights within 1e-7, to transformers' host computation, on grids smaller and larger than the table."""
@@ -84,11 +90,11 @@ def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(family):
 
 
 @pytest.mark.parametrize("retention", [1.0, 0.35])
-def test_counted_flops_are_the_cost_model(family, retention):
+def test_counted_flops_are_the_cost_model(family, family_program, retention):
     """One image (fake tensors) and a mixed call (attention segment by segment), counted == modelled."""
     encoder, _ = family
     config, vision = encoder.method_config(retention=retention), encoder.module.config
-    program = compress(capture(encoder), encoder, config)
+    program = compress(family_program, encoder, config)
     for tokens in (256, 1024):
         assert program_flops(program, encoder, tokens) == encoder.description.flop_floor(
             vision, config.retention_e4, config.prune_layer, config.as_depth, tokens), tokens

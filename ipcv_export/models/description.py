@@ -18,6 +18,17 @@ def square_side(size: int | Sequence[int]) -> int:
     return size if isinstance(size, int) else size[0]
 
 
+def sdpa_builder(config_class: type, module_class: type) -> Callable[[dict], torch.nn.Module]:
+    """A family's `build` whose stock module is `module_class(config_class(**vision_config))`: with
+    SDPA attention (what the capture switches away from and back to) and in eval mode."""
+    def build(vision_config: dict) -> torch.nn.Module:
+        config = config_class(**vision_config)
+        config._attn_implementation = "sdpa"
+        return module_class(config).eval()
+
+    return build
+
+
 class BlockAttention(NamedTuple):
     """Which keys a block's queries see: those of the same segment id. `span`: every segment is one
     contiguous run of at most this many tokens (a windowed tower's windows, in window-major token

@@ -17,7 +17,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
 
 from . import attention
 from .cost import TowerShape
-from .description import ImageBatch, ModelDescription, TowerParts
+from .description import ImageBatch, ModelDescription, TowerParts, sdpa_builder
 from .image_batch import ExportableImageBatch
 from .positions import resized_positions
 
@@ -38,12 +38,6 @@ def head(model: Dinov2Model, hidden: torch.Tensor, columns: int) -> torch.Tensor
 
 def parts(model: Dinov2Model) -> TowerParts:
     return TowerParts(partial(embed, model), list(model.encoder.layer), partial(head, model), model.config.patch_size)
-
-
-def build(vision_config: dict) -> Dinov2Model:
-    config = Dinov2Config(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Dinov2Model(config).eval()
 
 
 def image_processor(config: Dinov2Config) -> dict:
@@ -67,7 +61,7 @@ DINOV2 = ModelDescription(
     model_types=("dinov2",),
     weight_prefixes=("", "dinov2.", "backbone."),
     block_path=r"encoder\.layer\.(\d+)$",
-    build=build,
+    build=sdpa_builder(Dinov2Config, Dinov2Model),
     exportable=partial(ExportableImageBatch, parts=parts),
     attention_context=attention.batched,
     image_processor=image_processor,

@@ -22,7 +22,7 @@ from ..ops import QUERY_CHUNKS
 from ..tokens import run_bounds
 from . import attention, cost
 from .cost import TowerShape, merger_macs
-from .description import BlockAttention, ModelDescription
+from .description import BlockAttention, ModelDescription, sdpa_builder
 from .qwen2_vl import image_processor
 
 WINDOW_ID_STRIDE = 2 ** 16
@@ -154,18 +154,12 @@ def stock_flops(config: Qwen2_5_VLVisionConfig, grid_thw: torch.Tensor) -> int:
     return cost.stock_flops(tower_shape(config), sum(slice_lengths(grid_thw)), pairs)
 
 
-def build(vision_config: dict) -> Qwen2_5_VisionTransformerPretrainedModel:
-    config = Qwen2_5_VLVisionConfig(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Qwen2_5_VisionTransformerPretrainedModel(config).eval()
-
-
 QWEN2_5_VL = ModelDescription(
     architecture="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     weight_prefixes=("visual.", "model.visual."),
     block_path=r"blocks\.(\d+)$",
-    build=build,
+    build=sdpa_builder(Qwen2_5_VLVisionConfig, Qwen2_5_VisionTransformerPretrainedModel),
     exportable=ExportableQwen25VLVision,
     attention_context=attention.packed,
     image_processor=image_processor,

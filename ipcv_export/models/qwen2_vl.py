@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from . import attention, cost
 from .cost import TowerShape, merger_macs
-from .description import ModelDescription
+from .description import ModelDescription, sdpa_builder
 
 
 class ExportableQwen2VLVision(torch.nn.Module):
@@ -34,12 +34,6 @@ class ExportableQwen2VLVision(torch.nn.Module):
         # which reads segment_ids instead; max_seqlen is likewise only read by flash kernels.
         return self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids,
                            max_seqlen=0, segment_ids=segment_ids).pooler_output
-
-
-def build(vision_config: dict) -> Qwen2VisionTransformerPretrainedModel:
-    config = Qwen2VLVisionConfig(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Qwen2VisionTransformerPretrainedModel(config).eval()
 
 
 def image_processor(config: Qwen2VLVisionConfig) -> dict:
@@ -68,7 +62,7 @@ QWEN2_VL = ModelDescription(
     model_types=("qwen2_vl",),
     weight_prefixes=("visual.", "model.visual."),
     block_path=r"blocks\.(\d+)$",
-    build=build,
+    build=sdpa_builder(Qwen2VLVisionConfig, Qwen2VisionTransformerPretrainedModel),
     exportable=ExportableQwen2VLVision,
     attention_context=attention.packed,
     image_processor=image_processor,

@@ -30,7 +30,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 from ..inputs import patch_grid_sides
 from . import attention, cost
 from .cost import TowerShape, merger_macs
-from .description import ModelDescription
+from .description import ModelDescription, sdpa_builder
 
 Qwen3Vision = Qwen3VLVisionModel | Qwen3_5VisionModel
 
@@ -106,24 +106,12 @@ def deepstack_taps(visual: Qwen3VLVisionModel) -> list[tuple[int, torch.nn.Modul
     return list(zip(visual.deepstack_visual_indexes, visual.deepstack_merger_list))
 
 
-def build_qwen3_vl(vision_config: dict) -> Qwen3VLVisionModel:
-    config = Qwen3VLVisionConfig(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Qwen3VLVisionModel(config).eval()
-
-
-def build_qwen3_5(vision_config: dict) -> Qwen3_5VisionModel:
-    config = Qwen3_5VisionConfig(**vision_config)
-    config._attn_implementation = "sdpa"
-    return Qwen3_5VisionModel(config).eval()
-
-
 QWEN3_5 = ModelDescription(
     architecture="qwen3_5",
     model_types=("qwen3_5",),
     weight_prefixes=("model.visual.", "visual."),
     block_path=r"blocks\.(\d+)$",
-    build=build_qwen3_5,
+    build=sdpa_builder(Qwen3_5VisionConfig, Qwen3_5VisionModel),
     exportable=ExportableQwen3Vision,
     attention_context=attention.packed,
     image_processor=image_processor,
@@ -133,6 +121,7 @@ QWEN3_5 = ModelDescription(
     embed=embed,
 )
 
-QWEN3_VL = dataclasses.replace(QWEN3_5, architecture="qwen3_vl", model_types=("qwen3_vl",), build=build_qwen3_vl,
+QWEN3_VL = dataclasses.replace(QWEN3_5, architecture="qwen3_vl", model_types=("qwen3_vl",),
+                               build=sdpa_builder(Qwen3VLVisionConfig, Qwen3VLVisionModel),
                                taps=deepstack_taps)
 """Qwen3.5's description plus DeepStack: its tapped blocks' outputs leave through their own mergers."""
