@@ -164,7 +164,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
                             "LLM, and report visual token counts, encoder and prefill time, KV-cache size and "
                             "decode speed.")
     p.add_argument("--model", required=True, help="built-in chat model (see ipcv-export --list-models) or a local "
-                                                   "Qwen2-VL / Qwen2.5-VL checkpoint folder with tokenizer files")
+                                                   "Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder with tokenizer files")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image file; repeat for several (only the first image's tokens are pruned in the LLM)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
@@ -174,8 +174,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-retention", type=_number(float), default=0.5,
                    help="IVC-Prune retention of the first image's tokens in the LLM, in (0, 1] (default 0.5)")
     p.add_argument("--llm-layer", type=_number(int),
-                   help="decoder layer k before which the LLM prunes (default: 16 for 28-layer models, "
-                        "else about 4/7 of the depth)")
+                   help="decoder layer k before which the LLM prunes (default: 16 for 28-layer models, 22 for "
+                        "36-layer ones, else about 4/7 of the depth; never before Qwen3-VL's DeepStack layers)")
     p.add_argument("--encoder", metavar="FILE", help="an encoder file exported by ipcv-export for this model")
     p.add_argument("--no-cache", action="store_true",
                    help="export the encoder for this run only (default: reuse the file an earlier run of the same "

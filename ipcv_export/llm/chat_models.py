@@ -1,4 +1,4 @@
-"""Full Qwen2-VL / Qwen2.5-VL models (vision + LLM + tokenizer) for the generation pipeline.
+"""Full Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (vision + LLM + tokenizer) for the generation pipeline.
 
 Built-ins live in `models/chat/<name>/` as a checkpoint folder without weights: config.json and
 tokenizer files, plus builtin.json (description, seed, and the built-in encoder whose weights the
@@ -20,10 +20,11 @@ from ..config import UsageError, first_line
 from ..models import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
-CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 """One of these must exist: transformers would otherwise build an empty tokenizer without a word."""
-SYSTEM_PROMPT = "You are a helpful assistant."
+SYSTEM_PROMPTS = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant."}
+"""The system turn each family's chat template adds when the conversation has none (Qwen3-VL's adds none)."""
 
 
 @dataclass
@@ -53,8 +54,9 @@ class ChatModel:
         assistant prefix."""
         self.check_question(question)
         pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for _ in range(images))
-        return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{pads}{question}<|im_end|>\n"
-                "<|im_start|>assistant\n")
+        system = SYSTEM_PROMPTS.get(self.model.config.model_type)
+        return ((f"<|im_start|>system\n{system}<|im_end|>\n" if system else "")
+                + f"<|im_start|>user\n{pads}{question}<|im_end|>\n<|im_start|>assistant\n")
 
     def prompt_ids(self, question: str, grids: torch.Tensor) -> torch.Tensor:
         """[1, S] ids of Qwen's chat template for images + question, with each image's pad token

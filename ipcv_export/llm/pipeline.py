@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from .. import runtime
 from ..cache import encoder_cache_file
@@ -25,21 +25,27 @@ from .prune_hooks import IvcPrune
 
 
 class EncoderFileTower(torch.nn.Module):
-    """Stands in for the model's vision module: runs an exported encoder file."""
+    """Stands in for the model's vision module: runs an exported encoder file. A file with DeepStack
+    outputs (Qwen3-VL) hands them on as the stock tower does; `deepstack=False` leaves them out (what
+    a runtime that reads only image_features, like ONNX Runtime GenAI 0.18, gives the LLM)."""
 
-    def __init__(self, encoder: runtime.EncoderFile, width: int) -> None:
+    def __init__(self, encoder: runtime.EncoderFile, width: int, deepstack: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.width = width
         self.spatial_merge_size = encoder.merge_size
         self.dtype = torch.float32
+        outputs = encoder.manifest.get("outputs", [])
+        self.taps = sum(o["name"].startswith("deepstack_features_") for o in outputs) if deepstack else 0
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **_) -> BaseModelOutputWithPooling:
-        embeddings = self.encoder(pixel_values.float(), grid_thw)
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **_) -> BaseModelOutputWithDeepstackFeatures:
+        outputs = self.encoder.run_all(pixel_values.float(), grid_thw)
+        embeddings = outputs[0]
         if embeddings.shape[-1] != self.width:
             raise UsageError(f"encoder file {self.encoder.path.name} gives {embeddings.shape[-1]}-wide embeddings; "
                              f"this model's LLM reads {self.width}: export the encoder from the same model")
-        return BaseModelOutputWithPooling(last_hidden_state=embeddings, pooler_output=embeddings)
+        return BaseModelOutputWithDeepstackFeatures(last_hidden_state=embeddings, pooler_output=embeddings,
+                                                    deepstack_features=list(outputs[1:1 + self.taps]))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""IVC-Prune inside a stock transformers Qwen2-VL / Qwen2.5-VL model, through forward hooks.
+"""IVC-Prune inside a stock transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL model, through forward hooks.
 
 Attaching registers PyTorch hooks on the model, its language model and its decoder layers; nothing
 in transformers is edited or subclassed, so `model(...)` and `model.generate(...)` keep working with
@@ -31,9 +31,29 @@ LAYER_BY_DEPTH = {28: 16, 36: 22}
 """ivc-prune.md's pruning layer for the released depths (Qwen2-VL-2B/7B, Qwen2.5-VL-7B: 28; Qwen2.5-VL-3B: 36)."""
 
 
-def default_prune_layer(num_layers: int) -> int:
-    """k: the released models' value, otherwise max(1, min(N_L - 1, 4 N_L // 7))."""
-    return LAYER_BY_DEPTH.get(num_layers, max(1, min(num_layers - 1, (4 * num_layers) // 7)))
+AUTHORS_SCORE_TYPES = ("qwen2_vl", "qwen2_5_vl")
+"""Model types that keep the authors' IVC score (every frequency under every axis) for parity with
+their code. Models their code never covered (Qwen3-VL) score the rotation their attention applies,
+read from the model (`rotary_axes`)."""
+
+
+def default_prune_layer(num_layers: int, deepstack_layers: int = 0) -> int:
+    """k: the released models' value, otherwise max(1, min(N_L - 1, 4 N_L // 7)); never before the
+    last layer that DeepStack adds visual features after (they are added to the unpruned span)."""
+    return max(deepstack_layers, LAYER_BY_DEPTH.get(num_layers, max(1, min(num_layers - 1, (4 * num_layers) // 7))))
+
+
+def rotary_axes(rotary: torch.nn.Module) -> torch.Tensor:
+    """[d/2] the M-RoPE axis (0 t, 1 h, 2 w) each rotary frequency turns by in the model's attention,
+    read off its own rotary module: token a at position 1 on axis a alone turns only that axis's
+    frequencies. UsageError for a rotary module that leaves the layout to the attention."""
+    probe = torch.eye(3, dtype=torch.int64)[:, None, :]  # [3 axes, batch 1, 3 tokens]
+    with torch.no_grad():
+        _, sin = rotary(torch.zeros(1, dtype=torch.float32), probe)
+    if sin.ndim != 3:
+        raise UsageError(f"{type(rotary).__name__} does not compose the M-RoPE layout; IVC-Prune cannot read it")
+    half = sin.shape[-1] // 2
+    return sin[0, :, :half].abs().argmax(0)
 
 
 @dataclass(frozen=True)
@@ -82,15 +102,18 @@ class IvcPrune:
         text = model.config.get_text_config()
         self.model = model
         self.layers = model.model.language_model.layers
-        self.layer = default_prune_layer(len(self.layers)) if layer is None else layer
-        if not 1 <= self.layer < len(self.layers):
-            raise UsageError(f"LLM pruning layer must be in [1, {len(self.layers) - 1}], got {self.layer}")
+        deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+        self.layer = default_prune_layer(len(self.layers), deepstack) if layer is None else layer
+        if not max(1, deepstack) <= self.layer < len(self.layers):
+            raise UsageError(f"LLM pruning layer must be in [{max(1, deepstack)}, {len(self.layers) - 1}], got {self.layer}"
+                             + (f" (DeepStack adds visual features after layers 0-{deepstack - 1})" if deepstack else ""))
         self.retention_e4 = check_retention(retention, "LLM retention")
         self.query_offset = query_offset
         self.selector = selector
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.kv_heads = text.num_key_value_heads
         self.rope_theta = float(text.rope_parameters["rope_theta"])
+        self.axes = None if model.config.model_type in AUTHORS_SCORE_TYPES else rotary_axes(model.model.language_model.rotary_emb)
         self.visual_ids = (model.config.image_token_id, model.config.video_token_id)
         self.vision_start_id = model.config.vision_start_token_id
         self.last: PruneRecord | None = None
@@ -242,7 +265,7 @@ class IvcPrune:
         start, visual = call.span
         span = slice(start, start + visual)
         kept = self.selector(call.positions[:, span], call.values[span], call.values[start + visual + self.query_offset:],
-                             self.retention_e4, self.head_dim, self.rope_theta).to(call.values.device)
+                             self.retention_e4, self.head_dim, self.rope_theta, self.axes).to(call.values.device)
         device = kept.device
         call.keep = torch.cat([torch.arange(start, device=device), start + kept,
                                torch.arange(start + visual, call.ids.shape[0], device=device)])

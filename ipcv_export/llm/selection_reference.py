@@ -42,13 +42,22 @@ class Counts:
         return cls(visual, budget, seeds, ivc)
 
 
-def ivc_scores(positions: torch.Tensor, head_dim: int, rope_theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c, s), float64 [L]: summed cosines and sines of every rotary frequency at each of the
-    three M-RoPE axes of `positions` ([3, L] integers), added as t + (h + w) so that mirrored
-    tokens (r, c) and (c, r) tie exactly (ivc-prune.md, step 2)."""
+def ivc_scores(positions: torch.Tensor, head_dim: int, rope_theta: float,
+               axes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, s), float64 [L]: summed cosines and sines of the rotary frequencies at each token's
+    positions (`positions`, [3, L] integers; ivc-prune.md, step 2).
+
+    axes None: every frequency under each of the three axes, added as t + (h + w) so that mirrored
+    tokens (r, c) and (c, r) tie exactly (the authors' score, kept for Qwen2-VL and Qwen2.5-VL).
+    axes [d/2] (0, 1 or 2 per frequency): the rotation the model's attention applies, frequency j
+    turned by the position on axis axes[j] (`rotary_axes` reads it from the model)."""
     exponent = torch.arange(head_dim // 2, dtype=torch.float64, device=positions.device) * (-2.0 / head_dim)
     theta = torch.pow(torch.scalar_tensor(rope_theta, dtype=torch.float64), exponent)
     angles = positions.to(torch.float64)[..., None] * theta
+    if axes is not None:
+        chosen = (axes.to(positions.device) == torch.arange(3, device=positions.device)[:, None]).to(torch.float64)
+        turned = (angles * chosen[:, None, :]).sum(0)  # one non-zero term per frequency: exact
+        return turned.cos().sum(-1), turned.sin().sum(-1)
     gc, gs = angles.cos().sum(-1), angles.sin().sum(-1)
     return gc[0] + (gc[1] + gc[2]), gs[0] + (gs[1] + gs[2])
 
@@ -74,21 +83,24 @@ def _top(score: torch.Tensor, count: int) -> set[int]:
     return set(order[:count])
 
 
-def ivc_tokens(positions: torch.Tensor, count: int, head_dim: int, rope_theta: float) -> set[int]:
+def ivc_tokens(positions: torch.Tensor, count: int, head_dim: int, rope_theta: float,
+               axes: torch.Tensor | None = None) -> set[int]:
     """IVC_cos | IVC_sin: the `count` best of each score (step 2); a function of positions only."""
-    c, s = ivc_scores(positions, head_dim, rope_theta)
+    c, s = ivc_scores(positions, head_dim, rope_theta, axes)
     return _top(c, count) | _top(s, count)
 
 
 def select_reference(positions: torch.Tensor, visual_values: torch.Tensor, query_values: torch.Tensor,
-                     retention_e4: int, head_dim: int, rope_theta: float) -> torch.Tensor:
+                     retention_e4: int, head_dim: int, rope_theta: float,
+                     axes: torch.Tensor | None = None) -> torch.Tensor:
     """Ascending indices (into the visual span) of the K kept visual tokens.
 
     positions [3, L]: the span's M-RoPE positions; visual_values [L, H, d]: layer k-1's values of
-    the span; query_values [T, H, d]: its values of the query rows [a+L+delta, S).
+    the span; query_values [T, H, d]: its values of the query rows [a+L+delta, S); axes: as
+    `ivc_scores`.
     """
     counts = Counts.of(positions.shape[1], retention_e4)
-    priority = ivc_tokens(positions, counts.ivc_per_kind, head_dim, rope_theta)
+    priority = ivc_tokens(positions, counts.ivc_per_kind, head_dim, rope_theta, axes)
     queries = visual_attention(query_values, visual_values)
     seeds = sorted(_top(queries.mean(0), counts.seeds))
     priority |= set(seeds)

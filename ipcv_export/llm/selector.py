@@ -66,13 +66,14 @@ def _first_members(mask: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.
 
 
 def select_static(positions: torch.Tensor, visual_values: torch.Tensor, query_values: torch.Tensor,
-                  retention_e4: int, head_dim: int, rope_theta: float) -> torch.Tensor:
+                  retention_e4: int, head_dim: int, rope_theta: float,
+                  axes: torch.Tensor | None = None) -> torch.Tensor:
     """Ascending indices of the K kept visual tokens; arguments as `select_reference`."""
     visual = positions.shape[1]
     budget, seed_count, ivc_count = _counts(visual, retention_e4, positions.device)
     ivc_bound, seed_bound = visual // 10 + 1, visual // 100 + 1  # static upper bounds of the counts
 
-    c, s = ivc_scores(positions, head_dim, rope_theta)
+    c, s = ivc_scores(positions, head_dim, rope_theta, axes)
     priority = _top_mask(c, ivc_count, ivc_bound) | _top_mask(s, ivc_count, ivc_bound)
     queries = visual_attention(query_values, visual_values)
     seeds = _top_mask(queries.mean(0), seed_count, seed_bound)
@@ -90,15 +91,17 @@ def select_static(positions: torch.Tensor, visual_values: torch.Tensor, query_va
 class SelectorModule(torch.nn.Module):
     """`select_static` with its settings fixed: (positions, visual_values, query_values) -> kept."""
 
-    def __init__(self, retention_e4: int, head_dim: int, rope_theta: float) -> None:
+    def __init__(self, retention_e4: int, head_dim: int, rope_theta: float, axes: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.retention_e4, self.head_dim, self.rope_theta = retention_e4, head_dim, rope_theta
+        self.retention_e4, self.head_dim, self.rope_theta, self.axes = retention_e4, head_dim, rope_theta, axes
 
     def forward(self, positions: torch.Tensor, visual_values: torch.Tensor, query_values: torch.Tensor) -> torch.Tensor:
-        return select_static(positions, visual_values, query_values, self.retention_e4, self.head_dim, self.rope_theta)
+        return select_static(positions, visual_values, query_values, self.retention_e4, self.head_dim, self.rope_theta,
+                             self.axes)
 
 
-def export_selector(retention_e4: int, head_dim: int, rope_theta: float, kv_heads: int = 2) -> torch.export.ExportedProgram:
+def export_selector(retention_e4: int, head_dim: int, rope_theta: float, kv_heads: int = 2,
+                    axes: torch.Tensor | None = None) -> torch.export.ExportedProgram:
     """The selector as an ExportedProgram with L and T dynamic, for runtimes without Python
     (`torch.onnx.export(program, dynamo=True)` turns it into ONNX; see tests/llm/test_selection.py)."""
     from torch.fx.experimental import _config as fx_config
@@ -108,6 +111,6 @@ def export_selector(retention_e4: int, head_dim: int, rope_theta: float, kv_head
                torch.randn(9, kv_heads, head_dim, generator=generator))
     dynamic = torch.export.Dim.DYNAMIC
     with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(SelectorModule(retention_e4, head_dim, rope_theta), example,
+        return torch.export.export(SelectorModule(retention_e4, head_dim, rope_theta, axes), example,
                                    dynamic_shapes=({1: dynamic}, {0: dynamic}, {0: dynamic}))
 

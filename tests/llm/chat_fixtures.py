@@ -10,7 +10,7 @@ import torch
 
 from ipcv_export.llm.chat_models import ChatModel, load_chat_model
 
-CHAT_MODELS = ["tiny-qwen2-vl-chat", "tiny-qwen2.5-vl-chat"]
+CHAT_MODELS = ["tiny-qwen2-vl-chat", "tiny-qwen2.5-vl-chat", "tiny-qwen3-vl-chat"]
 
 
 @pytest.fixture(scope="session", params=CHAT_MODELS)
@@ -21,6 +21,11 @@ def chat(request) -> ChatModel:
 @pytest.fixture(scope="session")
 def qwen2_chat() -> ChatModel:
     return load_chat_model("tiny-qwen2-vl-chat")
+
+
+@pytest.fixture(scope="session")
+def qwen3_chat() -> ChatModel:
+    return load_chat_model("tiny-qwen3-vl-chat")
 
 
 def image_inputs(chat: ChatModel, grids: list[list[int]], question: str = "What is in it?", seed: int = 0) -> dict:

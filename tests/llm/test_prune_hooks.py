@@ -155,3 +155,4 @@ def test_bad_settings_and_batches_are_refused(qwen2_chat):
 def test_default_layers_follow_the_definition():
     assert default_prune_layer(28) == 16 and default_prune_layer(36) == 22
     assert default_prune_layer(4) == 2 and default_prune_layer(2) == 1 and default_prune_layer(40) == 22
+    assert default_prune_layer(4, deepstack_layers=3) == 3 and default_prune_layer(36, deepstack_layers=3) == 22

@@ -11,6 +11,9 @@ from ipcv_export.llm.selection_reference import Counts, ivc_scores, ivc_tokens, 
 from ipcv_export.llm.selector import TOPK_LIMIT, export_selector, select_static
 
 HEAD_DIM, THETA = 16, 1e6
+INTERLEAVED = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+"""Qwen3-VL's M-RoPE layout at d = 16 with sections [4, 2, 2] (what prune_hooks.rotary_axes reads
+off the tiny Qwen3-VL chat model)."""
 
 
 def grid_positions(frames: int, rows: int, cols: int, offset: int = 7) -> torch.Tensor:
@@ -45,15 +48,16 @@ CASES = [(1, 1, n) for n in (1, 2, 3, 5, 6, 7)] + [(1, 5, 7), (1, 8, 8), (1, 9, 
                                                     (1, 64, 64), (3, 6, 10), (4, 7, 7), (2, 16, 30)]
 
 
+@pytest.mark.parametrize("axes", [None, INTERLEAVED], ids=["authors-score", "model-layout"])
 @pytest.mark.parametrize("retention_e4", [5000, 3500, 2000])
 @pytest.mark.parametrize("frames,rows,cols", CASES)
-def test_static_selector_equals_reference(frames, rows, cols, retention_e4):
+def test_static_selector_equals_reference(frames, rows, cols, retention_e4, axes):
     positions = grid_positions(frames, rows, cols)
     length = positions.shape[1]
     for queries in (1, 4, 37):
         visual, query = values(length, length + queries), values(queries, queries)
-        expected = select_reference(positions, visual, query, retention_e4, HEAD_DIM, THETA)
-        got = select_static(positions, visual, query, retention_e4, HEAD_DIM, THETA)
+        expected = select_reference(positions, visual, query, retention_e4, HEAD_DIM, THETA, axes)
+        got = select_static(positions, visual, query, retention_e4, HEAD_DIM, THETA, axes)
         assert torch.equal(got, expected), (length, queries)
         assert got.shape[0] == Counts.of(length, retention_e4).budget
 
@@ -74,6 +78,19 @@ def test_mirrored_tokens_tie_exactly():
     c, s = ivc_scores(positions, HEAD_DIM, THETA)
     grid_c, grid_s = c.reshape(12, 12), s.reshape(12, 12)
     assert torch.equal(grid_c, grid_c.T) and torch.equal(grid_s, grid_s.T)
+
+
+def test_model_layout_scores_the_rotation_the_attention_applies():
+    """With axes, token i's score sums cos(p_axis(j) theta_j) over the d/2 frequencies, each turned
+    by its own axis's position only; the authors' score sums all three axes for every frequency."""
+    positions = grid_positions(2, 5, 7)
+    theta = THETA ** (-torch.arange(HEAD_DIM // 2, dtype=torch.float64) * 2 / HEAD_DIM)
+    angle = positions.double()[INTERLEAVED, :].T * theta  # [L, d/2]
+    c, s = ivc_scores(positions, HEAD_DIM, THETA, INTERLEAVED)
+    assert torch.allclose(c, angle.cos().sum(-1), rtol=0, atol=1e-12)
+    assert torch.allclose(s, angle.sin().sum(-1), rtol=0, atol=1e-12)
+    authors, _ = ivc_scores(positions, HEAD_DIM, THETA)
+    assert (c - authors).abs().max() > 1.0
 
 
 def test_ivc_tokens_ignore_content_and_are_always_kept():
@@ -97,11 +114,14 @@ def test_exported_selector_has_small_topk_and_matches_reference():
     for node in topk:
         k = node.args[1].meta["val"] if isinstance(node.args[1], torch.fx.Node) else node.args[1]
         assert int(k.node.expr.subs(length, 16384)) <= TOPK_LIMIT
+    layout = export_selector(3500, HEAD_DIM, THETA, axes=INTERLEAVED)
     for frames, rows, cols in [(1, 1, 1), (1, 7, 9), (2, 20, 22)]:
         positions = grid_positions(frames, rows, cols)
         visual, query = values(positions.shape[1], 3), values(6, 4)
         assert torch.equal(program.module()(positions, visual, query),
                            select_reference(positions, visual, query, 3500, HEAD_DIM, THETA))
+        assert torch.equal(layout.module()(positions, visual, query),
+                           select_reference(positions, visual, query, 3500, HEAD_DIM, THETA, INTERLEAVED))
 
 
 def test_selector_runs_in_onnx_runtime(tmp_path):
