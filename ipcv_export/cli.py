@@ -31,7 +31,9 @@ formats (from the suffix, or --format):
   --format ort-genai -o DIR   an ONNX Runtime GenAI model folder from a chat model (built-in
                    chat name or checkpoint folder with its tokenizer): the IPCV vision.onnx,
                    embedding.onnx, the decoder from ORT GenAI's builder, genai_config.json,
-                   processor_config.json, tokenizer; verified by generating (needs onnxruntime-genai)
+                   processor_config.json, tokenizer; verified by generating (needs onnxruntime-genai).
+                   Qwen2-VL, Qwen2.5-VL, Qwen3-VL (served without its DeepStack outputs, which
+                   ORT GenAI does not read) and Qwen3.5
 
 exit codes:
   {EXIT_OK}  written and verified            {EXIT_PARITY}  the file disagreed with the reference (nothing written)
@@ -164,7 +166,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
                             "LLM, and report visual token counts, encoder and prefill time, KV-cache size and "
                             "decode speed.")
     p.add_argument("--model", required=True, help="built-in chat model (see ipcv-export --list-models) or a local "
-                                                   "Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder with tokenizer files")
+                                                   "Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder with tokenizer files (not Qwen3.5: "
+                                                   "IVC-Prune needs attention in every LLM layer)")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="image file; repeat for several (only the first image's tokens are pruned in the LLM)")
     p.add_argument("--prompt", required=True, help="the question or instruction")

@@ -111,9 +111,10 @@ def _check_folder_output(output: Path) -> None:
 
 
 def _checkpoint_folder(chat: ChatModel, work: Path) -> Path:
-    """A transformers folder of the whole model for the builder: a Qwen2.5-VL checkpoint itself;
-    else the model saved with its tokenizer (a Qwen2-VL model as Qwen2.5-VL, `as_qwen2_5_vl`)."""
-    native = chat.model.config.model_type == "qwen2_5_vl"
+    """A transformers folder of the whole model for the builder: a checkpoint of a type the
+    builder knows, itself; else the model saved with its tokenizer (a Qwen2-VL model as
+    Qwen2.5-VL, `as_qwen2_5_vl`)."""
+    native = chat.model.config.model_type != "qwen2_vl"
     if native and "path" in chat.source:
         return Path(chat.source["path"])
     folder = work / "checkpoint"
@@ -132,7 +133,8 @@ def verify_folder(folder: Path, chat: ChatModel, encoder: LoadedEncoder, vision_
     vision_file = runtime.load(folder / VISION_FILE)
     config = IpcvConfig(**{field.name: vision_manifest["ipcv"][field.name] for field in dataclasses.fields(IpcvConfig)})
     vision = check_parity(vision_file.run_all, encoder.module, config, grid, pixels, description=encoder.description)
-    chat.model.model.visual = EncoderFileTower(vision_file, chat.model.config.get_text_config().hidden_size)
+    chat.model.model.visual = EncoderFileTower(vision_file, chat.model.config.get_text_config().hidden_size,
+                                               deepstack=False)  # ORT GenAI reads no DeepStack output
     expected = transformers_tokens(chat, CHECK_QUESTION, ran, CHECK_TOKENS)
     if ran["tokens"] != expected[:len(ran["tokens"])] or not ran["tokens"]:
         raise ParityError(f"ONNX Runtime GenAI generated {ran['tokens']}, transformers with the same encoder file "

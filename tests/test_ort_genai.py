@@ -1,5 +1,7 @@
 """`--format ort-genai`: a model folder that ONNX Runtime GenAI 0.18 loads and generates from, with
-the IPCV encoder as its vision model (the tiny Qwen2.5-VL chat built-in: decoder head size 16)."""
+the IPCV encoder as its vision model (the tiny chat built-ins: decoder head size 16). ORT GenAI
+reads no DeepStack output, so Qwen3-VL's folder is compared with transformers with the taps left
+out (`without_deepstack`)."""
 
 import json
 import sys
@@ -35,9 +37,14 @@ def photos(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module", params=[CHAT, "tiny-qwen2-vl-chat"])
+SERVED_AS = {CHAT: "qwen2_5_vl", "tiny-qwen2-vl-chat": "qwen2_5_vl", "tiny-qwen3-vl-chat": "qwen3_vl",
+             "tiny-qwen3.5-chat": "qwen3_5"}
+"""Chat built-in -> the folder's ORT GenAI model type (Qwen2-VL is served as Qwen2.5-VL)."""
+
+
+@pytest.fixture(scope="module", params=list(SERVED_AS))
 def full_folder(request, tmp_path_factory):
-    """(chat model, folder) at rho = 1, through the command line; Qwen2-VL is served as Qwen2.5-VL."""
+    """(chat model, folder) at rho = 1, through the command line."""
     out = tmp_path_factory.mktemp("genai") / "rho1"
     assert main(["--model", request.param, "--retention", "1", "--format", "ort-genai", "-o", str(out), "-q"]) == EXIT_OK
     return request.param, out
@@ -50,26 +57,39 @@ def ipcv_folder(tmp_path_factory):
     return out
 
 
+def without_deepstack(chat):
+    """The chat model with its stock tower's DeepStack features dropped, as ORT GenAI serves it
+    (no-op for the families without taps)."""
+    def drop_taps(_module, _args, output):
+        output.deepstack_features = []
+        return output
+    chat.model.model.visual.register_forward_hook(drop_taps)
+    return chat
+
+
 def test_the_folder_holds_what_ort_genai_reads(full_folder):
-    _, full_folder = full_folder
+    chat, full_folder = full_folder
     names = {p.name for p in full_folder.iterdir()}
     assert {"vision.onnx", "embedding.onnx", "model.onnx", "genai_config.json", "processor_config.json",
             "tokenizer.json", "ipcv-export.json"} <= names
     assert not [n for n in names if n.startswith((".ipcv-export", "vision.onnx."))]
     genai = json.loads((full_folder / "genai_config.json").read_text())["model"]
-    assert genai["type"] == "qwen2_5_vl" and genai["vision"]["inputs"]["image_grid_thw"] == "image_grid_thw"
+    assert genai["type"] == SERVED_AS[chat] and genai["vision"]["inputs"]["image_grid_thw"] == "image_grid_thw"
     assert genai["decoder"]["head_size"] % 8 == 0
     manifest = json.loads((full_folder / "ipcv-export.json").read_text())
     assert manifest["verification"]["verified"] and manifest["vision"]["runtime"] == "onnxruntime"
     assert [o.name for o in load(full_folder / "vision.onnx").session.get_outputs()] == ["image_features"]
+    tokenizer = json.loads((full_folder / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer in ort_genai.RUNTIME_TOKENIZER_CLASSES  # the builder saves Qwen3.5's as Qwen3_5Tokenizer
 
 
 @pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-sizes"])
 def test_full_retention_generates_the_stock_models_tokens(full_folder, photos, images):
     """ORT GenAI's greedy ids equal transformers' generate with the stock model on the same image(s)
-    and prompt (ORT GenAI's processor makes the pixels; the prompt ids are checked equal)."""
+    and prompt (ORT GenAI's processor makes the pixels; the prompt ids are checked equal); for
+    Qwen3-VL, the stock model with its DeepStack taps left out."""
     chat, folder = full_folder
-    stock = load_chat_model(chat)
+    stock = without_deepstack(load_chat_model(chat))
     ran = ort_genai.generate(folder, photos[:images], stock.prompt_text(QUESTION, images), TOKENS)
     assert len(ran["image_grid_thw"]) == images and len(ran["tokens"]) == TOKENS
     assert ran["tokens"] == transformers_tokens(stock, QUESTION, ran, TOKENS)

@@ -1,4 +1,5 @@
-"""Full Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (vision + LLM + tokenizer) for the generation pipeline.
+"""Full Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 models (vision + LLM + tokenizer) for the generation
+pipeline and the ORT GenAI folder (Qwen3.5: the folder only, `IvcPrune` refuses its hybrid LLM).
 
 Built-ins live in `models/chat/<name>/` as a checkpoint folder without weights: config.json and
 tokenizer files, plus builtin.json (description, seed, and the built-in encoder whose weights the
@@ -20,7 +21,7 @@ from ..config import UsageError, first_line
 from ..models import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
-CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 """One of these must exist: transformers would otherwise build an empty tokenizer without a word."""
 SYSTEM_PROMPTS = {"qwen2_vl": "You are a helpful assistant.", "qwen2_5_vl": "You are a helpful assistant."}
@@ -112,7 +113,7 @@ def _spread_language_weights(model: PreTrainedModel) -> None:
 def _load_folder(folder: Path) -> ChatModel:
     config = _read_config(folder)
     if config.get("model_type") not in CHAT_MODEL_TYPES:
-        raise CheckpointError(f"{folder}: generation supports {', '.join(CHAT_MODEL_TYPES)} models, "
+        raise CheckpointError(f"{folder}: chat models are {', '.join(CHAT_MODEL_TYPES)} models, "
                               f"not {config.get('model_type')!r}")
     files = _weight_files(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

@@ -102,6 +102,9 @@ class IvcPrune:
         text = model.config.get_text_config()
         self.model = model
         self.layers = model.model.language_model.layers
+        if not all(hasattr(layer, "self_attn") for layer in self.layers):
+            raise UsageError("IVC-Prune needs softmax attention in every LLM layer, and this model's language model "
+                             "has linear-attention layers (Qwen3.5); serve it unpruned with --format ort-genai")
         deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
         self.layer = default_prune_layer(len(self.layers), deepstack) if layer is None else layer
         if not max(1, deepstack) <= self.layer < len(self.layers):

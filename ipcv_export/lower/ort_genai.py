@@ -23,11 +23,16 @@ import torch
 
 from ..config import UsageError
 
-GENAI_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl"}
+GENAI_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_5": "qwen3_5"}
 """transformers model_type -> ONNX Runtime GenAI model type, for the families served here. ORT
 GenAI has no qwen2_vl type; Qwen2-VL's language model is Qwen2.5-VL's (same layers and weight
 names, M-RoPE with the same image positions), so it is served under qwen2_5_vl (`as_qwen2_5_vl`),
-which the folder's verification checks token for token."""
+which the folder's verification checks token for token. The 0.18 builder labels a Qwen3-VL
+decoder "qwen3vl", a type its own runtime does not know; complete_genai_config writes the type."""
+RUNTIME_TOKENIZER_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer", "TokenizersBackend")
+"""The tokenizer classes ORT GenAI 0.18 accepts (its library's table); TokenizersBackend reads the
+folder's tokenizer.json as written. transformers saves Qwen3.5's as Qwen3_5Tokenizer, a class the
+runtime refuses although it is a plain tokenizer.json model."""
 INSTALL_HINT = "pip install 'ipcv-export[serve]'"
 DECODER_FILE = "model.onnx"
 
@@ -47,7 +52,8 @@ def genai_model_type(config) -> str:
     if model_type not in GENAI_MODEL_TYPES:
         raise UsageError(f"ONNX Runtime GenAI has no model type for {model_type!r} here; --format ort-genai "
                          f"serves {', '.join(GENAI_MODEL_TYPES)}")
-    head = config.get_text_config().hidden_size // config.get_text_config().num_attention_heads
+    text = config.get_text_config()
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     if head % 8:
         raise UsageError(f"ONNX Runtime GenAI's attention needs a decoder head size that is a multiple of 8; "
                          f"this model's is {head}")
@@ -84,7 +90,7 @@ def build_decoder(checkpoint: Path, folder: Path, cache: Path, log: Path) -> Non
     inputs_embeds (exclude_embeds), its genai_config.json and the tokenizer files, into `folder`."""
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
                "-p", "fp32", "-e", "cpu", "-c", str(cache), "--extra_options", "exclude_embeds=true",
-               "hf_token=false", f"filename={DECODER_FILE}"]
+               "exclude_mtp=true", "hf_token=false", f"filename={DECODER_FILE}"]  # MTP: Qwen3.5's draft head
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with log.open("w") as output:
         finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env)
@@ -92,6 +98,16 @@ def build_decoder(checkpoint: Path, folder: Path, cache: Path, log: Path) -> Non
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         raise UsageError(f"ONNX Runtime GenAI's builder failed on the language model: "
                          f"{lines[-1] if lines else 'no output'}")
+    _relabel_tokenizer(folder / "tokenizer_config.json")
+
+
+def _relabel_tokenizer(path: Path) -> None:
+    """Name the saved tokenizer's class one the runtime accepts: TokenizersBackend, which reads
+    tokenizer.json as it is, for a class outside RUNTIME_TOKENIZER_CLASSES. The folder's
+    verification checks that the runtime's prompt ids are the model tokenizer's."""
+    settings = json.loads(path.read_text())
+    if settings.get("tokenizer_class") not in RUNTIME_TOKENIZER_CLASSES:
+        path.write_text(json.dumps({**settings, "tokenizer_class": "TokenizersBackend"}, indent=2) + "\n")
 
 
 class _EmbeddingWithImages(torch.nn.Module):
@@ -129,10 +145,11 @@ def write_embedding(embedding: torch.Tensor, image_token_id: int, path: Path) ->
 
 
 def complete_genai_config(path: Path, config, vision_file: str, embedding_file: str) -> None:
-    """Add the vision and embedding sections and the image token ids to the builder's config, and
-    make greedy search the default (the folder is verified greedily)."""
+    """Add the vision and embedding sections and the image token ids to the builder's config, set
+    the runtime's model type, and make greedy search the default (the folder is verified greedily)."""
     genai = json.loads(path.read_text())
     model = genai["model"]
+    model["type"] = genai_model_type(config)
     vision = config.vision_config
     sessions = {"log_id": "onnxruntime-genai", "provider_options": []}
     model.update(image_token_id=config.image_token_id, video_token_id=config.video_token_id,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ipcv_export.config import UsageError
+from ipcv_export.llm.chat_models import load_chat_model
 from ipcv_export.llm.prune_hooks import IvcPrune, default_prune_layer
 from ipcv_export.llm.selection_reference import Counts, ivc_tokens, select_reference
 
@@ -156,3 +157,9 @@ def test_default_layers_follow_the_definition():
     assert default_prune_layer(28) == 16 and default_prune_layer(36) == 22
     assert default_prune_layer(4) == 2 and default_prune_layer(2) == 1 and default_prune_layer(40) == 22
     assert default_prune_layer(4, deepstack_layers=3) == 3 and default_prune_layer(36, deepstack_layers=3) == 22
+
+
+def test_a_language_model_with_linear_attention_is_refused():
+    """Qwen3.5's LLM is mostly linear-attention layers, which have no attention scores to prune by."""
+    with pytest.raises(UsageError, match=r"linear-attention layers \(Qwen3.5\); serve it unpruned with --format ort-genai"):
+        IvcPrune(load_chat_model("tiny-qwen3.5-chat").model)
