@@ -4,6 +4,8 @@ counted, against the per-call cost model and the stock module.
 
     .venv/bin/python benchmarks/segment_flops.py --model qwen2-vl-7b-shape --retentions 1 0.5 \
         --grids 8x32x32 32x16x16 1x32x32,1x32x32,1x32x32,1x32x32 1x32x32,1x16x16,1x8x8
+    .venv/bin/python benchmarks/segment_flops.py --model qwen2-vl-7b-shape --runtime tensorrt \
+        --retentions 1 0.5 [--per-image-selection] --grids 1x32x32,1x32x32,... (a video passed as rows)
 
 Exports one file per retention with this tool (verified as usual; --folder reuses files already
 there), then for each call: "needed" runs the exported program eagerly and adds up, per attention
@@ -42,20 +44,24 @@ def main() -> None:
     parser.add_argument("--grids", type=parse_call, nargs="+", default=[[[8, 32, 32]]],
                         help="one call each: t x h x w rows joined by commas")
     parser.add_argument("--runtime", default="onnxruntime", help="the files' --runtime")
+    parser.add_argument("--per-image-selection", action="store_true",
+                        help="export and count with each image (row) selecting its own tokens")
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     encoder = load_encoder(args.model)
-    files = exported_files(encoder, args.retentions, args.folder, prefix=f"{args.model}-{args.runtime}-",
-                           runtime=args.runtime)
+    selection = "-per-image" if args.per_image_selection else ""
+    files = exported_files(encoder, args.retentions, args.folder, prefix=f"{args.model}-{args.runtime}{selection}-",
+                           per_image_selection=args.per_image_selection, runtime=args.runtime)
     captured = capture(encoder)
-    print(f"{args.model}, --runtime {args.runtime}; GFLOPs of one call: attention, then the whole call")
+    print(f"{args.model}, --runtime {args.runtime}{' --per-image-selection' if selection else ''}; "
+          "GFLOPs of one call: attention, then the whole call")
     print(f"{'rho':>5s} {'call':>36s} {'N':>6s} {'needed':>9s} {'ran':>9s} {'ran/needed':>10s} "
           f"{'counted':>9s} {'model':>9s} {'stock':>9s}")
     vision = encoder.module.config
     for retention, path in files.items():
-        config = encoder.method_config(retention=retention)
+        config = encoder.method_config(retention=retention, per_image_selection=args.per_image_selection)
         program = compress(captured, encoder, config)
         for call in args.grids:
             grid_thw = torch.tensor(call)

@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "reduced-precision engines add it to their relative limit); the kept set must still match")
     target.add_argument("--runtime", choices=RUNTIMES,
                         help="which runtime an .onnx file is for: portable (default; operators every runtime "
-                             "takes, TensorRT included), tensorrt (the same, and a failed TensorRT check refuses "
-                             "the file; what .engine means), onnxruntime (full-attention blocks loop over the "
+                             "takes, TensorRT included), tensorrt (full-attention blocks attend per row of "
+                             "image_grid_thw when the rows are equal: equal images, or a video passed as t rows "
+                             "of [1, h, w]; a failed TensorRT check refuses the file; what .engine means), "
+                             "onnxruntime (full-attention blocks loop over the "
                              "images and video slices of a call instead of a dense masked product: the stock "
                              "kernels' cost; TensorRT cannot build it)")
     target.add_argument("--diagnostic-outputs", action="store_true",

@@ -128,11 +128,12 @@ FORMATS = tuple(FORMAT_SUFFIXES)
 FOLDER_FORMAT = "ort-genai"
 """The one format that writes a folder: an ONNX Runtime GenAI model folder (genai_folder.py)."""
 RUNTIMES = ("portable", "onnxruntime", "tensorrt")
-"""Which runtime an ONNX file is for. `portable` (the default for .onnx): operators every runtime
-takes, TensorRT included, and the TensorRT check only reports. `tensorrt` (what .engine means): the
-same graph, and a failed TensorRT check refuses the file. `onnxruntime`: attention over several
-segments as a Loop over segments (ops.ATTENTION_FORMS), which TensorRT cannot build; the check
-only reports."""
+"""Which runtime an ONNX file is for (each its form in ops.ATTENTION_FORMS). `portable` (the default
+for .onnx): operators every runtime takes, TensorRT included, and the TensorRT check only reports.
+`tensorrt` (what .engine means): full-attention blocks choose in the graph between a batch of the
+call's equal rows and the dense product, and a failed TensorRT check refuses the file.
+`onnxruntime`: attention over several segments as a Loop over segments, which TensorRT cannot
+build; the check only reports."""
 
 
 @dataclass(frozen=True)

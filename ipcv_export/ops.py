@@ -42,7 +42,8 @@ time (onnxscript's rewriter matches every node): 8 slices took the 7B-shape ONNX
 @torch.library.custom_op("ipcv::segment_attention", mutates_args=())
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
-                      span: int | None = None, query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
+                      span: int | None = None, query_chunks: int = QUERY_CHUNKS,
+                      segment_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attention in which query i sees key j only when segment_q[i] == segment_k[j].
 
     query [B, H, Nq, d], key/value [B, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [B, Nq, H, d]
@@ -51,19 +52,21 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     `span`: every segment is one contiguous run of at most `span` tokens, on both sides of one
     sequence (Nq == Nk); the decomposition then attends in a band (`_banded_attention`), linear in N.
     `query_chunks`: otherwise the decomposition attends in this many slices of the queries
-    (`_masked_attention`; QUERY_CHUNKS unless the tower asks for more).
+    (`_masked_attention`; QUERY_CHUNKS unless the tower asks for more). `segment_rows`: the call's
+    `image_grid_thw` (only its row count is read), for the TensorRT form (`_attention_for_tensorrt`).
     """
     return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
 
 
 @segment_attention.register_fake
-def _segment_attention_fake(query, key, value, segment_q, segment_k, scale, span=None, query_chunks=QUERY_CHUNKS):
+def _segment_attention_fake(query, key, value, segment_q, segment_k, scale, span=None, query_chunks=QUERY_CHUNKS,
+                            segment_rows=None):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_q: torch.Tensor | None,
                segment_k: torch.Tensor | None, scale: float, span: int | None = None,
-               query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
+               query_chunks: int = QUERY_CHUNKS, segment_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The decomposition: banded where segments are short runs, else dense and masked."""
     if span is None:
         return _masked_attention(query, key, value, segment_q, segment_k, scale, query_chunks)
@@ -132,11 +135,13 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.cat(out, 2).transpose(1, 2)
 
 
-ATTENTION_FORMS = ("portable", "onnxruntime")
+ATTENTION_FORMS = ("portable", "onnxruntime", "tensorrt")
 """How a file's attention over several segments is written. `portable`: static-shaped operators
 every runtime takes (TensorRT included): bands where segments are short runs, else a dense product
 masked by segment. `onnxruntime`: the dense case becomes `ipcv::segment_loop_attention`, an ONNX
-Loop over segments (lower/segment_loop.py) that pays the sum of L_q * L_k over segments."""
+Loop over segments (lower/segment_loop.py) that pays the sum of L_q * L_k over segments.
+`tensorrt`: the dense case becomes a choice (ONNX If) between a batch of the call's S rows and the
+dense product (`_attention_for_tensorrt`)."""
 
 
 @torch.library.custom_op("ipcv::segment_loop_attention", mutates_args=())
@@ -154,11 +159,62 @@ def _segment_loop_attention_fake(query, key, value, segment_q, segment_k, scale)
 
 def _attention_for_onnxruntime(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
-                               span: int | None = None, query_chunks: int = QUERY_CHUNKS) -> torch.Tensor:
+                               span: int | None = None, query_chunks: int = QUERY_CHUNKS,
+                               segment_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The `onnxruntime` form's decomposition: segments that are not short runs attend in a loop."""
     if span is None and segment_q is not None:
         return torch.ops.ipcv.segment_loop_attention(query, key, value, segment_q, segment_k, scale)
     return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
+
+
+def _attention_for_tensorrt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
+                            span: int | None = None, query_chunks: int = QUERY_CHUNKS,
+                            segment_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The `tensorrt` form's decomposition. TensorRT builds no loop whose sizes come from tensor
+    values, but sizes that follow from input shapes are fine: when the segments on both sides are
+    the S rows of `image_grid_thw` in equal runs (equal images, or a video passed as t rows of
+    [1, h, w], which the stock towers compute identically), attention is a batch of S segments and
+    costs the sum of L_q * L_k; otherwise the dense masked product, as TensorRT-LLM's own vision
+    encoders attend. The choice is made per call, in the graph (torch.cond: ONNX If)."""
+    if span is not None or segment_q is None or segment_rows is None:
+        return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
+    def by_segment(q, k, v, grid, *_segments):
+        return _batched_segments(q, k, v, grid.shape[0], scale, query_chunks)
+
+    def dense(q, k, v, _grid, *segments):
+        return _masked_attention(q, k, v, segments[0], segments[-1], scale, query_chunks).contiguous()
+
+    equal = _runs_mismatch(segment_q, segment_rows.shape[0]) + _runs_mismatch(segment_k, segment_rows.shape[0]) == 0
+    segments = (segment_q,) if segment_k is segment_q else (segment_q, segment_k)  # one operand per graph value
+    return torch.ops.higher_order.cond(equal, by_segment, dense, (query, key, value, segment_rows, *segments))
+
+
+def _runs_mismatch(segment: torch.Tensor, rows: int | torch.SymInt) -> torch.Tensor:
+    """0 exactly when the ids are 0..rows-1 in `rows` contiguous runs of one length (ids equal to
+    i // (n // rows) end at rows - 1 only when rows divides n); integer arithmetic throughout,
+    which TensorRT takes where it refuses Equal and Clip on booleans and integers."""
+    n = segment.shape[0]
+    length = torch.maximum(torch.scalar_tensor(n // rows, dtype=segment.dtype, device=segment.device),
+                           torch.ones((), dtype=segment.dtype, device=segment.device))
+    expected = torch.div(torch.arange(n, dtype=segment.dtype, device=segment.device), length, rounding_mode="trunc")
+    return (segment - expected).abs().sum() + (segment[-1] - (rows - 1)).abs()
+
+
+def _batched_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: int | torch.SymInt,
+                      scale: float, chunks: int) -> torch.Tensor:
+    """Attention within each of `rows` equal runs: [B, H, N, d] -> [B * rows, H, N / rows, d] per side,
+    no mask, -> [B, Nq, H, d]. Each side is padded to a multiple of `rows` first so that no shape
+    needs N divisible by rows (the caller's check guarantees it; the padding is then empty)."""
+    batch, n = query.shape[0], query.shape[2]
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:
+        length = (x.shape[2] + rows - 1) // rows
+        padded = torch.nn.functional.pad(x, (0, 0, 0, rows * length - x.shape[2]))
+        return padded.unflatten(2, (rows, length)).transpose(1, 2).flatten(0, 1)
+
+    out = _masked_attention(by_row(query), by_row(key), by_row(value), None, None, scale, chunks)
+    return out.unflatten(0, (batch, rows)).flatten(1, 2).narrow(1, 0, n).clone(memory_format=torch.contiguous_format)
 
 
 def decompositions(form: str = "portable") -> dict:
@@ -166,7 +222,7 @@ def decompositions(form: str = "portable") -> dict:
     one of ATTENTION_FORMS."""
     if form not in ATTENTION_FORMS:
         raise ValueError(f"unknown attention form {form!r}; choose from {', '.join(ATTENTION_FORMS)}")
-    attention = _attention_for_onnxruntime if form == "onnxruntime" else _attention
+    attention = {"onnxruntime": _attention_for_onnxruntime, "tensorrt": _attention_for_tensorrt}.get(form, _attention)
     return {torch.ops.ipcv.segment_attention.default: attention,
             torch.ops.ipcv.grid_layout.default: decomposed_grid_layout}
 
@@ -197,14 +253,15 @@ def decomposed_by_onnx_export(form: str = "portable") -> Iterator[None]:
 
 
 def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        segment_ids=None, segment_span=None, query_chunks=QUERY_CHUNKS, **kwargs):
+                        segment_ids=None, segment_span=None, query_chunks=QUERY_CHUNKS, segment_rows=None,
+                        **kwargs):
     """transformers attention function: one segment_attention node, segments (and, where they are
     short contiguous runs such as windows, their longest length; where the tower asks for it, the
-    query slices of dense attention) from the caller."""
+    query slices of dense attention; the call's image_grid_thw) from the caller."""
     if segment_ids is None:
         raise ValueError(f"attention '{ATTENTION_NAME}' needs segment_ids passed to the encoder's forward")
     return torch.ops.ipcv.segment_attention(query, key, value, segment_ids, segment_ids, scaling, segment_span,
-                                            query_chunks), None
+                                            query_chunks, segment_rows), None
 
 
 BATCHED_ATTENTION_NAME = "ipcv_batched"

@@ -241,8 +241,7 @@ def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset
                     "ipcv_export_version": __version__}
         if encoder.description.image_batch:
             metadata["patch_size"] = str(encoder.patch_size)
-        form = "onnxruntime" if runtime == "onnxruntime" else "portable"  # ops.ATTENTION_FORMS
-        to_onnx(program, path, output_names(len(encoder.tap_blocks)), opset, metadata, form)
+        to_onnx(program, path, output_names(len(encoder.tap_blocks)), opset, metadata, runtime)  # ops.ATTENTION_FORMS
     elif format == "aoti":
         pt2.to_aoti(program, path)
     else:

@@ -114,7 +114,7 @@ class ExportableQwen25VLVision(torch.nn.Module):
             # attention, which reads segment_ids (see qwen2_vl.ExportableQwen2VLVision).
             hidden = block(hidden, cu_seqlens=attention.segments, max_seqlen=0, position_embeddings=rotary,
                            segment_ids=attention.segments, segment_span=attention.span,
-                           query_chunks=attention.query_chunks)
+                           query_chunks=attention.query_chunks, segment_rows=image_grid_thw)
         return visual.merger(hidden).index_select(0, merged_places(visual.config, place))
 
 

@@ -33,7 +33,7 @@ class ExportableQwen2VLVision(torch.nn.Module):
         # cu_seqlens is required by the stock forward but unused by the registered attention,
         # which reads segment_ids instead; max_seqlen is likewise only read by flash kernels.
         return self.visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids,
-                           max_seqlen=0, segment_ids=segment_ids).pooler_output
+                           max_seqlen=0, segment_ids=segment_ids, segment_rows=image_grid_thw).pooler_output
 
 
 def image_processor(config: Qwen2VLVisionConfig) -> dict:

@@ -65,7 +65,8 @@ class ExportableQwen3Vision(torch.nn.Module):
                                       visual.num_grid_per_side)
         # cu_seqlens and max_seqlen are read only by flash kernels; the registered attention reads segment_ids.
         out = visual(pixel_values, grid_thw=None, position_ids=position_ids, cu_seqlens=segment_ids, max_seqlen=0,
-                     segment_ids=segment_ids, interp_indices=indices, interp_weights=weights)
+                     segment_ids=segment_ids, segment_rows=image_grid_thw, interp_indices=indices,
+                     interp_weights=weights)
         return (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))
 
 
