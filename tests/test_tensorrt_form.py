@@ -17,7 +17,8 @@ from ipcv_export.models import load_encoder
 from ipcv_export.verify import check_parity
 
 SETTINGS = [("tiny-qwen2-vl", Method(retention=1.0)), ("tiny-qwen2.5-vl", Method(retention=1.0)),
-            ("tiny-qwen3-vl", Method(retention=1.0)), ("tiny-qwen2-vl", Method(retention=0.5)),
+            ("tiny-qwen3-vl", Method(retention=1.0)), ("tiny-qwen3-vl", Method(retention=0.5)),
+            ("tiny-qwen2-vl", Method(retention=0.5)),
             ("tiny-qwen2-vl", Method(retention=0.5, per_image_selection=True))]
 GRIDS = [[[1, 6, 10]] * 3,  # a video of 3 slices of 60 patches passed as rows: the batched branch
          [[3, 6, 10]],  # the same video as one row: dense
