@@ -121,3 +121,10 @@ def test_a_deepstack_file_returns_the_features_a_runtime_reads(tmp_path):
     assert (outputs[1] - stock[1]).abs().max() <= STOCK_TOLERANCE  # block 1 < l_p = 3: every token computed in full
     assert (outputs[2] - stock[2]).abs().max() > 1e-3  # block 3 >= l_p: pruned, rebuilt
 
+    file = load(path)
+    for grid, rows, message in (([[1, 8, 7]], 56, "must be multiples of the merge size 2"),  # an odd side
+                                ([[1, 8, 8]], 60, "has 60 rows but grid_thw describes 64 patches"),
+                                ([[0, 8, 8]], 0, "must hold positive integers")):
+        with pytest.raises(ValueError, match=message) as refused:
+            file(torch.zeros(rows, encoder.input_width), torch.tensor(grid))
+        assert "\n" not in str(refused.value)
