@@ -1,4 +1,5 @@
-"""Write the byte-level tokenizer the tiny built-in chat models ship (run once; output is committed).
+"""Write the byte-level tokenizer the tiny built-in chat models share (run once with the folder
+ipcv_export/models/chat/byte-tokenizer; the output is committed).
 
 The real Qwen tokenizers cannot be downloaded here, so the tiny models read text as UTF-8 bytes:
 ids 0-255 are the bytes, followed by Qwen's special tokens under their real names. Built with the

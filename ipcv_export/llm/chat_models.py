@@ -1,9 +1,9 @@
 """Full Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 models (vision + LLM + tokenizer) for the generation
 pipeline and the ORT GenAI folder (Qwen3.5: the folder only, `IvcPrune` refuses its hybrid LLM).
 
-Built-ins live in `models/chat/<name>/` as a checkpoint folder without weights: config.json and
-tokenizer files, plus builtin.json (description, seed, and the built-in encoder whose weights the
-vision tower takes, so that an encoder file exported from that name fits the model). Checkpoint
+Built-ins live in `models/chat/<name>/` as config.json and builtin.json (description, seed, and the
+built-in encoder whose weights the vision tower takes, so that an encoder file exported from that
+name fits the model); all of them read the byte tokenizer in `models/chat/byte-tokenizer/`. Checkpoint
 folders load the same way, with their safetensors weights; nothing is ever downloaded.
 """
 
@@ -21,6 +21,8 @@ from ..config import UsageError, first_line
 from ..models import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
+BYTE_TOKENIZER_DIR = CHAT_DIR / "byte-tokenizer"
+"""The one tokenizer every built-in chat model reads (tools/make_tiny_chat_tokenizer.py wrote it)."""
 CHAT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 """One of these must exist: transformers would otherwise build an empty tokenizer without a word."""
@@ -97,7 +99,7 @@ def _build_builtin(name: str) -> ChatModel:
         model = AutoModelForImageTextToText.from_config(config)
         _spread_language_weights(model)
     model.model.visual.load_state_dict(load_encoder(spec["encoder"]).module.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(BYTE_TOKENIZER_DIR)
     return ChatModel(model.eval(), tokenizer, spec["encoder"], {"builtin": name, "seed": spec["seed"], "random_weights": True})
 
 
