@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch._decomp
-import torch._guards
 import torch.fx.experimental._config as fx_config
 from transformers import AttentionInterface
 
@@ -72,16 +71,6 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segm
     if span is None:
         return _masked_attention(query, key, value, segment_q, segment_k, scale, query_chunks)
     return _banded_attention(query, key, value, segment_q, segment_k, scale, span)
-
-
-def _select(condition: torch.Tensor, when_true: Callable, when_false: Callable, operands: tuple) -> torch.Tensor:
-    """One of two computations by a boolean tensor: torch.cond (an ONNX If) while a graph is
-    traced, a plain branch when run on real tensors (the eager op, under FLOP counters and other
-    dispatch modes that cannot look inside a cond). Calls the higher-order op itself: the
-    `torch.cond` wrapper would compile the branches with dynamo, which fails inside a decomposition."""
-    if torch._guards.detect_fake_mode(operands) is None:
-        return (when_true if bool(condition) else when_false)(*operands)
-    return torch.ops.higher_order.cond(condition, when_true, when_false, operands)
 
 
 BAND_TILES = 3
@@ -198,7 +187,9 @@ def _attention_for_tensorrt(query: torch.Tensor, key: torch.Tensor, value: torch
 
     equal = _runs_mismatch(segment_q, segment_rows.shape[0]) + _runs_mismatch(segment_k, segment_rows.shape[0]) == 0
     segments = (segment_q,) if segment_k is segment_q else (segment_q, segment_k)  # one operand per graph value
-    return _select(equal, by_segment, dense, (query, key, value, segment_rows, *segments))
+    # the higher-order op itself: the torch.cond wrapper compiles the branches with dynamo, which
+    # fails inside a decomposition (this function only ever runs while torch.onnx traces)
+    return torch.ops.higher_order.cond(equal, by_segment, dense, (query, key, value, segment_rows, *segments))
 
 
 def _runs_mismatch(segment: torch.Tensor, rows: int | torch.SymInt) -> torch.Tensor:
