@@ -7,7 +7,7 @@ N is one symbolic dimension, a multiple of merge^2 (the merger concatenates merg
 tokens), the number of images another. The example has two images, one of them a two-slice
 video, so neither axis is specialised.
 Towers that batch whole images have the number of images and each image's height and width in
-patches as symbolic dimensions.
+patches as symbolic dimensions; padded towers the number of images and the padded length P.
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ patches per image side of a batched tower."""
 
 def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
     """Packed towers: (pixel_values, image_grid_thw) for a grid. Batched towers: (pixel_values,) of
-    two images of 5 x 7 grid multiples of patches. Seeded random pixels."""
+    two images of 5 x 7 grid multiples of patches. Padded towers: two images of 2 x 2 and 3 x 1
+    grid multiples padded to 7 squared multiples (neither is full). Seeded random pixels."""
     generator = torch.Generator().manual_seed(0)
+    if encoder.description.padded:
+        m = encoder.merge_size
+        return padded_inputs([(2 * m, 2 * m), (3 * m, m)], 7 * m * m, encoder.input_width, generator)
     if encoder.description.image_batch:
         cell = encoder.patch_size * encoder.merge_size
         return (torch.randn(2, encoder.channels, 5 * cell, 7 * cell, generator=generator),)
@@ -42,6 +46,11 @@ def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) 
     MAX_TOKENS / merge^2], and 1 to MAX_IMAGES rows of image_grid_thw. Batched: B images of H x W
     pixels, H and W multiples of the patch size times the grid multiple, with at least `min_side` patches per side (so that every image keeps
     a token)."""
+    if encoder.description.padded:
+        square = encoder.merge_size ** 2
+        images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
+        cells = torch.export.Dim("cells", min=max(2, -(-min_tokens(retention_e4) // square)), max=MAX_TOKENS // square)
+        return {0: images, 1: cells * square}, {0: images, 1: cells * square}
     if encoder.description.image_batch:
         multiple = encoder.merge_size
         cell, side = encoder.patch_size * multiple, min_side(min_tokens(retention_e4), multiple) // multiple
@@ -56,13 +65,31 @@ def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) 
 
 def counting_inputs(encoder: LoadedEncoder, tokens: int) -> tuple[torch.Tensor, ...]:
     """Empty inputs (shapes only, for FLOP counting) of one image of `tokens` patches: one segment
-    for packed towers; for batched towers the most nearly square grid of that many patches."""
+    for packed towers; for batched towers the most nearly square grid of that many patches (padded
+    towers: that grid, unpadded)."""
+    if encoder.description.padded:
+        rows, cols = square_grid(tokens, encoder.merge_size)
+        return padded_inputs([(cols, rows)], tokens, encoder.input_width)
     if encoder.description.image_batch:
         rows, cols = square_grid(tokens, encoder.merge_size)
         p = encoder.patch_size
         return (torch.empty(1, encoder.channels, rows * p, cols * p),)
     rows, cols = square_grid(tokens, encoder.merge_size)
     return torch.empty(tokens, encoder.input_width), torch.tensor([[1, rows, cols]])
+
+
+def padded_inputs(grids: list[tuple[int, int]], patches: int, width: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded tower's (pixel_values [B, P, width] in [0, 1], image_position_ids [B, P, 2]) for
+    images of (columns, rows) patches, each padded to P = `patches` as the processor pads: real
+    patches first in row-major order with their (x, y), then zero pixels at (-1, -1)."""
+    pixels = torch.rand(len(grids), patches, width, generator=generator)
+    positions = torch.full((len(grids), patches, 2), -1, dtype=torch.int64)
+    for image, (cols, rows) in enumerate(grids):
+        y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        positions[image, :rows * cols] = torch.stack([x.flatten(), y.flatten()], -1)
+        pixels[image, rows * cols:] = 0
+    return pixels, positions
 
 
 def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> torch.export.ExportedProgram:

@@ -112,14 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_argument_group("target")
     target.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="TensorRT engine precision; other formats are fp32 (default fp32)")
-    target.add_argument("--min-patches", type=_number(int), default=shape.min_tokens,
-                        help=f"smallest N (patches per call; per image for towers that batch whole images) of the "
-                             f"engine's profile (default {shape.min_tokens})")
+    target.add_argument("--min-patches", type=_number(int),
+                        help=f"smallest N (patches per call; per image for towers that batch whole images, padded "
+                             f"or not) of the engine's profile (default {shape.min_tokens}, rounded up to the tower's "
+                             "multiple)")
     target.add_argument("--opt-patches", type=_number(int),
                         help=f"N the engine is tuned for, and where the compute ratio is counted (default {shape.opt_tokens}; "
                              "towers that batch whole images: patches per image at their native size, e.g. 576)")
-    target.add_argument("--max-patches", type=_number(int), default=shape.max_tokens,
-                        help=f"largest N of the profile; the TensorRT check evaluates TopK sizes there (default {shape.max_tokens})")
+    target.add_argument("--max-patches", type=_number(int),
+                        help=f"largest N of the profile; the TensorRT check evaluates TopK sizes there (default "
+                             f"{shape.max_tokens}, rounded down to the tower's multiple)")
     target.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache, read and updated across builds")
     target.add_argument("--opset", type=_number(int), default=DEFAULT_OPSET,
                         help=f"ONNX opset in [18, 23]; 18 to 20 for TensorRT 10 (default {DEFAULT_OPSET}); 23 writes attention as "

@@ -167,7 +167,8 @@ class Target:
     RUNTIMES for .onnx files (default portable) and engines (tensorrt). `precision`: of a TensorRT
     engine. The patch profile (`min_patches` / `opt_patches` / `max_patches`, ShapeProfile's range;
     `opt_patches` None: the native grid of a tower that batches whole images, else 5120).
-    `diagnostic_outputs`: an .onnx file also returns kept_index and neighbor_index. `verify` False
+    `min_patches` / `max_patches` None: ShapeProfile's, rounded to the tower's multiple (a padded
+    tower's P is a multiple of k^2). `diagnostic_outputs`: an .onnx file also returns kept_index and neighbor_index. `verify` False
     skips the parity gate (recorded); `atol` replaces its absolute tolerance."""
 
     output: Path
@@ -175,9 +176,9 @@ class Target:
     runtime: str | None = None
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
-    min_patches: int = ShapeProfile.min_tokens
+    min_patches: int | None = None
     opt_patches: int | None = None
-    max_patches: int = ShapeProfile.max_tokens
+    max_patches: int | None = None
     timing_cache: Path | None = None
     diagnostic_outputs: bool = False
     verify: bool = True

@@ -134,3 +134,23 @@ def square_grid(tokens: int, multiple: int = 1) -> tuple[int, int]:
         if tokens % rows == 0 and rows % multiple == 0 and (tokens // rows) % multiple == 0:
             return rows, tokens // rows
     raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {multiple}")
+
+
+@torch.library.custom_op("ipcv::valid_tokens", mutates_args=())
+def valid_tokens(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, P] int64, 1 for a real patch and 0 for padding, of a padded tower's [B, P, 2] patch
+    positions (a processor that pads every image to P patches marks padding with -1 on both axes).
+    One graph node, so that passes find which tokens are padding (`_graph.valid_input`); lowering
+    replaces it by `decomposed_valid_tokens`."""
+    return decomposed_valid_tokens(position_ids)
+
+
+@valid_tokens.register_fake
+def _valid_tokens_fake(position_ids):
+    return position_ids.new_empty(position_ids.shape[:-1], dtype=torch.int64)
+
+
+def decomposed_valid_tokens(position_ids: torch.Tensor) -> torch.Tensor:
+    """A patch is padding when every coordinate is negative (the processor writes -1, -1): one
+    ReduceMax and a comparison, cast to integers (TensorRT refuses reductions over booleans)."""
+    return (position_ids.amax(-1) >= 0).to(torch.int64)

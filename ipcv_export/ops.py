@@ -23,7 +23,7 @@ import torch._decomp
 import torch.fx.experimental._config as fx_config
 from transformers import AttentionInterface
 
-from .inputs import decomposed_grid_layout
+from .inputs import decomposed_grid_layout, decomposed_valid_tokens
 from .tokens import row_chunks
 
 ATTENTION_NAME = "ipcv_flash_segments"
@@ -48,7 +48,9 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     query [B, H, Nq, d], key/value [B, H, Nk, d], segment_q [Nq], segment_k [Nk] -> [B, Nq, H, d]
     (the layout transformers' attention functions return). Packed towers (B = 1) give segments;
-    batched towers give None: each batch entry is one image, and every query sees every key.
+    batched towers give None: each batch entry is one image, and every query sees every key;
+    padded towers give [B, Nq] and [B, Nk] ids per image (1 real patch, 0 padding), so that no real
+    query sees padding.
     `span`: every segment is one contiguous run of at most `span` tokens, on both sides of one
     sequence (Nq == Nk); the decomposition then attends in a band (`_banded_attention`), linear in N.
     `query_chunks`: otherwise the decomposition attends in this many slices of the queries
@@ -129,10 +131,17 @@ def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       chunks: int = QUERY_CHUNKS) -> torch.Tensor:
     queries = row_chunks(query, chunks, dim=2)
     masks = ([None] * chunks if segment_q is None
-             else [additive(seg[:, None] == segment_k[None, :], query.dtype) for seg in row_chunks(segment_q, chunks)])
+             else [_per_head(additive(seg.unsqueeze(-1) == segment_k.unsqueeze(-2), query.dtype))
+                   for seg in row_chunks(segment_q, chunks, dim=-1)])
     out = [torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
            for q, mask in zip(queries, masks)]
     return torch.cat(out, 2).transpose(1, 2)
+
+
+def _per_head(mask: torch.Tensor) -> torch.Tensor:
+    """A [Nq, Nk] mask as it is (one for the whole call), a [B, Nq, Nk] one (per image) as
+    [B, 1, Nq, Nk], broadcast over the heads."""
+    return mask if mask.ndim == 2 else mask.unsqueeze(1)
 
 
 ATTENTION_FORMS = ("portable", "onnxruntime", "tensorrt")
@@ -161,8 +170,9 @@ def _attention_for_onnxruntime(query: torch.Tensor, key: torch.Tensor, value: to
                                segment_q: torch.Tensor | None, segment_k: torch.Tensor | None, scale: float,
                                span: int | None = None, query_chunks: int = QUERY_CHUNKS,
                                segment_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The `onnxruntime` form's decomposition: segments that are not short runs attend in a loop."""
-    if span is None and segment_q is not None:
+    """The `onnxruntime` form's decomposition: segments of a packed call that are not short runs
+    attend in a loop (a padded tower's per-image ids keep the masked product: its images are a batch)."""
+    if span is None and segment_q is not None and segment_q.ndim == 1:
         return torch.ops.ipcv.segment_loop_attention(query, key, value, segment_q, segment_k, scale)
     return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
 
@@ -177,7 +187,7 @@ def _attention_for_tensorrt(query: torch.Tensor, key: torch.Tensor, value: torch
     [1, h, w], which the stock towers compute identically), attention is a batch of S segments and
     costs the sum of L_q * L_k; otherwise the dense masked product, as TensorRT-LLM's own vision
     encoders attend. The choice is made per call, in the graph (torch.cond: ONNX If)."""
-    if span is not None or segment_q is None or segment_rows is None:
+    if span is not None or segment_q is None or segment_q.ndim != 1 or segment_rows is None:
         return _attention(query, key, value, segment_q, segment_k, scale, span, query_chunks)
     def by_segment(q, k, v, grid, *_segments):
         return _batched_segments(q, k, v, grid.shape[0], scale, query_chunks)
@@ -222,13 +232,14 @@ def _batched_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def decompositions(form: str = "portable") -> dict:
-    """Decomposition table of the custom ops (segment_attention, grid_layout) before lowering, for
-    one of ATTENTION_FORMS."""
+    """Decomposition table of the custom ops (segment_attention, grid_layout, valid_tokens) before
+    lowering, for one of ATTENTION_FORMS."""
     if form not in ATTENTION_FORMS:
         raise ValueError(f"unknown attention form {form!r}; choose from {', '.join(ATTENTION_FORMS)}")
     attention = {"onnxruntime": _attention_for_onnxruntime, "tensorrt": _attention_for_tensorrt}.get(form, _attention)
     return {torch.ops.ipcv.segment_attention.default: attention,
-            torch.ops.ipcv.grid_layout.default: decomposed_grid_layout}
+            torch.ops.ipcv.grid_layout.default: decomposed_grid_layout,
+            torch.ops.ipcv.valid_tokens.default: decomposed_valid_tokens}
 
 
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

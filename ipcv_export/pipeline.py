@@ -21,25 +21,28 @@ from tqdm import tqdm
 
 from . import __version__, outputs
 from .budget import choose_setting
-from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture
+from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture, padded_inputs
 from .compress import compress, feature_names, output_names
 from .config import (FOLDER_FORMAT, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, Method,
                      ShapeProfile, Target, UsageError)
 from .flops import program_flops
 from .lower import pt2, tensorrt
-from .lower.onnx import INPUT_NAMES, keep_outputs, to_onnx
+from .lower.onnx import INPUT_NAMES, PADDED_INPUT_NAMES, keep_outputs, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
 from .tokens import kept_count, min_side, min_tokens
-from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_parity
+from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_padded_parity, check_parity
 
 SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
 VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
 VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
 """Batched towers: (images, rows, columns of patches) per check, none the capture example."""
+VERIFY_PADDED = (([(4, 3)], 12), ([(2, 2), (1, 3), (3, 3)], 10), ([(5, 2), (2, 1)], 12))
+"""Padded towers: images of (columns, rows) in cells of k x k patches, padded to that many cells:
+one unpadded image, three of which one fills the row, two with much padding."""
 
 
 class IncompatibleGraph(UsageError):
@@ -95,7 +98,10 @@ def export(model: str | LoadedEncoder, target: Target | str | Path, method: Meth
             config.check(encoder.depth)
             check_supported(config, encoder.description)
             largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
-            profile = ShapeProfile(target.min_patches, opt_patches, target.max_patches).check(
+            group = encoder.merge_size ** 2  # the profile's defaults, rounded to the tower's multiple
+            least = target.min_patches if target.min_patches is not None else -(-ShapeProfile.min_tokens // group) * group
+            most = target.max_patches if target.max_patches is not None else ShapeProfile.max_tokens // group * group
+            profile = ShapeProfile(least, opt_patches, most).check(
                 encoder.merge_size, min_tokens(config.retention_e4), largest)
             config = _as_run(config, encoder, profile, report)
         with _stage("capture", timings, report, silent=True):
@@ -239,9 +245,12 @@ def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset
     if format == "onnx":
         metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
                     "ipcv_export_version": __version__}
-        if encoder.description.image_batch:
+        if encoder.description.image_batch or encoder.description.padded:
             metadata["patch_size"] = str(encoder.patch_size)
-        to_onnx(program, path, output_names(len(encoder.tap_blocks)), opset, metadata, runtime)  # ops.ATTENTION_FORMS
+        if encoder.description.padded:
+            metadata["layout"] = "padded"
+        to_onnx(program, path, output_names(len(encoder.tap_blocks)), opset, metadata, runtime,  # ops.ATTENTION_FORMS
+                PADDED_INPUT_NAMES if encoder.description.padded else None)
     elif format == "aoti":
         pt2.to_aoti(program, path)
     else:
@@ -261,10 +270,16 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
         runner = _open(path, runtime, manifest)
         generator = torch.Generator().manual_seed(1)
         checks: list[ParityCheck] = []
-        batch = encoder.description.image_batch
-        for case in tqdm(VERIFY_BATCHES if batch else VERIFY_GRIDS, desc="verify", leave=False,
-                         disable=not sys.stderr.isatty()):
-            if batch:
+        batch, padded = encoder.description.image_batch, encoder.description.padded
+        cases = VERIFY_PADDED if padded else VERIFY_BATCHES if batch else VERIFY_GRIDS
+        for case in tqdm(cases, desc="verify", leave=False, disable=not sys.stderr.isatty()):
+            if padded:
+                cells, length = case
+                k = encoder.merge_size
+                pixels, positions = padded_inputs([(cols * k, rows * k) for cols, rows in cells], length * k * k,
+                                                  encoder.input_width, generator)
+                checks.append(check_padded_parity(runner.run_all, encoder.module, config, pixels, positions, tolerance))
+            elif batch:
                 images, rows, cols = case
                 pixels = torch.randn(images, encoder.channels, rows * encoder.patch_size, cols * encoder.patch_size,
                                      generator=generator)
@@ -349,7 +364,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
     import transformers
 
     inputs, outputs = (_image_batch_io(encoder, config) if encoder.description.image_batch
-                       else _packed_io(encoder, config))
+                       else _padded_io(encoder, config) if encoder.description.padded else _packed_io(encoder, config))
     return {
         "tool": {"name": "ipcv-export", "version": __version__},
         "format": format,
@@ -413,4 +428,30 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
                 "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
                {"name": names[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
                 "meaning": "per image, indices into kept_index of each removed token's neighbours; K means none"}]
+    return inputs, outputs
+
+
+def _padded_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
+    """The manifest's inputs and outputs of a tower whose images come as padded patch rows."""
+    k, smallest, table = encoder.merge_size, min_tokens(config.retention_e4), encoder.position_table
+    square = k * k
+    inputs = {"layout": "padded", "patch_size": encoder.patch_size, "merge_size": k, "input_width": encoder.input_width,
+              "min_tokens": smallest, "max_tokens": MAX_TOKENS // square * square, "max_images": MAX_IMAGES,
+              "position_table": table,
+              "tensors": [{"name": PADDED_INPUT_NAMES[0], "dtype": "float32", "shape": ["B", "P", encoder.input_width]},
+                          {"name": PADDED_INPUT_NAMES[1], "dtype": "int64", "shape": ["B", "P", 2]}],
+              "rules": f"the image processor's pixel_values and image_position_ids as they come: every image padded to "
+                       f"P patches, P a multiple of {square}, {-(-max(smallest, 2 * square) // square) * square} <= P <= "
+                       f"{MAX_TOKENS // square * square}; each image's real patches first, positions (x, y) in "
+                       f"[0, {table}), then padding at (-1, -1); grid sides multiples of {k}; B <= {MAX_IMAGES}"}
+    names = output_names()
+    outputs = [{"name": names[0], "dtype": "float32", "shape": ["B", f"P/{square}", "hidden"],
+                "meaning": f"per image, its soft tokens (real patches / {square} of them, the processor's "
+                           "num_soft_tokens_per_image) first, then zero rows: the original encoder's output per image"},
+               {"name": names[1], "dtype": "int64", "shape": ["B", f"P*{config.retention_e4}//10000"],
+                "meaning": f"per image, ascending indices of the kept tokens: its max(V*{config.retention_e4}//10000, 1) "
+                           "kept real patches (V of them), then its first padding tokens, which fill the slots"},
+               {"name": names[2], "dtype": "int64", "shape": ["B", "P-K", config.neighbors],
+                "meaning": "per image, indices into kept_index of each removed token's neighbours; K means none "
+                           "(always for padding)"}]
     return inputs, outputs

@@ -328,3 +328,94 @@ def spread_order(columns: int, patches: int) -> torch.Tensor:
         return value << 2 * (32 - bits)  # align codes of different lengths at the top
 
     return torch.tensor(sorted(range(patches), key=code))
+
+
+@torch.no_grad()
+def padded_reference(side: torch.nn.Module, pixel_values: torch.Tensor, position_ids: torch.Tensor, config: IpcvConfig,
+                     neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> ReferenceResult:
+    """IPCV on a padded tower (Gemma 4: `models/gemma4.py`) through its stock modules, image by image
+    on the real patches only: no padding enters any block, the selection or the neighbour search.
+
+    Image b of V real patches keeps K_b = max((V * rho_e4) // 10^4, 1) of them; NGR and AS run over
+    its V patches; the stock pooler then sees every patch in its place (padding zero, as the stock
+    tower leaves it) and the embedder projects. Results come in the file's padded layout: keep
+    [B, K] (K = (P * rho_e4) // 10^4 slots: the image's kept patches, then its first K - K_b padding
+    tokens), neighbors [B, R, k'] (k' = min(k, K); index K for none: a padding token's, and past
+    an image's own K_b), distances [B, R, K + 1] (inf for padding and for the "none" column), and
+    embeddings [B, P / k^2, hidden] (image b's S_b soft tokens, then zeros).
+    """
+    tower, n = side.vision_tower, pixel_values.shape[1]
+    slots = (n * config.retention_e4) // 10_000
+    k_prime = min(config.neighbors, slots)
+    kernel = tower.config.pooling_kernel_size
+    results = []
+    for image in range(pixel_values.shape[0]):
+        real = int((position_ids[image] != -1).any(-1).sum())
+        image_keep = None if keep is None else keep[image][keep[image] < real]
+        image_neighbors = None if neighbors is None else neighbors[image]
+        results.append(_padded_image(side, pixel_values[image, :real], position_ids[image, :real], n, slots, k_prime,
+                                     config, image_keep, image_neighbors))
+    keeps, neighbor_rows, distance_rows, hidden = zip(*results)
+    padding = (position_ids == -1).all(-1)
+    pooled, filled = tower.pooler(torch.stack(hidden), position_ids, padding, n // kernel ** 2)
+    if tower.config.standardize:
+        pooled = (pooled - tower.std_bias.float()) * tower.std_scale.float()
+    features = side.embed_vision(pooled.to(pixel_values.dtype))
+    embeddings = torch.where(filled.unsqueeze(-1), features, torch.zeros_like(features))
+    return ReferenceResult(embeddings, torch.stack(keeps), torch.stack(neighbor_rows), torch.stack(distance_rows))
+
+
+def _padded_image(side: torch.nn.Module, pixels: torch.Tensor, positions: torch.Tensor, n: int, slots: int, k_prime: int,
+                  config: IpcvConfig, keep: torch.Tensor | None,
+                  neighbors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image of `padded_reference`: (keep [K], neighbors [R, k'], distances [R, K + 1], the
+    rebuilt last block's output [P, D] with zero padding rows), given its V real patches."""
+    tower = side.vision_tower
+    real = pixels.shape[0]
+    x = tower.patch_embedder(pixels[None], positions[None], torch.zeros(1, real, dtype=torch.bool))
+    layers = list(tower.encoder.layers)
+
+    def block(index: int, states: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # stock layer, no padding
+        return layers[index](states, position_embeddings=tower.encoder.rotary_emb(states, positions[None, at]),
+                             attention_mask=None, position_ids=positions[None, at])
+
+    everything = torch.arange(real)
+    for index in range(config.prune_layer - 1):
+        x = block(index, x, everything)
+    x_after = block(config.prune_layer - 1, x, everything)[0]
+    own = max((real * config.retention_e4) // 10_000, 1)
+    if keep is None:
+        score = rankable((x_after.float() - x[0].float()).pow(2).sum(-1))
+        keep = torch.sort(score, descending=True, stable=True).indices[:own].sort().values
+    rem = torch.ones(real, dtype=torch.bool).index_fill_(0, keep, False).nonzero().flatten()
+    kept_then, removed_then = x_after[keep], x_after[rem]
+    distances = torch.cdist(removed_then.float(), kept_then.float())
+    if neighbors is None:
+        neighbors = distances.topk(min(k_prime, own), largest=False).indices
+    else:  # the file's choice, in the padded layout: this image's removed patches come first
+        neighbors = neighbors[:len(rem), :min(k_prime, own)]
+    weights = ngr_weights(removed_then, kept_then[neighbors], config)
+
+    def full_sequence(kept_now: torch.Tensor) -> torch.Tensor:
+        z = torch.empty(real, kept_now.shape[-1], dtype=kept_now.dtype)
+        z[keep] = kept_now
+        z[rem] = removed_then + mean_drift((kept_now - kept_then)[neighbors], weights)
+        return z
+
+    y = kept_then
+    stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(layers)))
+    for index in range(config.prune_layer, len(layers)):
+        if index in stabilized:
+            y = block(index, full_sequence(y)[None], everything)[0][keep]
+        else:
+            y = block(index, y[None], keep)[0]
+    hidden = torch.zeros(n, y.shape[-1], dtype=y.dtype)
+    hidden[:real] = full_sequence(y)
+
+    fill = torch.arange(real, real + slots - own)
+    padding_removed = n - real - len(fill)
+    none = torch.full((padding_removed, k_prime), slots)
+    neighbor_rows = torch.cat([F.pad(neighbors, (0, k_prime - neighbors.shape[1]), value=slots), none])
+    distance_rows = torch.full((len(rem) + padding_removed, slots + 1), torch.inf)
+    distance_rows[:len(rem), :own] = distances
+    return torch.cat([keep, fill]), neighbor_rows, distance_rows, hidden

@@ -28,17 +28,19 @@ class EncoderFile(ABC):
     """Shared input preparation and checks; subclasses run the prepared tensors."""
 
     def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int,
-                 patch_size: int | None = None) -> None:
+                 patch_size: int | None = None, padded: bool = False) -> None:
         self.path = path
         self.manifest = manifest or {}
         self.merge_size = merge_size
         self.min_tokens = min_tokens
         self.input_width = input_width
         self.patch_size = patch_size  # set for files of towers that batch whole images
+        self.padded = padded  # files of towers whose images come as padded patch rows (Gemma 4)
 
     def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them;
-        for a batched tower (no grid_thw), its tokens [B, T, D]."""
+        for a batched tower (no grid_thw), its tokens [B, T, D]; for a padded tower (its
+        image_position_ids in place of grid_thw), its soft tokens [B, P / k^2, hidden]."""
         return self.run_all(pixel_values, grid_thw)[0]
 
     def run_all(self, pixel_values: torch.Tensor | np.ndarray,
@@ -48,7 +50,10 @@ class EncoderFile(ABC):
         pixels = torch.as_tensor(pixel_values)
         if pixels.dtype != torch.float32:
             raise ValueError(f"pixel_values must be float32, got {pixels.dtype}")
-        inputs = self._image_batch(pixels) if self.patch_size else self._packed(pixels, grid_thw)
+        if self.padded:
+            inputs = self._padded(pixels, grid_thw)
+        else:
+            inputs = self._image_batch(pixels) if self.patch_size else self._packed(pixels, grid_thw)
         return tuple(t.cpu() for t in self._run(*inputs))
 
     def _packed(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -93,13 +98,41 @@ class EncoderFile(ABC):
             raise ValueError(f"image height and width must be multiples of {unit}, got {list(pixels.shape[2:])}")
         return (pixels,)
 
+    def _padded(self, pixels: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [B, P, w] and image_position_ids [B, P, 2] as the processor pads them."""
+        if position_ids is None:
+            raise ValueError("this file takes padded patches: pass image_position_ids with pixel_values")
+        positions = torch.as_tensor(position_ids)
+        square = self.merge_size ** 2
+        if pixels.ndim != 3 or pixels.shape[2] != self.input_width:
+            raise ValueError(f"pixel_values must have shape [B, P, {self.input_width}], got {list(pixels.shape)}")
+        if positions.dtype != torch.int64 or list(positions.shape) != [*pixels.shape[:2], 2]:
+            raise ValueError(f"image_position_ids must be int64 of shape {[*pixels.shape[:2], 2]}, got "
+                             f"{positions.dtype} {list(positions.shape)}")
+        patches, images = pixels.shape[1], pixels.shape[0]
+        if patches % square or patches < self.min_tokens:
+            raise ValueError(f"the padded length P must be a multiple of {square} and at least {self.min_tokens}, "
+                             f"got {patches}")
+        largest, most, table = self._limit("max_tokens"), self._limit("max_images"), self._limit("position_table")
+        if largest and patches > largest:
+            raise ValueError(f"this file takes at most {largest} patches per image, got {patches}")
+        if most and images > most:
+            raise ValueError(f"this file takes at most {most} images per call, got {images}")
+        real = (positions != -1).any(-1)
+        if (real.sum(-1) == 0).any() or (real.int().diff(dim=-1) > 0).any():
+            raise ValueError("each image needs its real patches first and at least one of them (padding: -1, -1 after)")
+        if (positions[real] < 0).any() or (table and (positions[real] >= table).any()):
+            raise ValueError(f"patch positions must lie in [0, {table or 'the position table'}) (padding: -1, -1)")
+        return pixels, positions
+
     @abstractmethod
     def _run(self, *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
         """The file's outputs for checked inputs, in its input order (the format's own runtime call)."""
 
     def preprocess(self, images: Sequence, min_pixels: int | None = None,
                    max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values, grid_thw) of PIL images from the model's own image processor.
+        """(pixel_values, grid_thw) of PIL images from the model's own image processor
+        ((pixel_values, image_position_ids) for a padded tower).
 
         The processor's settings come from the manifest (the checkpoint's preprocessor_config.json
         or the built-in model's); min_pixels / max_pixels override its resize bounds.
@@ -113,6 +146,11 @@ class EncoderFile(ABC):
         if not settings:
             raise ValueError(f"{self.path.name} has no manifest with preprocessing settings beside it")
         kwargs = dict(settings["kwargs"])
+        if self.padded:
+            if min_pixels is not None or max_pixels is not None:
+                raise UsageError(f"{self.path.name} sizes images by its soft-token budget, not min/max pixels")
+            batch = getattr(transformers, settings["class"])(**kwargs)(images=list(images), return_tensors="pt")
+            return batch["pixel_values"].float(), batch["image_position_ids"]
         size = dict(kwargs.pop("size", {}))
         if min_pixels is not None:
             size["shortest_edge"] = min_pixels
@@ -131,16 +169,21 @@ class EncoderFile(ABC):
         one encoder call; the result is split back per image."""
         pixel_values, grid = self.preprocess(images, min_pixels, max_pixels)
         embeddings = self(pixel_values, grid)
+        if self.padded:  # image b's soft tokens are its first (real patches / k^2) rows
+            soft = ((grid != -1).any(-1).sum(-1) // self.merge_size ** 2).tolist()
+            return [rows[:count] for rows, count in zip(embeddings, soft)]
         return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
 
 
-def _input_geometry(path: Path, manifest: dict) -> tuple[int, int, int, int | None]:
-    """(merge_size, min_tokens, input_width, patch_size) from the manifest of a file whose format
+def _input_geometry(path: Path, manifest: dict) -> tuple[int, int, int, int | None, bool]:
+    """(merge_size, min_tokens, input_width, patch_size, padded) from the manifest of a file whose format
     carries no metadata of its own (.pt2, .engine); UsageError naming a missing entry."""
     try:
         inputs = manifest["inputs"]
         refuse_earlier_contract(path, [t["name"] for t in inputs["tensors"]])
-        return inputs["merge_size"], inputs["min_tokens"], inputs["input_width"], inputs.get("patch_size")
+        padded = inputs["layout"] == "padded"
+        return (inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
+                None if padded else inputs.get("patch_size"), padded)
     except KeyError as err:
         raise UsageError(f"manifest {path.name}.json lacks {err.args[0]!r} under inputs: it was not written by "
                          "ipcv-export, or was edited") from None
@@ -171,9 +214,10 @@ class OnnxEncoder(EncoderFile):
         self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
         refuse_earlier_contract(path, [arg.name for arg in self.session.get_inputs()])
         metadata = self.session.get_modelmeta().custom_metadata_map
-        patch = metadata.get("patch_size")
+        patch, padded = metadata.get("patch_size"), metadata.get("layout") == "padded"
+        pixels = self.session.get_inputs()[0].shape
         super().__init__(path, manifest, int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
-                         self.session.get_inputs()[0].shape[1], int(patch) if patch else None)
+                         pixels[-1] if padded else pixels[1], int(patch) if patch and not padded else None, padded)
 
     def _run(self, *inputs):
         feeds = {arg.name: tensor.numpy() for arg, tensor in zip(self.session.get_inputs(), inputs)}

@@ -165,6 +165,23 @@ def select_per_segment(score: torch.Tensor, k: int | torch.SymInt, segment: torc
     return _split(own | best_mask(rest, kth_largest(rest, left), left), k)
 
 
+def select_valid(score: torch.Tensor, k: int | torch.SymInt, valid: torch.Tensor,
+                 retention_e4: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selection in a padded tower's [B, P] rows (`valid` 1 for a real patch, 0 for padding), as
+    (keep, rem, slot) like `select_tokens`: each image keeps its best K_b = max((V_b * rho_e4) // 10^4, 1)
+    real patches (V_b of them; ties to the lower index), and its first K - K_b padding tokens fill
+    the K = (P * rho_e4) // 10^4 slots every image has, so shapes follow from P alone. The filling
+    padding stays padding (masked out of real tokens' attention, zeroed before the pooler); there is
+    always enough of it, since K - K_b <= P - V_b."""
+    real = valid.sum(-1, keepdim=True)
+    quota = torch.maximum(torch.div(real * retention_e4, RETENTION_SCALE, rounding_mode="trunc"), torch.ones_like(real))
+    ranked = torch.where(valid == 1, score, torch.full_like(score, -1.0))  # padding ranks below every real patch
+    own = best_mask(ranked, _search(ranked, quota.unsqueeze(-1), lambda at_least: at_least.sum(-1, keepdim=True)), quota)
+    padding = valid == 0
+    fill = padding & (count_up_to(padding) <= torch.scalar_tensor(k, dtype=torch.int64, device=score.device) - quota)
+    return _split(own | fill, k)
+
+
 def run_bounds(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N] index of the first and of the last token of each token's run of equal `segment` ids.
     Start positions are compacted by a permutation scatter (ONNX has no CumMax or searchsorted)."""
@@ -378,18 +395,27 @@ NEIGHBOR_CHUNKS = 8
 its largest intermediate is [R / 8, K] distances: 0.5 GB at N = 65536, rho = 0.5."""
 
 
-def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int, across_batch: bool = False) -> torch.Tensor:
+def nearest_kept(kept: torch.Tensor, removed: torch.Tensor, neighbors: int, across_batch: bool = False,
+                 kept_valid: torch.Tensor | None = None, removed_valid: torch.Tensor | None = None) -> torch.Tensor:
     """[..., R, k] indices into `kept` ([..., K, D]) of each removed token's nearest kept tokens
     (fp32 L2), within the same batch entry; with `across_batch`, among the kept tokens of every
     batch entry, as indices into the flattened [B * K] kept tokens.
 
     When K < k only the first K columns are real neighbours; the others hold the index K, one past
     the end, which `reconstruct` ignores. Padding keeps k static instead of min(k, K).
+    A padded tower gives which kept and removed tokens are real patches ([..., K] and [..., R], 1
+    or 0): padding is never a neighbour, and a removed padding token has none (index K throughout).
     """
     candidates = (kept.flatten(0, 1) if across_batch else kept).float()  # across: one [B * K, D] pool
     norms = (candidates * candidates).sum(-1).unsqueeze(-2)
-    chunks = row_chunks(removed, NEIGHBOR_CHUNKS, removed.ndim - 2)  # each image's removed tokens, in slices
-    return torch.cat([_nearest(candidates, norms, chunk.float(), neighbors) for chunk in chunks], -2)
+    axis = removed.ndim - 2
+    chunks = row_chunks(removed, NEIGHBOR_CHUNKS, axis)  # each image's removed tokens, in slices
+    if kept_valid is None:
+        return torch.cat([_nearest(candidates, norms, chunk.float(), neighbors) for chunk in chunks], -2)
+    kept_padding = (kept_valid == 0).unsqueeze(-2)
+    removed_padding = row_chunks((removed_valid == 0).unsqueeze(-1), NEIGHBOR_CHUNKS, axis)
+    return torch.cat([_nearest(candidates, norms, chunk.float(), neighbors, kept_padding | padding)
+                      for chunk, padding in zip(chunks, removed_padding)], -2)
 
 
 def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]:
@@ -400,11 +426,18 @@ def row_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> list[torch.Tensor]
     return [x.narrow(dim, start, stop - start) for start, stop in zip(bounds, bounds[1:])]
 
 
-def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor, neighbors: int) -> torch.Tensor:
+def _nearest(kept: torch.Tensor, kept_norms: torch.Tensor, removed: torch.Tensor, neighbors: int,
+             excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """`excluded` ([..., R, K] bool, broadcast): pairs that are no neighbours at any distance."""
     dist = (removed * removed).sum(-1, keepdim=True) - 2 * removed @ kept.transpose(-1, -2) + kept_norms
+    if excluded is not None:
+        dist = torch.where(excluded, torch.full_like(dist, float("inf")), dist)
     padding = torch.full((*dist.shape[:-1], neighbors), float("inf"), device=dist.device)
-    index = torch.topk(torch.cat([dist, padding], -1), neighbors, dim=-1, largest=False, sorted=True).indices
-    return torch.minimum(index, torch.scalar_tensor(kept.shape[-2], dtype=index.dtype, device=index.device))
+    found = torch.topk(torch.cat([dist, padding], -1), neighbors, dim=-1, largest=False, sorted=True)
+    none = torch.scalar_tensor(kept.shape[-2], dtype=found.indices.dtype, device=found.indices.device)
+    if excluded is not None:  # an excluded pair ties with the padding columns: either way, no neighbour
+        return torch.where(found.values == float("inf"), none, found.indices)
+    return torch.minimum(found.indices, none)
 
 
 def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: torch.Tensor,
@@ -424,7 +457,7 @@ def reconstruct(kept_now: torch.Tensor, kept_then: torch.Tensor, removed_then: t
     if weights is not None:
         return removed_then + (gathered * weights.to(gathered.dtype).unsqueeze(-1)).sum(-2)
     count = (neighbor_index < kept_now.shape[-2]).sum(-1, keepdim=True).to(gathered.dtype)
-    return removed_then + gathered.sum(-2) / count
+    return removed_then + gathered.sum(-2) / count.clamp(min=1.0)  # a padding token has no neighbour: no drift
 
 
 def _gather_neighbors(kept: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
@@ -453,7 +486,7 @@ def neighbor_weights(kept: torch.Tensor, removed: torch.Tensor, neighbor_index: 
     difference = gathered - removed.float().unsqueeze(-2)
     inverse = 1.0 / ((difference * difference).sum(-1) + WEIGHT_EPSILON)
     inverse = torch.where(neighbor_index < kept.shape[-2], inverse, torch.zeros_like(inverse))
-    return inverse / inverse.sum(-1, keepdim=True)
+    return inverse / inverse.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # none: weights 0
 
 
 def scatter_back(kept_rows: torch.Tensor, removed_rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -483,8 +516,10 @@ def no_selection(pixels: torch.Tensor, neighbors: int, special_tokens: int = 0,
                  patch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection outputs when nothing is pruned (rho = 1): keep = 0..N-1, no neighbours. `pixels`:
     a packed tower's [N, w] rows, or (with patch_size) a batched tower's [B, C, H, W] images, whose
-    N = S + (H/p)(W/p) tokens per image are kept per image."""
-    if patch_size is None:
+    N = S + (H/p)(W/p) tokens per image are kept per image, or a padded tower's [B, P, w] rows."""
+    if pixels.ndim == 3:
+        batch, n = (pixels.shape[0],), pixels.shape[1]
+    elif patch_size is None:
         batch, n = (), pixels.shape[0]
     else:
         batch, n = (pixels.shape[0],), special_tokens + (pixels.shape[2] // patch_size) * (pixels.shape[3] // patch_size)

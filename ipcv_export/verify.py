@@ -17,7 +17,7 @@ import torch
 
 from .config import IpcvConfig
 from .models.description import ModelDescription, TowerParts
-from .reference import ReferenceResult, batched_reference, ipcv_reference
+from .reference import ReferenceResult, batched_reference, ipcv_reference, padded_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -71,6 +71,17 @@ def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     gives per-image kept and neighbour indices, compared image by image."""
     reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
+
+
+def check_padded_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], side: torch.nn.Module,
+                        config: IpcvConfig, pixel_values: torch.Tensor, position_ids: torch.Tensor,
+                        tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
+    """The same checks for a padded tower: `run(pixel_values [B, P, w], image_position_ids [B, P, 2])`
+    against `padded_reference`, image by image; the check's grid records each image's real patches
+    and the padded length."""
+    reference_of = partial(padded_reference, side, pixel_values, position_ids, config)
+    real = (position_ids != -1).any(-1).sum(-1).tolist()
+    return _check(run(pixel_values, position_ids), reference_of, tolerance, [real, pixel_values.shape[1]])
 
 
 def _check(outputs: tuple, reference_of: Callable[..., ReferenceResult], tolerance: Tolerance, grid: list) -> ParityCheck:

@@ -25,6 +25,20 @@ def captured(tiny):
     return capture(tiny)
 
 
+def verified_files(encoder, folder, retentions=(1.0, 0.5)) -> dict:
+    """{retention: (path, manifest)}: one verified ONNX file per retention, with the kept and
+    neighbour indices (what a family's module-scoped fixture shares among its tests)."""
+    from ipcv_export import Method, Target, export
+
+    files = {}
+    for retention in retentions:
+        path = folder / f"rho{retention}.onnx"
+        result = export(encoder, Target(path, diagnostic_outputs=True), Method(retention=retention),
+                        report=lambda _line: None)
+        files[retention] = path, result.manifest
+    return files
+
+
 def grid_inputs(encoder, grid: list[list[int]], seed: int = 0):
     """(image_grid_thw, pixel_values) for a grid, seeded pixels: what the processor gives a packed file."""
     grid_thw = torch.tensor(grid)

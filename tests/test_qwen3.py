@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-from conftest import grid_inputs
+from conftest import grid_inputs, verified_files
 from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
@@ -29,14 +29,7 @@ GRIDS = [[[1, 16, 24]],  # one image, wider than the 8 x 8 table
 def family(request, tmp_path_factory):
     """(encoder, {retention: (path, manifest)}): one verified ONNX file per retention."""
     encoder = load_encoder(request.param)
-    folder = tmp_path_factory.mktemp("qwen3")
-    files = {}
-    for retention in (1.0, 0.5):
-        path = folder / f"rho{retention}.onnx"
-        result = export(encoder, Target(path, diagnostic_outputs=True), Method(retention=retention),
-                        report=lambda _line: None)
-        files[retention] = path, result.manifest
-    return encoder, files
+    return encoder, verified_files(encoder, tmp_path_factory.mktemp("qwen3"))
 
 
 @pytest.fixture(scope="module")

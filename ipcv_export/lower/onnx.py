@@ -20,6 +20,8 @@ from ..config import DEFAULT_OPSET
 from . import segment_loop
 
 INPUT_NAMES = ["pixel_values", "image_grid_thw"]
+PADDED_INPUT_NAMES = ["pixel_values", "image_position_ids"]
+"""The inputs of a padded tower's file (Gemma 4), named as its processor names them."""
 TWO_GB = 2 * 1024**3
 SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
 """onnxscript rewrite rules the optimizer skips. SlicesSplit fuses Slices that tile a tensor into
@@ -31,12 +33,13 @@ and 0.3 s for each other rule (benchmarks/onnx_lowering_steps.py --rules)."""
 
 def to_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str],
             opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None,
-            attention_form: str = "portable") -> Path:
+            attention_form: str = "portable", input_names: Sequence[str] | None = None) -> Path:
     """Write `program` as an ONNX model at `path` (the caller makes the write atomic), with
     `metadata` as the model's metadata properties (what a runtime needs to prepare inputs).
-    `attention_form`: one of ops.ATTENTION_FORMS."""
+    `attention_form`: one of ops.ATTENTION_FORMS. `input_names`: by default INPUT_NAMES, as many
+    as the program takes (batched towers: pixel_values only)."""
     large = sum(p.numel() * p.element_size() for p in program.state_dict.values()) > TWO_GB
-    input_names = INPUT_NAMES[:len(program.graph_signature.user_inputs)]  # batched towers: pixel_values only
+    input_names = list(input_names or INPUT_NAMES[:len(program.graph_signature.user_inputs)])
     with ops.decomposed_by_onnx_export(attention_form):
         onnx_program = torch.onnx.export(program, input_names=input_names, output_names=output_names,
                                          opset_version=opset, dynamo=True, verbose=False, optimize=False,

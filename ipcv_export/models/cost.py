@@ -18,7 +18,9 @@ class TowerShape:
     """The sizes the cost model needs. mlp_macs: multiply-adds of one token's MLP. The head after
     the blocks (merger, projector) costs head_macs per group of head_group patches (Qwen's merger:
     merge^2 patches per row); 0 for none. special_tokens (CLS) are always kept. banded_blocks:
-    blocks whose attention is banded (windows of at most band_span tokens, `ops._banded_attention`)."""
+    blocks whose attention is banded (windows of at most band_span tokens, `ops._banded_attention`).
+    pooled: a pooler that averages groups of this many patches by a [P / pooled, P] weight product
+    before the head (Gemma 4's, by position): 2 (P / pooled) P d more; 0 for none."""
 
     depth: int
     width: int  # d
@@ -30,6 +32,7 @@ class TowerShape:
     special_tokens: int = 0
     banded_blocks: frozenset[int] = frozenset()
     band_span: int = 0
+    pooled: int = 0
 
     def attention_pairs(self, index: int, queries: int, keys: int) -> int:
         """Query-key pairs block `index` computes: all of them, or its band over the key rows (a
@@ -128,7 +131,8 @@ def _embed_flops(shape: TowerShape, tokens: int) -> int:
 
 
 def _head_flops(shape: TowerShape, tokens: int) -> int:
-    return 2 * (tokens // shape.head_group) * shape.head_macs * shape.heads
+    pooling = 2 * (tokens // shape.pooled) * tokens * shape.width if shape.pooled else 0
+    return pooling + 2 * (tokens // shape.head_group) * shape.head_macs * shape.heads
 
 
 def merge_flops(width: int, patches: int, retention_e4: int) -> int:

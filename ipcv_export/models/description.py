@@ -76,6 +76,22 @@ class ImageBatch:
 
 
 @dataclass(frozen=True)
+class PaddedPatches:
+    """Marks a tower whose processor pads every image's patch rows to one length P (Gemma 4):
+    inputs pixel_values [B, P, w] and image_position_ids [B, P, 2] (x, y), -1 on both axes for
+    padding. IPCV applies per image to its real patches (`inputs.valid_tokens`): K counts them,
+    padding is never chosen over a real patch nor used as a neighbour.
+
+    grid_multiple: config -> each side of an image's patch grid is a multiple of it (a pooler
+        that averages k x k cells needs k), and P a multiple of its square.
+    position_table: config -> rows per axis of the learned position table: coordinates must be below it.
+    """
+
+    grid_multiple: Callable[[Any], int]
+    position_table: Callable[[Any], int]
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """What the pipeline needs to know about one encoder family.
 
@@ -111,6 +127,7 @@ class ModelDescription:
         settings}; a checkpoint's preprocessor_config.json overrides the kwargs it names.
     image_batch: None for packed towers (Qwen-style: [N, D] patches of several images with
         positions and segment ids); else how the tower batches whole images.
+    padded: set for a tower whose images come as equally long, padded patch sequences.
     whole_config: `build` takes the whole config.json, not its vision_config (a projector needs
         the LLM's width; LLaVA's feature layer is a top-level setting).
     method_defaults: IpcvConfig fields whose default differs for this family (InternViT's authors
@@ -133,6 +150,7 @@ class ModelDescription:
     embed: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     taps: Callable[[torch.nn.Module], list[tuple[int, torch.nn.Module]]] | None = None
     image_batch: ImageBatch | None = None
+    padded: PaddedPatches | None = None
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)
 

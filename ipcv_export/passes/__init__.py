@@ -32,10 +32,10 @@ def check_supported(config: IpcvConfig, description: ModelDescription) -> None:
     reads the image grid or merges within each image, which only towers that batch whole images have."""
     if config.selection != "score" and description.image_batch is None:
         raise UsageError(f"{config.selection} selection is implemented for towers that batch whole images so far, "
-                         "not for packed towers")
-    if config.per_image_selection and description.image_batch is not None:
-        raise UsageError("per-image selection applies to packed towers; towers that batch whole images always "
-                         "select within each image")
+                         f"not for {'padded' if description.padded else 'packed'} towers")
+    if config.per_image_selection and (description.image_batch or description.padded):
+        raise UsageError("per-image selection applies to packed towers; towers that batch whole images, padded or "
+                         "not, always select within each image")
 
 
 def ipcv_passes(config: IpcvConfig, description: ModelDescription, depth: int, patch_size: int | None = None,

@@ -93,6 +93,12 @@ def segment_input(graph: fx.Graph) -> fx.Node:
     return next(user for user in layout.users if user.target is operator.getitem and user.args[1] == 1)
 
 
+def valid_input(graph: fx.Graph) -> fx.Node | None:
+    """A padded tower's [B, P] real-patch flags (the `ipcv::valid_tokens` node), None for towers
+    without padding."""
+    return next((n for n in graph.nodes if n.target is torch.ops.ipcv.valid_tokens.default), None)
+
+
 def is_tensor(node: fx.Node) -> bool:
     """True when the node's fake value is a tensor (not a size, a tuple or missing)."""
     return isinstance(node.meta.get("val"), torch.Tensor)

@@ -21,8 +21,8 @@ class PruneTokensPass(PassBase):
         keep, rem, slot = select_tokens(score, K, S)    (per batch entry when batched)
         A = x'[keep];  B = x'[rem]                      (roles kept_state, removed_state)
         blocks l_p..depth-1 read the kept stream (block l_p reads A), and every full-sequence
-        table they read (rotary cos/sin, segment ids: tensors whose first dim is N) is replaced by
-        its rows at `keep`, every read of N by S + K.
+        table they read (rotary cos/sin, segment ids: tensors with one row per token, `_is_per_token`)
+        is replaced by its rows at `keep`, every read of N by S + K.
     With selection "spread" (towers that batch images [B, C, H, W] as their first input, patch
     size p), the score is `spread_score(x', S, W // p)` instead: a fixed coarse-to-fine order of
     each image's grid; with "hybrid", `hybrid_score(score, spread_score(...), K)`: the first K // 2
@@ -32,6 +32,8 @@ class PruneTokensPass(PassBase):
     (ToMe's rounds of merging): A is then the merged states, and each removed token's owner is its
     one neighbour (role neighbors), so ReconstructTokensPass has nothing to search. With `per_segment` (packed
     towers), `select_per_segment(score, K, segment_ids, rho_e4)`: each image its own share first.
+    A padded tower (the graph has `ipcv::valid_tokens`) selects with `select_valid(score, K, valid,
+    rho_e4)`: K counts each image's real patches, padding fills the slots left.
     The last block's output then has S + K tokens: ReintegrateTokensPass must follow.
     Requires: AnnotateBlocksPass ran, 1 <= l_p < depth. Ensures: no TopK or sort on N-sized data.
     """
@@ -57,7 +59,6 @@ class PruneTokensPass(PassBase):
         after = _graph.block_output(graph, self.prune_layer - 1)
         hidden = _graph.block_marker(graph, 0).meta["val"]
         axis = hidden.ndim - 2
-        n_tokens = hidden.shape[axis]
 
         def add(target, args, role=None, **meta):
             nonlocal cursor
@@ -77,8 +78,11 @@ class PruneTokensPass(PassBase):
             score = add(tokens.hybrid_score, (importance, spread, k))
         elif self.selection == "bipartite":
             score = add(tokens.bipartite_score, (after, spread, k, self.special_tokens), "score")
+        valid = _graph.valid_input(graph)
         if self.selection == "merge":
             plan = add(tokens.merge_tokens, (after, k, self.special_tokens, tokens.merge_rounds(self.retention_e4)))
+        elif valid is not None:
+            plan = add(tokens.select_valid, (score, k, valid, self.retention_e4))
         elif self.per_segment:
             plan = add(tokens.select_per_segment, (score, k, _graph.segment_input(graph), self.retention_e4))
         else:
@@ -98,8 +102,9 @@ class PruneTokensPass(PassBase):
             for ext in _graph.external_inputs(nodes):
                 if ext.meta.get(_graph.ROLE) == "block_input":
                     continue
-                if ext not in kept_views and _is_per_token(ext, n_tokens):
-                    kept_views[ext] = add(_kept_view_target(ext), (ext, 0, keep) if _graph.is_tensor(ext) else (stream, axis),
+                if ext not in kept_views and _is_per_token(ext, hidden.shape[:axis + 1]):
+                    kept_views[ext] = add(*(((tokens.take, (ext, keep, axis)) if _graph.is_tensor(ext)
+                                             else (torch.ops.aten.sym_size.int, (stream, axis)))),
                                           "kept_view", **{_graph.FULL: ext})
                 if ext in kept_views:
                     for node in nodes:
@@ -110,14 +115,11 @@ class PruneTokensPass(PassBase):
         return PassResult(gm, True)
 
 
-def _is_per_token(node: fx.Node, n_tokens) -> bool:
-    """A tensor whose first dimension is N (a packed tower's tables), or the size N itself."""
+def _is_per_token(node: fx.Node, leading: torch.Size) -> bool:
+    """A table with one row per token: a tensor whose leading dimensions are the hidden states'
+    up to the token axis (`leading`: [N] packed, a packed tower's rotary and segment tables;
+    [B, N] batched, a padded tower's), or the size N itself."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return val.ndim >= 1 and _graph.same_size(val.shape[0], n_tokens)
-    return isinstance(val, torch.SymInt) and _graph.same_size(val, n_tokens)
-
-
-def _kept_view_target(node: fx.Node):
-    """Rows at `keep` for a per-token tensor; K (the kept stream's length) for the size N."""
-    return torch.ops.aten.index_select.default if _graph.is_tensor(node) else torch.ops.aten.sym_size.int
+        return val.ndim >= len(leading) and all(_graph.same_size(a, b) for a, b in zip(val.shape, leading))
+    return isinstance(val, torch.SymInt) and _graph.same_size(val, leading[-1])

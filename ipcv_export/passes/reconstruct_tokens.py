@@ -17,6 +17,7 @@ class ReconstructTokensPass(PassBase):
     so that `removed_states(y)` below becomes rec(y) = B + mean_{n in nbr}(y_n - A_n) instead of
     the plain pruning fill B. Consumers (AS blocks, reintegration) call `removed_states`.
     With `across_images` (batched towers), neighbours come from the kept tokens of every image.
+    In a padded tower (the graph has `ipcv::valid_tokens`), padding is no neighbour and has none.
     With `weighted`, also once: w = neighbor_weights(A, B, nbr) (role neighbor_weights), and
     rec(y) = B + sum_n w_n (y_n - A_n).
     Requires: PruneTokensPass ran. Ensures: the neighbour search is computed exactly once.
@@ -34,8 +35,16 @@ class ReconstructTokensPass(PassBase):
         if _graph.with_role(graph, "neighbors"):
             return PassResult(gm, False)
         kept, removed = _graph.one_with_role(graph, "kept_state"), _graph.one_with_role(graph, "removed_state")
-        neighbors = _graph.insert(graph, tokens.nearest_kept, (kept, removed, self.neighbors, self.across_images),
-                                  pass_name=NAME, role="neighbors", after=removed,
+        args, cursor = (kept, removed, self.neighbors, self.across_images), removed
+        valid = _graph.valid_input(graph)
+        if valid is not None:
+            flags = []
+            for role in ("keep", "rem"):
+                cursor = _graph.insert(graph, tokens.take, (valid, _graph.one_with_role(graph, role), 1),
+                                       pass_name=NAME, after=cursor)
+                flags.append(cursor)
+            args = (*args, *flags)
+        neighbors = _graph.insert(graph, tokens.nearest_kept, args, pass_name=NAME, role="neighbors", after=cursor,
                                   ipcv_across_images=self.across_images)
         if self.weighted:
             _graph.insert(graph, tokens.neighbor_weights, (kept, removed, neighbors, self.across_images),
