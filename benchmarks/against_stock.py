@@ -4,12 +4,16 @@ PyTorch: what a user runs today (issue 18's latency targets).
     .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --retentions 0.5
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 0.5 --without-original
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 1 0.5 --runtime onnxruntime
+    .venv/bin/python benchmarks/against_stock.py --model gemma4-e2b-shape --grid 1x39x60 --retentions 0.5 0.35
 
 Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
 --folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
 patch grids), the stock module (`visual(pixel_values, grid_thw)`, SDPA attention, torch threads
 pinned to --threads) and each file (ORT, intra-op threads --threads), alternated round by round so
 that drift of the shared machine hits all alike: one warm-up round, median of --runs rounds.
+A padded tower (Gemma 4) takes each --grid entry as one image of h x w patches, padded as its
+processor pads (to 9 x 280 = 2520 patches by default, --padded-length), and its stock module is
+the tower and embedder (`gemma4.stock_features`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from ipcv_export.capture import padded_inputs
+from ipcv_export.config import DEFAULT_OPSET
 from ipcv_export.models import load_encoder
+from ipcv_export.models.gemma4 import stock_features
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
 
@@ -40,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    parser.add_argument("--padded-length", type=int, help="a padded tower's P (default: its processor's)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="the files' --opset (23: ONNX's Attention operator)")
     parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
     parser.add_argument("--without-original", action="store_true",
                         help="leave out the rho = 1 file (the stock module and two ORT sessions of a 7B-shape "
@@ -49,18 +58,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model)
     retentions = args.retentions if args.without_original else [1.0, *args.retentions]
-    files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-{args.runtime}-",
-                           runtime=args.runtime)
+    files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-{args.runtime}-opset{args.opset}-",
+                           runtime=args.runtime, opset=args.opset)
 
     grid = torch.tensor(args.grid)
-    pixels = torch.randn(int(grid.prod(1).sum()), encoder.input_width, generator=torch.Generator().manual_seed(0))
-    feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
+    generator = torch.Generator().manual_seed(0)
+    if encoder.description.padded:
+        length = args.padded_length or encoder.native_patches
+        pixels, positions = padded_inputs([(w, h) for _, h, w in args.grid], length, encoder.input_width, generator)
+        feeds = {"pixel_values": pixels.numpy(), "image_position_ids": positions.numpy()}
+    else:
+        pixels = torch.randn(int(grid.prod(1).sum()), encoder.input_width, generator=generator)
+        feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     sessions = {rho: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 for rho, path in files.items()}
 
     def stock() -> torch.Tensor:
+        if encoder.description.padded:
+            return stock_features(encoder.module, pixels, positions)
         with torch.no_grad():
             return encoder.module(pixels, grid_thw=grid).pooler_output
 
@@ -73,7 +90,9 @@ def main() -> None:
             if round_:  # round 0 warms up
                 times[name].append((time.perf_counter() - start) * 1e3)
     stock_ms = statistics.median(times["stock"])
-    print(f"{args.model}, grid {grid.tolist()} (N = {pixels.shape[0]}), --runtime {args.runtime}, {args.threads} threads, "
+    patches = f"P = {pixels.shape[1]} per image" if encoder.description.padded else f"N = {pixels.shape[0]}"
+    print(f"{args.model}, grid {grid.tolist()} ({patches}), --runtime {args.runtime}, --opset {args.opset}, "
+          f"{args.threads} threads, "
           f"median of {args.runs} alternated rounds after 1 warm-up")
     print(f"{'run':>10s} {'ms':>10s} {'/ stock':>8s}")
     for name, values in times.items():

@@ -73,7 +73,8 @@ def _check_processor(folder: Path, encoder: LoadedEncoder) -> None:
     would cut images into rows the tower reads wrongly, silently."""
     tower = encoder.vision_config
     pairs = {"patch_size": getattr(tower, "patch_size", None), "temporal_patch_size": getattr(tower, "temporal_patch_size", None),
-             "merge_size": getattr(tower, "spatial_merge_size", None)}
+             "merge_size": getattr(tower, "spatial_merge_size", None),
+             "pooling_kernel_size": getattr(tower, "pooling_kernel_size", None)}
     for key, expected in pairs.items():
         given = encoder.processor_overrides.get(key)
         if given is not None and expected is not None and given != expected:
@@ -81,7 +82,8 @@ def _check_processor(folder: Path, encoder: LoadedEncoder) -> None:
                                   f"tower's {expected}")
 
 
-PROCESSOR_KEYS = ("image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size")
+PROCESSOR_KEYS = ("image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size",
+                  "max_soft_tokens", "pooling_kernel_size")
 
 
 def _processor_overrides(folder: Path) -> dict:

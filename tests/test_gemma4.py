@@ -14,9 +14,13 @@ from safetensors.torch import save_file
 from conftest import verified_files
 from ipcv_export import load
 from ipcv_export.capture import capture, padded_inputs
+from ipcv_export.checkpoint import CheckpointError
 from ipcv_export.compress import compress
+from ipcv_export.config import ShapeProfile
 from ipcv_export.flops import program_flops
+from ipcv_export.lower import tensorrt
 from ipcv_export.models import load_encoder
+from ipcv_export.models.gemma4 import stock_features
 from ipcv_export.verify import check_padded_parity
 
 STOCK_TOLERANCE = 1e-5
@@ -37,9 +41,7 @@ def gemma(tmp_path_factory):
 
 def _stock_rows(encoder, pixels, positions) -> list[torch.Tensor]:
     """The stock module's soft tokens (get_image_features: tower, then embedder), split per image."""
-    side = encoder.module
-    with torch.no_grad():
-        flat = side.embed_vision(side.vision_tower(pixel_values=pixels, pixel_position_ids=positions).last_hidden_state)
+    flat = stock_features(encoder.module, pixels, positions)
     soft = ((positions != -1).any(-1).sum(-1) // encoder.merge_size ** 2).tolist()
     return list(flat.split(soft))
 
@@ -107,6 +109,18 @@ def test_padding_is_never_kept_over_a_patch_nor_a_neighbour(gemma):
         assert (neighbors[image, removed_real:] == slots).all()
 
 
+def test_engine_profile_and_defaults_fit_the_padded_length(gemma):
+    """The profile's defaults are rounded to multiples of 9 (72 / 2520 / 16380), and an engine's
+    profile gives both inputs [images, P, ...] at those lengths."""
+    _, files = gemma
+    manifest = files[0.5][1]
+    assert manifest["profile"] == {"min_tokens": 72, "opt_tokens": 2520, "max_tokens": 16380}
+    shapes = tensorrt.profile_shapes(manifest["inputs"], ShapeProfile(**manifest["profile"]))
+    most = tensorrt.ENGINE_MAX_IMAGES
+    assert shapes == {"pixel_values": ((1, 72, 768), (1, 2520, 768), (most, 16380, 768)),
+                      "image_position_ids": ((1, 72, 2), (1, 2520, 2), (most, 16380, 2))}
+
+
 def test_bad_inputs_are_refused_in_one_line(gemma):
     encoder, files = gemma
     file = load(files[0.5][0])
@@ -147,7 +161,13 @@ def test_checkpoint_round_trip(tmp_path):
     state = {f"model.{key}": value.contiguous() for key, value in encoder.module.state_dict().items()}
     state["model.language_model.embed_tokens.weight"] = torch.zeros(10, 4)
     save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16, "pooling_kernel_size": 3,
+                                                                    "max_soft_tokens": 70}))
     loaded = load_encoder(str(tmp_path))
     assert loaded.description is encoder.description
     for key, value in encoder.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value), key
+    assert loaded.native_patches == 630  # the checkpoint's soft-token budget sets the processor's padded length
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"pooling_kernel_size": 2}))
+    with pytest.raises(CheckpointError, match="pooling_kernel_size 2 differs from the vision tower's 3"):
+        load_encoder(str(tmp_path))

@@ -40,7 +40,14 @@ def profile_shapes(inputs: dict, profile: ShapeProfile) -> Shapes:
     Packed towers: N = min / opt / max patches per call in pixel_values, 1 / 1 / ENGINE_MAX_IMAGES
     rows of image_grid_thw. Batched towers: 1 / 1 / ENGINE_MAX_IMAGES
     images, each side the smallest square side (a multiple of the grid multiple) that holds the
-    min / opt / max patches per image."""
+    min / opt / max patches per image. Padded towers: 1 / 1 / ENGINE_MAX_IMAGES images of P = min /
+    opt / max patches."""
+    if inputs.get("layout") == "padded":
+        width = inputs["input_width"]
+        counts = (1, 1, ENGINE_MAX_IMAGES)
+        lengths = (profile.min_tokens, profile.opt_tokens, profile.max_tokens)
+        return {"pixel_values": tuple((b, p, width) for b, p in zip(counts, lengths)),
+                "image_position_ids": tuple((b, p, 2) for b, p in zip(counts, lengths))}
     if inputs.get("layout") != "images":
         width = inputs["input_width"]
         return {"pixel_values": tuple((n, width) for n in (profile.min_tokens, profile.opt_tokens, profile.max_tokens)),

@@ -110,6 +110,14 @@ class ExportableGemma4(torch.nn.Module):
         return head(self.side, hidden, image_position_ids, padding)
 
 
+def stock_features(side: Gemma4VisionSide, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """What users run today: the stock tower, then the embedder, as `get_image_features` calls them;
+    [sum of soft tokens, hidden], the images' soft tokens one after the other."""
+    with torch.no_grad():
+        hidden = side.vision_tower(pixel_values=pixel_values, pixel_position_ids=position_ids).last_hidden_state
+        return side.embed_vision(hidden)
+
+
 def image_processor(config: Gemma4Config) -> dict:
     """transformers' PIL-based Gemma 4 processor with the tower's patch and pooling sizes, at its
     default budget of 280 soft tokens (P = 2520 patches)."""
