@@ -5,6 +5,7 @@ PyTorch: what a user runs today (issue 18's latency targets).
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 0.5 --without-original
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 1 0.5 --runtime onnxruntime
     .venv/bin/python benchmarks/against_stock.py --model gemma4-e2b-shape --grid 1x39x60 --retentions 0.5 0.35
+    .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --opsets 18 23
 
 Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
 --folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
@@ -48,7 +49,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
     parser.add_argument("--padded-length", type=int, help="a padded tower's P (default: its processor's)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="the files' --opset (23: ONNX's Attention operator)")
+    parser.add_argument("--opsets", type=int, nargs="+", default=[DEFAULT_OPSET],
+                        help="the files' --opset, one set of files each, timed in the same rounds (23: ONNX's "
+                             "Attention operator)")
     parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
     parser.add_argument("--without-original", action="store_true",
                         help="leave out the rho = 1 file (the stock module and two ORT sessions of a 7B-shape "
@@ -58,8 +61,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model)
     retentions = args.retentions if args.without_original else [1.0, *args.retentions]
-    files = exported_files(encoder, retentions, args.folder, prefix=f"{args.model}-{args.runtime}-opset{args.opset}-",
-                           runtime=args.runtime, opset=args.opset)
+    files = {(rho if len(args.opsets) == 1 else f"{rho} opset {opset}"): path for opset in args.opsets
+             for rho, path in exported_files(encoder, retentions, args.folder, runtime=args.runtime, opset=opset,
+                                             prefix=f"{args.model}-{args.runtime}-opset{opset}-").items()}
 
     grid = torch.tensor(args.grid)
     generator = torch.Generator().manual_seed(0)
@@ -91,13 +95,13 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) * 1e3)
     stock_ms = statistics.median(times["stock"])
     patches = f"P = {pixels.shape[1]} per image" if encoder.description.padded else f"N = {pixels.shape[0]}"
-    print(f"{args.model}, grid {grid.tolist()} ({patches}), --runtime {args.runtime}, --opset {args.opset}, "
+    print(f"{args.model}, grid {grid.tolist()} ({patches}), --runtime {args.runtime}, --opsets {args.opsets}, "
           f"{args.threads} threads, "
           f"median of {args.runs} alternated rounds after 1 warm-up")
-    print(f"{'run':>10s} {'ms':>10s} {'/ stock':>8s}")
+    print(f"{'run':>20s} {'ms':>10s} {'/ stock':>8s}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:>10s} {median:10.1f} {median / stock_ms:8.3f}")
+        print(f"{name:>20s} {median:10.1f} {median / stock_ms:8.3f}")
 
 
 if __name__ == "__main__":

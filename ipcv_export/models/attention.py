@@ -32,3 +32,10 @@ def batched(module) -> contextlib.AbstractContextManager:
     """Towers that batch whole images: attention within each image, no segments. The tower's own
     config is switched (a LLaVA module's config holds it as vision_config)."""
     return attention_implementation(getattr(module.config, "vision_config", module.config), ops.BATCHED_ATTENTION_NAME)
+
+
+def padded(module) -> contextlib.AbstractContextManager:
+    """Towers whose images come as padded patch rows: attention within each image's real patches,
+    by per-image token ids passed down the forward as segment_ids ([B, N]; the packed function
+    takes them as they come). The tower's own config is switched, as for `batched`."""
+    return attention_implementation(getattr(module.config, "vision_config", module.config), ops.ATTENTION_NAME)

@@ -25,7 +25,6 @@ import torch
 from transformers.models.gemma4 import Gemma4Config
 from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder, Gemma4VisionModel
 
-from .. import ops
 from ..inputs import div
 from . import attention
 from .cost import TowerShape
@@ -146,7 +145,7 @@ GEMMA4 = ModelDescription(
     block_path=r"vision_tower\.encoder\.layers\.(\d+)$",
     build=build,
     exportable=ExportableGemma4,
-    attention_context=lambda side: attention.attention_implementation(side.config.vision_config, ops.ATTENTION_NAME),
+    attention_context=attention.padded,
     image_processor=image_processor,
     query_projection=(r"self_attn\.q_proj\.linear$", 0, 1),
     tower_shape=tower_shape,
