@@ -313,3 +313,37 @@ def test_importance_of_non_finite_states_is_rankable():
     before = torch.zeros(4, 3)
     after = torch.tensor([[1.0, 0, 0], [float("nan"), 0, 0], [float("inf"), 0, 0], [1e30, 1e30, 0]])
     assert torch.equal(tokens.importance_score(before, after), torch.tensor([1.0, 0, tokens.SCORE_CEILING, tokens.SCORE_CEILING]))
+
+
+@pytest.mark.parametrize("retention_e4", [5000, 3500, 10000])
+def test_padded_selection_keeps_each_images_real_best_then_its_first_padding(retention_e4):
+    """Per row: the max((V * rho) // 10^4, 1) best real tokens (ties to the lower index, scores
+    drawn from few values), then the first padding tokens until K slots; never a real token past
+    its share, never padding over a real token."""
+    generator = torch.Generator().manual_seed(0)
+    n = 45
+    real = torch.tensor([45, 27, 3, 1])
+    valid = (torch.arange(n) < real[:, None]).long()
+    score = torch.randint(0, 4, (len(real), n), generator=generator).float()
+    k = tokens.kept_count(n, retention_e4)
+    keep, rem, slot = tokens.select_valid(score, k, valid, retention_e4)
+    for row, v in enumerate(real.tolist()):
+        own = max(v * retention_e4 // 10_000, 1)
+        best = torch.sort(score[row, :v], descending=True, stable=True).indices[:own].sort().values
+        assert torch.equal(keep[row], torch.cat([best, torch.arange(v, v + k - own)]))
+        assert torch.equal(torch.cat([keep[row], rem[row]]).sort().values, torch.arange(n))
+        assert torch.equal(torch.cat([keep[row], rem[row]])[slot[row]], torch.arange(n))
+
+
+def test_padded_neighbour_search_skips_padding_both_ways():
+    """A removed real token's neighbours are the nearest kept real tokens (index K past them); a
+    removed padding token has none; reconstruction gives it no drift."""
+    generator = torch.Generator().manual_seed(1)
+    kept, removed = torch.randn(1, 5, 4, generator=generator), torch.randn(1, 6, 4, generator=generator)
+    kept_valid, removed_valid = torch.tensor([[1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    found = tokens.nearest_kept(kept, removed, 4, False, kept_valid, removed_valid)
+    expected = torch.cdist(removed[0, :4], kept[0, :3]).topk(3, largest=False).indices
+    assert torch.equal(found[0, :4, :3], expected) and (found[0, :4, 3] == 5).all()
+    assert (found[0, 4:] == 5).all()
+    rebuilt = tokens.reconstruct(kept + 1.0, kept, removed, found)
+    assert torch.allclose(rebuilt[0, :4], removed[0, :4] + 1.0) and torch.equal(rebuilt[0, 4:], removed[0, 4:])
