@@ -61,8 +61,8 @@ def test_rho1_file_equals_the_stock_module(gemma):
 
 
 def test_processor_output_runs_as_it_comes(gemma):
-    """Two photos through transformers' Gemma 4 processor (the manifest's settings): the file's soft
-    tokens per image are the stock module's."""
+    """Two photos through transformers' Gemma 4 processor (the manifest's settings): the rho = 1
+    file's soft tokens per image are the stock module's, the rho = 0.5 file's the reference's."""
     encoder, files = gemma
     file = load(files[1.0][0])
     rng = np.random.default_rng(0)
@@ -71,6 +71,8 @@ def test_processor_output_runs_as_it_comes(gemma):
     assert positions.shape[1] == encoder.native_patches and (positions == -1).any()
     for ours, theirs in zip(file.encode_images(photos), _stock_rows(encoder, pixels, positions)):
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= STOCK_TOLERANCE
+    check_padded_parity(load(files[0.5][0]).run_all, encoder.module, encoder.method_config(retention=0.5),
+                        pixels, positions)  # and the IPCV file equals the reference on them
 
 
 def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(gemma):
