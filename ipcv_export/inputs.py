@@ -136,6 +136,13 @@ def square_grid(tokens: int, multiple: int = 1) -> tuple[int, int]:
     raise ValueError(f"{tokens} patches cannot form an image with sides that are multiples of {multiple}")
 
 
+def real_patches(position_ids: torch.Tensor) -> torch.Tensor:
+    """[..., P] bool of a padded tower's [..., P, 2] patch positions: False where both coordinates
+    are -1 (padding, as the stock Gemma 4 tower reads it). Host code's definition (input checks,
+    the reference); the graph computes `valid_tokens`, which agrees on every input the checks accept."""
+    return (position_ids != -1).any(-1)
+
+
 @torch.library.custom_op("ipcv::valid_tokens", mutates_args=())
 def valid_tokens(position_ids: torch.Tensor) -> torch.Tensor:
     """[B, P] int64, 1 for a real patch and 0 for padding, of a padded tower's [B, P, 2] patch

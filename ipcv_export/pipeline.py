@@ -435,14 +435,15 @@ def _padded_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
     """The manifest's inputs and outputs of a tower whose images come as padded patch rows."""
     k, smallest, table = encoder.merge_size, min_tokens(config.retention_e4), encoder.position_table
     square = k * k
+    largest = MAX_TOKENS // square * square
     inputs = {"layout": "padded", "patch_size": encoder.patch_size, "merge_size": k, "input_width": encoder.input_width,
-              "min_tokens": smallest, "max_tokens": MAX_TOKENS // square * square, "max_images": MAX_IMAGES,
+              "min_tokens": smallest, "max_tokens": largest, "max_images": MAX_IMAGES,
               "position_table": table,
               "tensors": [{"name": PADDED_INPUT_NAMES[0], "dtype": "float32", "shape": ["B", "P", encoder.input_width]},
                           {"name": PADDED_INPUT_NAMES[1], "dtype": "int64", "shape": ["B", "P", 2]}],
               "rules": f"the image processor's pixel_values and image_position_ids as they come: every image padded to "
                        f"P patches, P a multiple of {square}, {-(-max(smallest, 2 * square) // square) * square} <= P <= "
-                       f"{MAX_TOKENS // square * square}; each image's real patches first, positions (x, y) in "
+                       f"{largest}; each image's real patches first, positions (x, y) in "
                        f"[0, {table}), then padding at (-1, -1); grid sides multiples of {k}; B <= {MAX_IMAGES}"}
     names = output_names()
     outputs = [{"name": names[0], "dtype": "float32", "shape": ["B", f"P/{square}", "hidden"],

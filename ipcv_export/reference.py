@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from .config import IpcvConfig
-from .inputs import check_grid, position_ids, segment_ids
+from .inputs import check_grid, position_ids, real_patches, segment_ids
 from .models.description import ModelDescription, TowerParts
 from .tokens import WEIGHT_EPSILON, rankable, unit_rows
 
@@ -350,13 +350,13 @@ def padded_reference(side: torch.nn.Module, pixel_values: torch.Tensor, position
     kernel = tower.config.pooling_kernel_size
     results = []
     for image in range(pixel_values.shape[0]):
-        real = int((position_ids[image] != -1).any(-1).sum())
+        real = int(real_patches(position_ids[image]).sum())
         image_keep = None if keep is None else keep[image][keep[image] < real]
         image_neighbors = None if neighbors is None else neighbors[image]
         results.append(_padded_image(side, pixel_values[image, :real], position_ids[image, :real], n, slots, k_prime,
                                      config, image_keep, image_neighbors))
     keeps, neighbor_rows, distance_rows, hidden = zip(*results)
-    padding = (position_ids == -1).all(-1)
+    padding = ~real_patches(position_ids)
     pooled, filled = tower.pooler(torch.stack(hidden), position_ids, padding, n // kernel ** 2)
     if tower.config.standardize:
         pooled = (pooled - tower.std_bias.float()) * tower.std_scale.float()

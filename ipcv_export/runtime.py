@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import UsageError, first_line, read_json_object
-from .inputs import check_grid, slice_lengths
+from .inputs import check_grid, real_patches, slice_lengths
 from .tokens import min_side
 
 ONNX_PROVIDERS = ("CPUExecutionProvider",)
@@ -118,7 +118,7 @@ class EncoderFile(ABC):
             raise ValueError(f"this file takes at most {largest} patches per image, got {patches}")
         if most and images > most:
             raise ValueError(f"this file takes at most {most} images per call, got {images}")
-        real = (positions != -1).any(-1)
+        real = real_patches(positions)
         if (real.sum(-1) == 0).any() or (real.int().diff(dim=-1) > 0).any():
             raise ValueError("each image needs its real patches first and at least one of them (padding: -1, -1 after)")
         if (positions[real] < 0).any() or (table and (positions[real] >= table).any()):
@@ -170,7 +170,7 @@ class EncoderFile(ABC):
         pixel_values, grid = self.preprocess(images, min_pixels, max_pixels)
         embeddings = self(pixel_values, grid)
         if self.padded:  # image b's soft tokens are its first (real patches / k^2) rows
-            soft = ((grid != -1).any(-1).sum(-1) // self.merge_size ** 2).tolist()
+            soft = (real_patches(grid).sum(-1) // self.merge_size ** 2).tolist()
             return [rows[:count] for rows, count in zip(embeddings, soft)]
         return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
 

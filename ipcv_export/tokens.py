@@ -176,7 +176,7 @@ def select_valid(score: torch.Tensor, k: int | torch.SymInt, valid: torch.Tensor
     real = valid.sum(-1, keepdim=True)
     quota = torch.maximum(torch.div(real * retention_e4, RETENTION_SCALE, rounding_mode="trunc"), torch.ones_like(real))
     ranked = torch.where(valid == 1, score, torch.full_like(score, -1.0))  # padding ranks below every real patch
-    own = best_mask(ranked, _search(ranked, quota.unsqueeze(-1), lambda at_least: at_least.sum(-1, keepdim=True)), quota)
+    own = best_mask(ranked, kth_largest(ranked, quota.unsqueeze(-1)), quota)
     padding = valid == 0
     fill = padding & (count_up_to(padding) <= torch.scalar_tensor(k, dtype=torch.int64, device=score.device) - quota)
     return _split(own | fill, k)

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from .config import IpcvConfig
+from .inputs import real_patches
 from .models.description import ModelDescription, TowerParts
 from .reference import ReferenceResult, batched_reference, ipcv_reference, padded_reference
 
@@ -80,7 +81,7 @@ def check_padded_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.
     against `padded_reference`, image by image; the check's grid records each image's real patches
     and the padded length."""
     reference_of = partial(padded_reference, side, pixel_values, position_ids, config)
-    real = (position_ids != -1).any(-1).sum(-1).tolist()
+    real = real_patches(position_ids).sum(-1).tolist()
     return _check(run(pixel_values, position_ids), reference_of, tolerance, [real, pixel_values.shape[1]])
 
 
