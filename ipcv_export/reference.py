@@ -419,3 +419,63 @@ def _padded_image(side: torch.nn.Module, pixels: torch.Tensor, positions: torch.
     distance_rows = torch.full((len(rem) + padding_removed, slots + 1), torch.inf)
     distance_rows[:len(rem), :own] = distances
     return torch.cat([keep, fill]), neighbor_rows, distance_rows, hidden
+
+
+def mixed_cells(rows: int, columns: int, retention_e4: int) -> tuple[int, int, int]:
+    """(cell rows, cell columns, fine cells) of mixed-resolution tokens (FIDELITY.md, issue 23)
+    on a rows x columns patch grid: 2 x 2 cells tile its even part, and F fine cells give about
+    rho * N patch tokens in all (4 per fine cell, 1 per coarse cell, 1 per patch left over in an
+    odd last row or column): F = C * (4 rho - 1) // 3, none at rho <= 1/4."""
+    cell_rows, cell_columns = rows // 2, columns // 2
+    cells = cell_rows * cell_columns
+    return cell_rows, cell_columns, max(0, cells * (4 * retention_e4 - 10_000) // 30_000)
+
+
+@torch.no_grad()
+def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, retention: float) -> torch.Tensor:
+    """Mixed-resolution tokens, one image at a time: the tower's own embedding of the image and of
+    its even part halved (2 x 2 pixel means: one coarse token per 2 x 2 cell of patches, at the
+    halved grid's positions); the F cells whose four patch tokens differ most from their mean keep
+    those four tokens, every other cell is its one coarse token. The blocks run on [specials, the
+    fine cells' patches (ascending cells, each in raster order), the coarse tokens (ascending), the
+    patches of an odd last row or column (raster order)]. Then each patch of a coarse cell takes the
+    bilinear upsampling (x2, half-pixel centres) of the cell grid, where a fine cell stands for the
+    mean of its four outputs, and the head runs on the full grid."""
+    p, s = parts.patch_size, special_tokens
+    rows, columns = pixel_values.shape[2] // p, pixel_values.shape[3] // p
+    cell_rows, cell_columns, fine = mixed_cells(rows, columns, round(retention * 10_000))
+    images = []
+    for pixels in pixel_values.split(1):
+        full = parts.embed(pixels)
+        coarse = parts.embed(F.avg_pool2d(pixels[:, :, :2 * cell_rows * p, :2 * cell_columns * p], 2))[:, s:]
+        grid = full[0, s:].reshape(rows, columns, -1)
+        cells = grid[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2, -1).transpose(1, 2)
+        cells = cells.reshape(cell_rows * cell_columns, 4, -1).float()
+        detail = (cells - cells.mean(1, keepdim=True)).pow(2).sum((1, 2))
+        chosen = torch.sort(detail, descending=True, stable=True).indices[:fine].sort().values
+        is_fine = torch.zeros(len(cells), dtype=torch.bool)
+        is_fine[chosen] = True
+        patch = torch.arange(rows * columns).reshape(rows, columns)
+        in_cells = patch[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2).transpose(1, 2)
+        in_cells = in_cells.reshape(-1, 4)
+        leftover = torch.ones(rows, columns, dtype=torch.bool)
+        leftover[:2 * cell_rows, :2 * cell_columns] = False
+        fine_patches, leftover_patches = in_cells[is_fine].flatten(), patch[leftover]
+        x = torch.cat([full[:, :s], full[:, s:][:, fine_patches], coarse[:, ~is_fine],
+                       full[:, s:][:, leftover_patches]], 1)
+        for block in parts.blocks:
+            x = block(x)
+        out_fine, out_coarse, out_leftover = x[0, s:].split([len(fine_patches), int((~is_fine).sum()),
+                                                             len(leftover_patches)])
+        cell_states = torch.empty(len(cells), x.shape[-1], dtype=x.dtype)
+        cell_states[is_fine] = out_fine.reshape(-1, 4, x.shape[-1]).mean(1)
+        cell_states[~is_fine] = out_coarse
+        upsampled = F.interpolate(cell_states.T.reshape(1, -1, cell_rows, cell_columns), scale_factor=2,
+                                  mode="bilinear", align_corners=False)[0]
+        tokens = torch.empty(rows, columns, x.shape[-1], dtype=x.dtype)
+        tokens[:2 * cell_rows, :2 * cell_columns] = upsampled.permute(1, 2, 0)
+        tokens = tokens.reshape(rows * columns, -1)
+        tokens[fine_patches] = out_fine
+        tokens[leftover_patches] = out_leftover
+        images.append(parts.head(torch.cat([x[:, :s], tokens[None]], 1), columns))
+    return torch.cat(images)
