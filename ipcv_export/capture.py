@@ -17,7 +17,7 @@ import torch.fx.experimental._config as fx_config
 
 from .inputs import square_grid
 from .models import LoadedEncoder
-from .tokens import RETENTION_SCALE, min_side, min_tokens
+from .tokens import min_side
 
 MAX_TOKENS = 65536
 EXAMPLE_GRID = torch.tensor([[1, 8, 8], [2, 4, 6]])
@@ -26,40 +26,45 @@ MAX_IMAGES, MAX_SIDE = 256, 128
 patches per image side of a batched tower."""
 
 
-def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
+def example_inputs(encoder: LoadedEncoder, grid_thw: torch.Tensor = EXAMPLE_GRID,
+                   smallest: int = 1) -> tuple[torch.Tensor, ...]:
     """Packed towers: (pixel_values, image_grid_thw) for a grid. Batched towers: (pixel_values,) of
-    two images of 5 x 7 grid multiples of patches. Padded towers: two images of 2 x 2 and 3 x 1
-    grid multiples padded to 7 squared multiples (neither is full). Seeded random pixels."""
+    two images of 5 x 7 grid multiples of patches, or more where a file needs `smallest` patches
+    per image (`dynamic_shapes`). Padded towers: two images of 2 x 2 and 3 x 1 grid multiples padded
+    to 7 squared multiples (neither is full). Seeded random pixels."""
     generator = torch.Generator().manual_seed(0)
     if encoder.description.padded:
         m = encoder.merge_size
         return padded_inputs([(2 * m, 2 * m), (3 * m, m)], 7 * m * m, encoder.input_width, generator)
     if encoder.description.image_batch:
-        cell = encoder.patch_size * encoder.merge_size
-        return (torch.randn(2, encoder.channels, 5 * cell, 7 * cell, generator=generator),)
+        multiple = encoder.merge_size
+        cell, side = encoder.patch_size * multiple, min_side(smallest, multiple) // multiple
+        rows, cols = max(5, side + 1), max(7, side + 3)
+        return (torch.randn(2, encoder.channels, rows * cell, cols * cell, generator=generator),)
     patches = int(grid_thw.prod(1).sum())
     return torch.randn(patches, encoder.input_width, generator=generator), grid_thw.to(torch.int64)
 
 
-def dynamic_shapes(encoder: LoadedEncoder, retention_e4: int = RETENTION_SCALE) -> tuple[dict, ...]:
-    """Packed: N = merge^2 * groups rows of pixel_values, groups in [ceil(min_tokens / merge^2),
+def dynamic_shapes(encoder: LoadedEncoder, smallest: int = 1) -> tuple[dict, ...]:
+    """Packed: N = merge^2 * groups rows of pixel_values, groups in [ceil(smallest / merge^2),
     MAX_TOKENS / merge^2], and 1 to MAX_IMAGES rows of image_grid_thw. Batched: B images of H x W
-    pixels, H and W multiples of the patch size times the grid multiple, with at least `min_side` patches per side (so that every image keeps
-    a token)."""
+    pixels, H and W multiples of the patch size times the grid multiple, with at least
+    `min_side(smallest)` patches per side. `smallest`: the fewest patches (per call, per image) a
+    file takes (`compress.min_patches`: where IPCV keeps a token, or mixed selection has a fine cell)."""
     if encoder.description.padded:
         square = encoder.merge_size ** 2
         images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
-        cells = torch.export.Dim("cells", min=max(2, -(-min_tokens(retention_e4) // square)), max=MAX_TOKENS // square)
+        cells = torch.export.Dim("cells", min=max(2, -(-smallest // square)), max=MAX_TOKENS // square)
         return {0: images, 1: cells * square}, {0: images, 1: cells * square}
     if encoder.description.image_batch:
         multiple = encoder.merge_size
-        cell, side = encoder.patch_size * multiple, min_side(min_tokens(retention_e4), multiple) // multiple
+        cell, side = encoder.patch_size * multiple, min_side(smallest, multiple) // multiple
         images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
         rows = torch.export.Dim("rows", min=side, max=MAX_SIDE // multiple)
         cols = torch.export.Dim("cols", min=side, max=MAX_SIDE // multiple)
         return ({0: images, 2: rows * cell, 3: cols * cell},)
     group = encoder.merge_size ** 2
-    groups = torch.export.Dim("groups", min=max(1, -(-min_tokens(retention_e4) // group)), max=MAX_TOKENS // group)
+    groups = torch.export.Dim("groups", min=max(1, -(-smallest // group)), max=MAX_TOKENS // group)
     return {0: groups * group}, {0: torch.export.Dim("images", min=1, max=MAX_IMAGES)}
 
 

@@ -90,13 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"attention-stabilised blocks Delta after l_p, >= 0 (default {d.as_depth}; InternViT: 3)")
     method.add_argument("--neighbors", type=_number(int),
                         help=f"kept neighbours k that rebuild each pruned token, >= 1 (default {d.neighbors}; "
-                             "merge selection: 1, the token it was merged into)")
+                             "merge and mixed selection: 1, the token or cell it is rebuilt from)")
     method.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which tokens stay: 'score' = the paper's importance score; 'spread' = a fixed "
                              "coarse-to-fine spread over each image's grid; 'hybrid' = half by the spread, half by the "
                              "score; 'bipartite' = half by the spread, half the patches least like those (ToMe's "
                              "matching rule); 'merge' = ToMe's rounds of merging, each merged-away token rebuilt "
-                             "from the token it joined (all but score: towers that batch whole images; "
+                             "from the token it joined; 'mixed' = mixed-resolution tokens: detailed 2 x 2 cells of "
+                             "patches as their four tokens, the others as one token of the image halved, about rho "
+                             "of the patches (rho > 0.25; no pruning layer) (all but score: towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "

@@ -9,7 +9,8 @@ import torch
 from . import tokens
 from .capture import dynamic_shapes, example_inputs, export_symbolic
 from .config import IpcvConfig
-from .models import LoadedEncoder
+from .mixed_resolution import ExportableMixedResolution, min_grid_side
+from .models import LoadedEncoder, attention
 from .passes import RemoveNoOpCastsPass, ipcv_passes, run_passes
 from .passes import _graph
 
@@ -58,19 +59,35 @@ def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: i
     gm.recompile()
 
 
+def min_patches(config: IpcvConfig) -> int:
+    """The fewest patches (per call; per image of a tower that batches them) a file for `config`
+    takes: where IPCV keeps at least one token (`tokens.min_tokens`), or where mixed selection has
+    at least one fine cell (a square grid of `mixed_resolution.min_grid_side`)."""
+    if config.selection == "mixed":
+        return min_grid_side(config.retention_e4) ** 2
+    return tokens.min_tokens(config.retention_e4)
+
+
 def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
              config: IpcvConfig) -> torch.export.ExportedProgram:
     """Run the IPCV passes on the captured program and re-export it with N still dynamic.
 
-    The file accepts N >= min_tokens(rho), where K >= 1 (see `tokens.kept_count`). rho = 1 runs
-    no pass at all: nothing is pruned, so the program is the original one.
+    The file accepts N >= min_patches(config), where K >= 1 (see `tokens.kept_count`). rho = 1 runs
+    no pass at all: nothing is pruned, so the program is the original one. Mixed selection runs no
+    pass either: its tokens change before the first block, so the tower is captured again from its
+    stock parts with them (`mixed_resolution.ExportableMixedResolution`).
     """
     config.check(encoder.depth)
+    smallest = min_patches(config)
+    if config.selection == "mixed":
+        batch = encoder.description.image_batch
+        module = ExportableMixedResolution(encoder.module, batch.parts, batch.special_tokens, config.retention_e4).eval()
+        with attention.batched_whole_queries(encoder.module):
+            return export_symbolic(module, example_inputs(encoder, smallest=smallest), dynamic_shapes(encoder, smallest))
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
         passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size, encoder.tap_blocks)
         gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
     batched = encoder.description.image_batch is not None
     expose_selection(gm, config.neighbors, encoder.special_tokens, encoder.patch_size if batched else None)
-    shapes = dynamic_shapes(encoder, config.retention_e4)
-    return export_symbolic(gm, example_inputs(encoder), shapes)
+    return export_symbolic(gm, example_inputs(encoder, smallest=smallest), dynamic_shapes(encoder, smallest))

@@ -35,15 +35,19 @@ def read_json_object(path: Path, error: type[UsageError] = UsageError) -> dict:
     return content
 
 
-SELECTIONS = ("score", "spread", "hybrid", "bipartite", "merge")
+SELECTIONS = ("score", "spread", "hybrid", "bipartite", "merge", "mixed")
 """How the kept tokens are chosen: `score`, ipcv.md's importance score (the paper's); `spread`,
 a fixed coarse-to-fine order over each image's patch grid (FIDELITY.md: better fidelity per FLOP
 on a trained DINOv2); `hybrid`, half of them by the spread order (coverage), the other half by
 the score; `bipartite`, half by the spread order, the other half the patches least like any of
 those (ToMe's bipartite matching picks what NGR rebuilds); `merge`, ToMe's rounds of bipartite
 merging down to K tokens: each kept token carries the mean state of the patches merged into it,
-and each merged-away patch is rebuilt from that one owner (neighbors must be 1). All but score:
-towers that batch whole images only."""
+and each merged-away patch is rebuilt from that one owner (neighbors must be 1); `mixed`,
+mixed-resolution tokens (mixed_resolution.py): no pruning inside the tower, the blocks run on four
+patch tokens for each detailed 2 x 2 cell and one token of the image halved for every other cell,
+about rho of the patches in all (rho > 1/4; prune layer, AS depth and NGR weighting do not apply,
+neighbors is 1: a coarse cell's patches are rebuilt from its cell grid). All but score: towers
+that batch whole images only."""
 
 
 NGR_WEIGHTINGS = ("mean", "similarity")
@@ -86,6 +90,12 @@ class IpcvConfig:
         if self.selection == "merge" and self.neighbors != 1:
             raise UsageError(f"merge selection rebuilds each merged-away token from its one owner: neighbors must "
                              f"be 1, got {self.neighbors}")
+        if self.selection == "mixed" and self.neighbors != 1:
+            raise UsageError(f"mixed selection rebuilds each coarse patch from its own cell: neighbors must be 1, "
+                             f"got {self.neighbors}")
+        if self.selection == "mixed" and self.retention_e4 <= RETENTION_SCALE // 4:
+            raise UsageError(f"mixed selection needs a retention above 0.25 (one token per 2 x 2 cell is 0.25: the "
+                             f"image halved), got {self.retention}")
         if self.ngr_weighting not in NGR_WEIGHTINGS:
             raise UsageError(f"unknown NGR weighting {self.ngr_weighting!r}; choose from {', '.join(NGR_WEIGHTINGS)}")
         return self
@@ -94,8 +104,8 @@ class IpcvConfig:
 @dataclass(frozen=True)
 class Method:
     """The IPCV method as asked for, before a model is known: None leaves a setting to the family's
-    default (ModelDescription.method_defaults), else IpcvConfig's; merge selection defaults to one
-    neighbour. `budget` (a FLOP fraction in (0, 1]) replaces the other settings by the best measured
+    default (ModelDescription.method_defaults), else IpcvConfig's; merge and mixed selection default
+    to one neighbour. `budget` (a FLOP fraction in (0, 1]) replaces the other settings by the best measured
     setting that fits it on the model (budget.py). Resolved against a model into an IpcvConfig."""
 
     retention: float = IpcvConfig.retention

@@ -290,5 +290,19 @@ def _batched_attention_function(module, query, key, value, attention_mask, scali
     return torch.ops.ipcv.segment_attention(query, key, value, None, None, scaling), None
 
 
+WHOLE_QUERIES_ATTENTION_NAME = "ipcv_batched_whole_queries"
+
+
+def _whole_queries_attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                      **kwargs):
+    """`_batched_attention_function` with every query in one slice: for a sequence whose length
+    the exporter cannot bound below (mixed-resolution tokens: a sum of floors of the grid's
+    sides), which it could not prove the slices of in range."""
+    if attention_mask is not None:
+        raise ValueError(f"attention '{WHOLE_QUERIES_ATTENTION_NAME}' takes no attention mask")
+    return torch.ops.ipcv.segment_attention(query, key, value, None, None, scaling, None, 1), None
+
+
 AttentionInterface.register(ATTENTION_NAME, _attention_function)
 AttentionInterface.register(BATCHED_ATTENTION_NAME, _batched_attention_function)
+AttentionInterface.register(WHOLE_QUERIES_ATTENTION_NAME, _whole_queries_attention_function)

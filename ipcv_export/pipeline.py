@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__, outputs
 from .budget import choose_setting
 from .capture import MAX_IMAGES, MAX_SIDE, MAX_TOKENS, capture, padded_inputs
-from .compress import compress, feature_names, output_names
+from .compress import compress, feature_names, min_patches, output_names
 from .config import (FOLDER_FORMAT, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS, RUNTIMES, IpcvConfig, Method,
                      ShapeProfile, Target, UsageError)
 from .flops import program_flops
@@ -32,7 +32,7 @@ from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
-from .tokens import kept_count, min_side, min_tokens
+from .tokens import kept_count, min_side
 from .verify import TOLERANCES, ParityCheck, check_batched_parity, check_padded_parity, check_parity
 
 SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
@@ -40,6 +40,9 @@ VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
 VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
 """Batched towers: (images, rows, columns of patches) per check, none the capture example."""
+VERIFY_MIXED = ((1, 16, 16), (2, 12, 20), (3, 9, 13))
+"""Batched towers with mixed selection: odd sides too (patches outside every 2 x 2 cell), each
+side raised to the file's smallest and rounded up to the grid multiple."""
 VERIFY_PADDED = (([(4, 3)], 12), ([(2, 2), (1, 3), (3, 3)], 10), ([(5, 2), (2, 1)], 12))
 """Padded towers: images of (columns, rows) in cells of k x k patches, padded to that many cells:
 one unpadded image, three of which one fills the row, two with much padding."""
@@ -99,10 +102,11 @@ def export(model: str | LoadedEncoder, target: Target | str | Path, method: Meth
             check_supported(config, encoder.description)
             largest = MAX_SIDE ** 2 if encoder.description.image_batch else MAX_TOKENS  # per image / per call
             group = encoder.merge_size ** 2  # the profile's defaults, rounded to the tower's multiple
-            least = target.min_patches if target.min_patches is not None else -(-ShapeProfile.min_tokens // group) * group
+            smallest = min_patches(config)
+            default_least = max(ShapeProfile.min_tokens, smallest if config.selection == "mixed" else 0)
+            least = target.min_patches if target.min_patches is not None else -(-default_least // group) * group
             most = target.max_patches if target.max_patches is not None else ShapeProfile.max_tokens // group * group
-            profile = ShapeProfile(least, opt_patches, most).check(
-                encoder.merge_size, min_tokens(config.retention_e4), largest)
+            profile = ShapeProfile(least, opt_patches, most).check(encoder.merge_size, smallest, largest)
             config = _as_run(config, encoder, profile, report)
         with _stage("capture", timings, report, silent=True):
             original = capture(encoder)
@@ -160,7 +164,7 @@ def _as_run(config: IpcvConfig, encoder: LoadedEncoder, profile: ShapeProfile,
     neighbours than the neighbour search can use (TensorRT's TopK limit, or every kept token of
     the largest call in the profile: beyond that each extra column is padding at every size)."""
     stabilised = encoder.depth - config.prune_layer
-    if config.as_depth > stabilised:
+    if config.as_depth > stabilised and config.selection != "mixed":  # mixed selection has no AS blocks
         report(f"  AS depth {config.as_depth} reaches past the last block: the {stabilised} blocks after l_p="
                f"{config.prune_layer} are stabilised (recorded as {stabilised})")
         config = dataclasses.replace(config, as_depth=stabilised)
@@ -184,6 +188,8 @@ def _diagnostics_kept(format: str, asked: bool) -> bool:
 
 
 def _describe(config: IpcvConfig) -> str:
+    if config.selection == "mixed":
+        return f"rho={config.retention}, selection=mixed (mixed-resolution tokens)"
     return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
             f"selection={config.selection}, NGR weighting={config.ngr_weighting}, "
             f"per-image selection={config.per_image_selection}")
@@ -243,7 +249,7 @@ def _written_names(output: Path, format: str) -> list[Path]:
 def _lower(program: torch.export.ExportedProgram, path: Path, format: str, opset: int,
            encoder: LoadedEncoder, config: IpcvConfig, runtime: str) -> None:
     if format == "onnx":
-        metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_tokens(config.retention_e4)),
+        metadata = {"merge_size": str(encoder.merge_size), "min_tokens": str(min_patches(config)),
                     "ipcv_export_version": __version__}
         if encoder.description.image_batch or encoder.description.padded:
             metadata["patch_size"] = str(encoder.patch_size)
@@ -271,7 +277,7 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
         generator = torch.Generator().manual_seed(1)
         checks: list[ParityCheck] = []
         batch, padded = encoder.description.image_batch, encoder.description.padded
-        cases = VERIFY_PADDED if padded else VERIFY_BATCHES if batch else VERIFY_GRIDS
+        cases = VERIFY_PADDED if padded else _batches(encoder, config) if batch else VERIFY_GRIDS
         for case in tqdm(cases, desc="verify", leave=False, disable=not sys.stderr.isatty()):
             if padded:
                 cells, length = case
@@ -294,6 +300,15 @@ def _verify_stage(path: Path, runtime: str, precision: str, manifest: dict, enco
                 report(f"  {checks[-1].grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
     return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),
             "checks": [vars(c) for c in checks], "worst_abs_diff": max(c.max_abs_diff for c in checks)}
+
+
+def _batches(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[tuple[int, int, int], ...]:
+    """The verification batches of a tower that batches whole images (VERIFY_BATCHES, VERIFY_MIXED)."""
+    if config.selection != "mixed":
+        return VERIFY_BATCHES
+    multiple, side = encoder.merge_size, min_side(min_patches(config), encoder.merge_size)
+    fit = lambda patches: -(-max(patches, side) // multiple) * multiple  # noqa: E731
+    return tuple((images, fit(rows), fit(cols)) for images, rows, cols in VERIFY_MIXED)
 
 
 def _open(path: Path, runtime: str, manifest: dict) -> EncoderFile:
@@ -386,7 +401,7 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
 
 def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
     """The manifest's inputs and outputs of a packed (Qwen-style) tower."""
-    merge, smallest = encoder.merge_size, min_tokens(config.retention_e4)
+    merge, smallest = encoder.merge_size, min_patches(config)
     inputs = {
         "layout": "packed", "merge_size": merge, "input_width": encoder.input_width, "min_tokens": smallest,
         "max_tokens": MAX_TOKENS, "max_images": MAX_IMAGES,
@@ -414,16 +429,19 @@ def _packed_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[d
 def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
     """The manifest's inputs and outputs of a tower that batches whole images."""
     p, s, multiple = encoder.patch_size, encoder.special_tokens, encoder.merge_size
-    side = min_side(min_tokens(config.retention_e4), multiple)
+    side = min_side(min_patches(config), multiple)
     inputs = {"layout": "images", "patch_size": p, "merge_size": multiple, "input_width": encoder.channels,
-              "min_tokens": min_tokens(config.retention_e4), "special_tokens": s,
+              "min_tokens": min_patches(config), "special_tokens": s,
               "max_images": MAX_IMAGES, "max_side": MAX_SIDE * p,
               "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
               "rules": f"H and W multiples of {p * multiple}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
                        f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}
     names = output_names()
-    outputs = [{"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
-                "meaning": "every token of every image (special tokens first), the original encoder's output"},
+    features = {"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
+                "meaning": "every token of every image (special tokens first), the original encoder's output"}
+    if config.selection == "mixed":
+        return inputs, [features, *_mixed_diagnostics(s, config.retention_e4)]
+    outputs = [features,
                {"name": names[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
                 "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
                {"name": names[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
@@ -431,9 +449,21 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
     return inputs, outputs
 
 
+def _mixed_diagnostics(special_tokens: int, retention_e4: int) -> list[dict]:
+    """The diagnostic outputs of a mixed-selection file (`mixed_resolution.selection_outputs`)."""
+    names = output_names()
+    fine = f"F = C*{4 * retention_e4 - 10_000}//30000 of the C = (H/p//2)*(W/p//2) cells of 2 x 2 patches"
+    return [{"name": names[1], "dtype": "int64", "shape": ["B", f"{special_tokens} + 4F + X"],
+             "meaning": f"per image, ascending indices of the tokens computed at full resolution: the special tokens, "
+                        f"the patches of the {fine}, and the X patches of an odd last row or column"},
+            {"name": names[2], "dtype": "int64", "shape": ["B", "P-4F-X", 1],
+             "meaning": "per image, for each other patch (ascending), the cell (raster order) whose one token of the "
+                        "halved image it was rebuilt from"}]
+
+
 def _padded_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:
     """The manifest's inputs and outputs of a tower whose images come as padded patch rows."""
-    k, smallest, table = encoder.merge_size, min_tokens(config.retention_e4), encoder.position_table
+    k, smallest, table = encoder.merge_size, min_patches(config), encoder.position_table
     square = k * k
     largest = MAX_TOKENS // square * square
     inputs = {"layout": "padded", "patch_size": encoder.patch_size, "merge_size": k, "input_width": encoder.input_width,

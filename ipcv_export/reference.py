@@ -432,35 +432,45 @@ def mixed_cells(rows: int, columns: int, retention_e4: int) -> tuple[int, int, i
 
 
 @torch.no_grad()
-def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, retention: float) -> torch.Tensor:
-    """Mixed-resolution tokens, one image at a time: the tower's own embedding of the image and of
-    its even part halved (2 x 2 pixel means: one coarse token per 2 x 2 cell of patches, at the
-    halved grid's positions); the F cells whose four patch tokens differ most from their mean keep
-    those four tokens, every other cell is its one coarse token. The blocks run on [specials, the
-    fine cells' patches (ascending cells, each in raster order), the coarse tokens (ascending), the
-    patches of an odd last row or column (raster order)]. Then each patch of a coarse cell takes the
-    bilinear upsampling (x2, half-pixel centres) of the cell grid, where a fine cell stands for the
-    mean of its four outputs, and the head runs on the full grid."""
+def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, retention: float,
+                    keep: torch.Tensor | None = None, neighbors: torch.Tensor | None = None) -> ReferenceResult:
+    """Mixed-resolution tokens (`--selection mixed`), one image at a time: the tower's own embedding
+    of the image and of its even part halved (2 x 2 pixel means: one coarse token per 2 x 2 cell of
+    patches, at the halved grid's positions); the F cells whose four patch tokens differ most from
+    their mean keep those four tokens, every other cell is its one coarse token. The blocks run on
+    [specials, the fine cells' patches (ascending cells, each in raster order), the coarse tokens
+    (ascending), the patches of an odd last row or column (raster order)]. Then each patch of a
+    coarse cell takes the bilinear upsampling (x2, half-pixel centres) of the cell grid, where a fine
+    cell stands for the mean of its four outputs, and the head runs on the full grid.
+
+    In IPCV's terms (the parity gate's): keep [B, S + 4F + X] are the tokens computed at full
+    resolution, neighbors [B, R, 1] each other patch's cell, at distance 0 (inf to every other
+    cell, so any other choice fails the gate). A given `keep` (a file's choice) fixes the fine
+    cells; `neighbors` follow from it and are ignored."""
     p, s = parts.patch_size, special_tokens
     rows, columns = pixel_values.shape[2] // p, pixel_values.shape[3] // p
     cell_rows, cell_columns, fine = mixed_cells(rows, columns, round(retention * 10_000))
-    images = []
-    for pixels in pixel_values.split(1):
+    patch = torch.arange(rows * columns).reshape(rows, columns)
+    in_cells = patch[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2).transpose(1, 2)
+    in_cells = in_cells.reshape(-1, 4)
+    leftover = torch.ones(rows, columns, dtype=torch.bool)
+    leftover[:2 * cell_rows, :2 * cell_columns] = False
+    leftover_patches = patch[leftover]
+    results = []
+    for index, pixels in enumerate(pixel_values.split(1)):
         full = parts.embed(pixels)
         coarse = parts.embed(F.avg_pool2d(pixels[:, :, :2 * cell_rows * p, :2 * cell_columns * p], 2))[:, s:]
         grid = full[0, s:].reshape(rows, columns, -1)
         cells = grid[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2, -1).transpose(1, 2)
         cells = cells.reshape(cell_rows * cell_columns, 4, -1).float()
-        detail = (cells - cells.mean(1, keepdim=True)).pow(2).sum((1, 2))
-        chosen = torch.sort(detail, descending=True, stable=True).indices[:fine].sort().values
-        is_fine = torch.zeros(len(cells), dtype=torch.bool)
-        is_fine[chosen] = True
-        patch = torch.arange(rows * columns).reshape(rows, columns)
-        in_cells = patch[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2).transpose(1, 2)
-        in_cells = in_cells.reshape(-1, 4)
-        leftover = torch.ones(rows, columns, dtype=torch.bool)
-        leftover[:2 * cell_rows, :2 * cell_columns] = False
-        fine_patches, leftover_patches = in_cells[is_fine].flatten(), patch[leftover]
+        if keep is None:
+            detail = (cells - cells.mean(1, keepdim=True)).pow(2).sum((1, 2))
+            chosen = torch.sort(detail, descending=True, stable=True).indices[:fine]
+            is_fine = torch.zeros(len(cells), dtype=torch.bool)
+            is_fine[chosen] = True
+        else:
+            is_fine = torch.isin(in_cells[:, 0] + s, keep[index])
+        fine_patches = in_cells[is_fine].flatten()
         x = torch.cat([full[:, :s], full[:, s:][:, fine_patches], coarse[:, ~is_fine],
                        full[:, s:][:, leftover_patches]], 1)
         for block in parts.blocks:
@@ -477,5 +487,11 @@ def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.
         tokens = tokens.reshape(rows * columns, -1)
         tokens[fine_patches] = out_fine
         tokens[leftover_patches] = out_leftover
-        images.append(parts.head(torch.cat([x[:, :s], tokens[None]], 1), columns))
-    return torch.cat(images)
+        embeddings = parts.head(torch.cat([x[:, :s], tokens[None]], 1), columns)
+        coarse_patches = in_cells[~is_fine].flatten().sort()
+        owner = torch.arange(len(cells)).repeat_interleave(4).reshape(-1, 4)[~is_fine].flatten()[coarse_patches.indices]
+        kept = torch.cat([torch.arange(s), torch.cat([fine_patches, leftover_patches]).sort().values + s])
+        distances = torch.full((len(owner), len(cells)), torch.inf).scatter(1, owner[:, None], 0.0)
+        results.append((embeddings[0], kept, owner[:, None], distances))
+    embeddings, kept, owners, distances = (torch.stack(parts_) for parts_ in zip(*results))
+    return ReferenceResult(embeddings, kept, owners, distances)

@@ -139,11 +139,17 @@ def _with_specials(keep: torch.Tensor, rem: torch.Tensor, slot: torch.Tensor,
 
 def _split(keep_mask: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep, rem, slot) of a mask with exactly K True per row (see `select_tokens`)."""
+    order, slot = ordered(keep_mask, k)
+    return order[..., :k], order[..., k:], slot
+
+
+def ordered(keep_mask: torch.Tensor, k: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, slot) of a mask with exactly K True per row: order lists the True indices ascending,
+    then the False ones; slot[i] is index i's place in order."""
     k_t = torch.scalar_tensor(k, dtype=torch.int64, device=keep_mask.device)
     slot = torch.where(keep_mask, count_up_to(keep_mask) - 1, count_up_to(~keep_mask) - 1 + k_t)
     index = torch.arange(keep_mask.shape[-1], device=keep_mask.device).expand_as(slot)
-    order = torch.zeros_like(slot).scatter(-1, slot, index)
-    return order[..., :k], order[..., k:], slot
+    return torch.zeros_like(slot).scatter(-1, slot, index), slot
 
 
 def select_per_segment(score: torch.Tensor, k: int | torch.SymInt, segment: torch.Tensor,

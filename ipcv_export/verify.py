@@ -18,7 +18,7 @@ import torch
 from .config import IpcvConfig
 from .inputs import real_patches
 from .models.description import ModelDescription, TowerParts
-from .reference import ReferenceResult, batched_reference, ipcv_reference, padded_reference
+from .reference import ReferenceResult, batched_reference, ipcv_reference, mixed_reference, padded_reference
 
 NEIGHBOR_RTOL = 1e-5
 
@@ -69,8 +69,12 @@ def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
                          special_tokens: int, config: IpcvConfig, pixel_values: torch.Tensor,
                          tolerance: Tolerance = TOLERANCES["fp32"], across_images: bool = False) -> ParityCheck:
     """The same checks for a tower that batches whole images: `run(pixel_values [B, C, H, W])`
-    gives per-image kept and neighbour indices, compared image by image."""
-    reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
+    gives per-image kept and neighbour indices, compared image by image (mixed selection: against
+    `mixed_reference`)."""
+    if config.selection == "mixed":
+        reference_of = partial(mixed_reference, parts, special_tokens, pixel_values, config.retention)
+    else:
+        reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
 
 

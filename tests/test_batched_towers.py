@@ -21,7 +21,7 @@ from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import program_flops
 from ipcv_export.lower.tensorrt import tensorrt_available
 from ipcv_export.models import load_encoder
-from ipcv_export.reference import batched_reference
+from ipcv_export.reference import batched_reference, mixed_reference
 
 
 def _stock_dinov2(model, pixels):
@@ -155,6 +155,35 @@ def test_flop_count_equals_the_cost_model(dino, dino_captured, selection):
         assert program_flops(program, dino, patches) == floor(dino.module.config, config.retention_e4, 2, 3, patches,
                                                              selection)
         assert program_flops(dino_captured, dino, patches) == floor(dino.module.config, 10_000, 2, 3, patches)
+
+
+@pytest.fixture(scope="module")
+def dino_mixed(dino, dino_captured):
+    """The rho = 0.4 mixed-resolution program (mixed_resolution.py): its own capture, no passes."""
+    config = dino.method_config(retention=0.4, selection="mixed").check(dino.depth)
+    return config, compress(dino_captured, dino, config)
+
+
+def test_mixed_program_equals_the_mixed_reference(dino, dino_mixed):
+    """Mixed-resolution tokens in the graph make the reference's choice of fine cells and rebuild
+    the same tokens (1e-5), on even and odd grids (patches outside every cell) and batches."""
+    config, program = dino_mixed
+    parts = dino.description.image_batch.parts(dino.module)
+    for seed, size in enumerate([(1, 8, 8), (2, 9, 13), (3, 12, 10), (1, 16, 11)]):
+        pixels = _pixels(*size, seed=seed, multiple=dino.merge_size)
+        tokens, keep, owners = program.module()(pixels)
+        reference = mixed_reference(parts, dino.special_tokens, pixels, config.retention)
+        assert torch.equal(keep, reference.keep) and torch.equal(owners, reference.neighbors)
+        torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-5)
+
+
+def test_mixed_flop_count_equals_the_cost_model(dino, dino_mixed):
+    config, program = dino_mixed
+    for patches in (64, 81, 144):  # 9 x 9: a last row and column outside the cells
+        if patches % dino.merge_size ** 2:
+            continue
+        assert program_flops(program, dino, patches) == dino.description.flop_floor(
+            dino.module.config, config.retention_e4, config.prune_layer, config.as_depth, patches, "mixed")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ipcv_export import Method, Target, export, load
+from ipcv_export.config import UsageError
+from ipcv_export.mixed_resolution import min_grid_side
 from ipcv_export.models import load_encoder
 from ipcv_export.reference import mixed_cells, mixed_reference
 
@@ -35,7 +38,7 @@ def test_every_cell_fine_is_the_stock_tower(parts, rows, columns):
     pixels = torch.randn(2, 3, rows * p, columns * p, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = parts.head(_stock(parts, pixels), columns)
-    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 1.0), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 1.0).embeddings, expected, atol=1e-5, rtol=0)
 
 
 def test_no_cell_fine_is_the_halved_image_upsampled(parts):
@@ -48,7 +51,7 @@ def test_no_cell_fine_is_the_halved_image_upsampled(parts):
         grid = small[:, 1:].transpose(1, 2).reshape(1, -1, rows // 2, columns // 2)
         grid = F.interpolate(grid, scale_factor=2, mode="bilinear", align_corners=False)
         expected = parts.head(torch.cat([small[:, :1], grid.flatten(2).transpose(1, 2)], 1), columns)
-    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 0.25), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 0.25).embeddings, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rows,columns,retention_e4,expected", [
@@ -60,3 +63,48 @@ def test_no_cell_fine_is_the_halved_image_upsampled(parts):
 ])
 def test_cell_counts(rows, columns, retention_e4, expected):
     assert mixed_cells(rows, columns, retention_e4) == expected
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    """The tiny DINOv2 as an ONNX file with mixed selection, through the CLI's pipeline (its own
+    parity gate included), with the diagnostic outputs."""
+    out = tmp_path_factory.mktemp("mixed") / "tower.onnx"
+    result = export("tiny-dinov2", Target(out, diagnostic_outputs=True), Method(retention=0.4, selection="mixed"),
+                    report=lambda _line: None)
+    return out, result.manifest
+
+
+def test_mixed_onnx_file_is_verified_tensorrt_ready_and_priced(mixed_file):
+    _, manifest = mixed_file
+    verification = manifest["verification"]
+    assert verification["verified"] and verification["worst_abs_diff"] <= 1e-4
+    assert [tuple(check["grid"][2:]) for check in verification["checks"]] == [(224, 224), (168, 280), (126, 182)]
+    assert manifest["tensorrt_compat"]["ok"]
+    assert manifest["ipcv"]["selection"] == "mixed" and manifest["ipcv"]["neighbors"] == 1
+    assert manifest["inputs"]["min_tokens"] == min_grid_side(4000) ** 2 == 36  # 3 x 3 cells: 9 * 6000 // 30000 = 1 fine
+    assert [output["name"] for output in manifest["outputs"]] == ["image_features", "kept_index", "neighbor_index"]
+    assert manifest["compute"]["ratio"] < 0.55
+
+
+def test_mixed_onnx_file_equals_the_reference_on_odd_grids(mixed_file):
+    path, manifest = mixed_file
+    encoder = load_encoder("tiny-dinov2")
+    parts = encoder.description.image_batch.parts(encoder.module)
+    pixels = torch.randn(2, 3, 11 * 14, 7 * 14, generator=torch.Generator().manual_seed(3))
+    tokens, keep, owners = load(path).run_all(pixels)
+    reference = mixed_reference(parts, 1, pixels, 0.4)
+    assert torch.equal(torch.as_tensor(keep), reference.keep)
+    assert torch.equal(torch.as_tensor(owners), reference.neighbors)
+    torch.testing.assert_close(torch.as_tensor(tokens), reference.embeddings, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("model,method,message", [
+    ("tiny-dinov2", Method(retention=0.4, selection="mixed", neighbors=3), "neighbors must be 1"),
+    ("tiny-dinov2", Method(retention=0.25, selection="mixed"), "retention above 0.25"),
+    ("tiny-qwen2-vl", Method(retention=0.5, selection="mixed"), "towers that batch whole images"),
+])
+def test_mixed_selection_refuses_what_it_cannot_do(model, method, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        export(model, Target(tmp_path / "x.onnx"), method, report=lambda _line: None)
+    assert not list(tmp_path.iterdir())

@@ -62,9 +62,9 @@ class LoadedEncoder:
 
     def method_config(self, **given) -> IpcvConfig:
         """IpcvConfig from the values given (None = not given), else the family's defaults
-        (ModelDescription.method_defaults), else ipcv.md's; merge selection's one neighbour."""
+        (ModelDescription.method_defaults), else ipcv.md's; merge and mixed selection's one neighbour."""
         chosen = {name: value for name, value in given.items() if value is not None}
-        if chosen.get("selection") == "merge":
+        if chosen.get("selection") in ("merge", "mixed"):
             chosen.setdefault("neighbors", 1)
         return IpcvConfig(**self.description.method_defaults | chosen)
 

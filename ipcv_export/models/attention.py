@@ -34,6 +34,14 @@ def batched(module) -> contextlib.AbstractContextManager:
     return attention_implementation(getattr(module.config, "vision_config", module.config), ops.BATCHED_ATTENTION_NAME)
 
 
+def batched_whole_queries(module) -> contextlib.AbstractContextManager:
+    """`batched`, attending with all queries at once (`ops.WHOLE_QUERIES_ATTENTION_NAME`): for
+    mixed-resolution tokens, whose sequence has about rho of the patches, so its [H, T, T] scores
+    are about rho^2 of the stock tower's."""
+    return attention_implementation(getattr(module.config, "vision_config", module.config),
+                                    ops.WHOLE_QUERIES_ATTENTION_NAME)
+
+
 def padded(module) -> contextlib.AbstractContextManager:
     """Towers whose images come as padded patch rows: attention within each image's real patches,
     by per-image token ids passed down the forward as segment_ids ([B, N]; the packed function

@@ -103,6 +103,19 @@ def ipcv_call_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_d
             + blocks(range(stabilized.stop, shape.depth), [(q, q) for q, _ in kept]) + neighbour_search + matching)
 
 
+def mixed_flops(shape: TowerShape, retention_e4: int, rows: int, columns: int) -> int:
+    """FLOPs of mixed-resolution tokens (mixed_resolution.py) on one image of rows x columns patches:
+    the patch embedding of the image and of its halved even part (one patch per 2 x 2 cell), every
+    block on S + 4F + (C - F) + X tokens, and the head on the full grid. The cell choice, the
+    selection and the upsampling are no matrix products."""
+    cells = (rows // 2) * (columns // 2)
+    fine = cells * (4 * retention_e4 - 10_000) // 30_000
+    tokens = shape.special_tokens + 4 * fine + (cells - fine) + rows * columns - 4 * cells
+    patches = rows * columns
+    return (_embed_flops(shape, patches) + _embed_flops(shape, cells) + _head_flops(shape, patches)
+            + shape.depth * block_flops(shape, tokens, tokens, tokens * tokens))
+
+
 def stock_flops(shape: TowerShape, tokens: int, pairs_per_block: Sequence[int]) -> int:
     """FLOPs of the stock tower on one call of N = `tokens` patches whose block i attends over
     `pairs_per_block[i]` query-key pairs (the sum over its windows or segments of length^2)."""

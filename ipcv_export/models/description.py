@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..ops import QUERY_CHUNKS
-from .cost import TowerShape, ipcv_call_flops, ipcv_flops
+from ..inputs import square_grid
+from .cost import TowerShape, ipcv_call_flops, ipcv_flops, mixed_flops
 
 
 def square_side(size: int | Sequence[int]) -> int:
@@ -156,7 +157,11 @@ class ModelDescription:
 
     def flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
                    selection: str = "score") -> int:
-        """ipcv.md's cost model for one image (segment) of `tokens` patches (`cost.ipcv_flops`)."""
+        """ipcv.md's cost model for one image (segment) of `tokens` patches (`cost.ipcv_flops`); mixed
+        selection's (`cost.mixed_flops`) on the most nearly square grid of them, as FLOPs are counted."""
+        if selection == "mixed":
+            rows, columns = square_grid(tokens, self.image_batch.grid_multiple)
+            return mixed_flops(self.tower_shape(config), retention_e4, rows, columns)
         return ipcv_flops(self.tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
 
     def call_flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int,
