@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--settings-out", type=Path, default=Path("ipcv_export/budget_settings.json"))
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS,
                         help="with --sweep: measure only these selections' settings and replace theirs in --settings-out")
+    parser.add_argument("--plots-only", action="store_true",
+                        help="redraw the plots from the tables already in --out (no measuring but the PCA picture)")
     parser.add_argument("--methods", nargs="+", metavar="TEXT",
                         help="only the methods whose name contains one of these; prints their table and writes "
                              "nothing (a focused comparison)")
@@ -274,6 +276,11 @@ def main() -> None:
     photos = {**{n: ("natural", f) for n, f in NATURAL.items()}, **{n: ("detail", f) for n, f in DETAIL.items()}}
     if args.sweep:
         sweep(parts, args.sizes, photos, args.settings_out, args.model, args.selections)
+        return
+    if args.plots_only:
+        plot_summary(summary_from_tables(check_markers(args.out)), args.plots)
+        with torch.no_grad():
+            pictures(parts, methods(encoder), args.plots, encoder.module)
         return
     found = methods(encoder)
     if args.methods:
@@ -392,15 +399,36 @@ def render(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def summary_from_tables(text: str) -> list[dict]:
+    """The plotted part of `_summary` (size, method, setting, FLOPs, each group's mean patch cosine),
+    read back from the "every method and setting" tables `render` wrote into `text`."""
+    summary, side = [], None
+    for line in text.split(START, 1)[1].split(END, 1)[0].splitlines():
+        if line.startswith("## ") and "every method and setting" in line:
+            side = int(line.split()[1])
+        elif side and line.startswith("| ") and not line.startswith(("| method", "| FLOP budget")):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if len(cells) == 9:
+                summary.append({"side": side, "family": cells[0], "label": cells[1], "ratio": float(cells[2]),
+                                "natural.cos_mean": float(cells[3].split("/")[0]),
+                                "detail.cos_mean": float(cells[4].split("/")[0])})
+        elif line.startswith("## ") or line.startswith("### "):
+            side = side if "every method" in line else None
+    return summary
+
+
 def plot(rows: list[dict], folder: Path) -> None:
+    plot_summary(_summary(rows), folder)
+
+
+def plot_summary(summary: list[dict], folder: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    summary = _summary(rows)
     families = list(dict.fromkeys(s["family"] for s in summary))
-    colours = plt.colormaps["tab20"].colors  # one colour per curve; baselines dashed
+    colours = plt.colormaps["tab20"].colors  # one colour per curve; baselines (not the product's settings) dashed
     for side in sorted({s["side"] for s in summary}):
         figure, axes = plt.subplots(1, 2, figsize=(16, 5.5), sharey=True)
         for axis, group in zip(axes, ("natural", "detail")):
@@ -408,7 +436,7 @@ def plot(rows: list[dict], folder: Path) -> None:
                 points = sorted([(s["ratio"], s[f"{group}.cos_mean"]) for s in summary
                                  if s["side"] == side and s["family"] == family])
                 axis.plot(*zip(*points), marker="o", label=family, color=colours[index % len(colours)],
-                          linestyle="-" if family.startswith("IPCV") else "--")
+                          linestyle="-" if family.startswith(("IPCV", "mixed")) else "--")
             axis.set_title(f"{group} photos, {side} px")
             axis.set_xlabel("encoder FLOPs / original")
             axis.grid(alpha=0.3)

@@ -38,3 +38,12 @@ def test_the_budget_is_recorded_in_the_manifest(tmp_path):
     chosen = result.manifest["ipcv"]["chosen_for_budget"]
     assert chosen["budget"] == 0.7 and chosen["flop_ratio"] <= 0.7
     assert result.manifest["verification"]["verified"]
+
+
+@pytest.mark.parametrize("budget, retention", [(0.35, 0.35), (0.5, 0.5), (0.6, 0.6), (0.7, 0.7)])
+def test_low_budgets_choose_mixed_tokens_on_towers_that_batch_images(budget, retention):
+    """The sweep measured mixed-resolution tokens best within these budgets (FIDELITY.md, fourth
+    look); on a packed tower, which cannot run them, the choice stays an IPCV score setting."""
+    config, _ = choose_setting(load_encoder("tiny-dinov2"), budget, 256)
+    assert (config.selection, config.retention, config.neighbors) == ("mixed", retention, 1)
+    assert choose_setting(load_encoder("tiny-qwen2-vl"), max(budget, 0.7), 1024)[0].selection == "score"
