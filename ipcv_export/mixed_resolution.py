@@ -16,6 +16,7 @@ TensorRT-ready.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,11 +38,7 @@ def min_cells(retention_e4: int) -> int:
 
 def min_grid_side(retention_e4: int) -> int:
     """Fewest patches per image side (even) for `min_cells` cells in a square grid."""
-    cells = min_cells(retention_e4)
-    side = 1
-    while side * side < cells:
-        side += 1
-    return 2 * side
+    return 2 * (math.isqrt(min_cells(retention_e4) - 1) + 1)
 
 
 def without_specials(tokens: torch.Tensor, special_tokens: int) -> torch.Tensor:
