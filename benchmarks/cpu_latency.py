@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cpu_latency.py --model qwen2-vl-7b-shape --tokens 1024 --retentions 0.5 0.35
     .venv/bin/python benchmarks/cpu_latency.py --model llava-1.5-7b-shape --tokens 576   # batched towers: one image
+    .venv/bin/python benchmarks/cpu_latency.py --model dinov2-small --tokens 1369 --retentions 0.4 0.5 0.6 --selection mixed
 
 Exports the original encoder (--retention 1) and one IPCV file per retention with this tool
 (verified as usual; --folder reuses files already there), then times each file on the same
@@ -60,10 +61,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
+    parser.add_argument("--selection", default="score", help="the IPCV files' --selection (mixed: towers that batch images)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     encoder = load_encoder(args.model)
-    files = exported_files(encoder, [1.0, *args.retentions], args.folder)
+    files = exported_files(encoder, [1.0], args.folder) | exported_files(
+        encoder, args.retentions, args.folder, prefix=f"{args.selection}-", selection=args.selection)
 
     defaults = encoder.method_config()
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; "
@@ -74,7 +77,7 @@ def main() -> None:
         original = median_ms(files[1.0], feeds, args.threads, args.runs)
         for retention in args.retentions:
             ipcv = median_ms(files[retention], feeds, args.threads, args.runs)
-            floor = floor_ratio(encoder, encoder.method_config(retention=retention), tokens)
+            floor = floor_ratio(encoder, encoder.method_config(retention=retention, selection=args.selection), tokens)
             print(f"{retention:5.2f} {tokens:6d} {original:9.1f} {ipcv:9.1f} {ipcv / original:6.3f} "
                   f"{floor:6.3f} {ipcv / original / floor:11.3f}")
 
