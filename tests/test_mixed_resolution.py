@@ -102,6 +102,7 @@ def test_mixed_onnx_file_equals_the_reference_on_odd_grids(mixed_file):
 @pytest.mark.parametrize("model,method,message", [
     ("tiny-dinov2", Method(retention=0.4, selection="mixed", neighbors=3), "neighbors must be 1"),
     ("tiny-dinov2", Method(retention=0.25, selection="mixed"), "retention above 0.25"),
+    ("tiny-dinov2", Method(retention=0.4, selection="mixed", prune_layer=2), "drop --prune-layer"),
     ("tiny-qwen2-vl", Method(retention=0.5, selection="mixed"), "towers that batch whole images"),
 ])
 def test_mixed_selection_refuses_what_it_cannot_do(model, method, message, tmp_path):

@@ -64,6 +64,11 @@ class LoadedEncoder:
         """IpcvConfig from the values given (None = not given), else the family's defaults
         (ModelDescription.method_defaults), else ipcv.md's; merge and mixed selection's one neighbour."""
         chosen = {name: value for name, value in given.items() if value is not None}
+        if chosen.get("selection") == "mixed":
+            unused = [f"--{name.replace('_', '-')}" for name in ("prune_layer", "as_depth") if name in chosen]
+            if unused:
+                raise UsageError(f"mixed selection prunes nothing inside the tower (no pruning layer, no AS blocks): "
+                                 f"drop {', '.join(unused)}")
         if chosen.get("selection") in ("merge", "mixed"):
             chosen.setdefault("neighbors", 1)
         return IpcvConfig(**self.description.method_defaults | chosen)
