@@ -23,12 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.description import TowerParts
-from .tokens import RETENTION_SCALE, best_mask, kth_largest, ordered, rankable, take
-
-
-def fine_cells(cells: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
-    """F = C * (4 rho - 1) // 3 fine cells of C, so that about rho * N patch tokens enter the blocks."""
-    return cells * (4 * retention_e4 - RETENTION_SCALE) // (3 * RETENTION_SCALE)
+from .tokens import RETENTION_SCALE, best_mask, fine_cells, kth_largest, ordered, rankable, take
 
 
 def min_cells(retention_e4: int) -> int:

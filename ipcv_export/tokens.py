@@ -44,6 +44,12 @@ def kept_count(n: int | torch.SymInt, retention_e4: int, special_tokens: int = 0
     return ((n - special_tokens) * retention_e4) // RETENTION_SCALE
 
 
+def fine_cells(cells: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
+    """Mixed-resolution tokens' F = C * (4 rho - 1) // 3 fine cells of C (mixed_resolution.py), so
+    that about rho * N patch tokens enter the blocks: their `kept_count`."""
+    return cells * (4 * retention_e4 - RETENTION_SCALE) // (3 * RETENTION_SCALE)
+
+
 def min_tokens(retention_e4: int) -> int:
     """Smallest N for which K = (N * retention_e4) // 10^4 is at least 1."""
     return -(-RETENTION_SCALE // retention_e4)

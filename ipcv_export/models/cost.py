@@ -10,7 +10,7 @@ import torch
 
 from ..inputs import slice_lengths
 from ..ops import BAND_TILES, band_rows
-from ..tokens import kept_count, merge_rounds
+from ..tokens import fine_cells, kept_count, merge_rounds
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def mixed_flops(shape: TowerShape, retention_e4: int, rows: int, columns: int) -
     block on S + 4F + (C - F) + X tokens, and the head on the full grid. The cell choice, the
     selection and the upsampling are no matrix products."""
     cells = (rows // 2) * (columns // 2)
-    fine = cells * (4 * retention_e4 - 10_000) // 30_000
+    fine = fine_cells(cells, retention_e4)
     tokens = shape.special_tokens + 4 * fine + (cells - fine) + rows * columns - 4 * cells
     patches = rows * columns
     return (_embed_flops(shape, patches) + _embed_flops(shape, cells) + _head_flops(shape, patches)
