@@ -39,6 +39,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch.utils.flop_counter import FlopCounterMode
 
+from ipcv_export.budget import FIELDS
 from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
 from ipcv_export.models import attention, load_encoder
@@ -106,13 +107,21 @@ def tome(retention: float, prune_layer: int) -> Callable:
 
 
 def downsample(retention: float) -> Callable:
-    """The full encoder on the image resized to about rho times the patches; the patch grid is
-    resized back bilinearly, the CLS token taken as it is."""
+    """The full encoder on the image resized to about rho times the patches (`downsample_to`)."""
     def run(parts, pixels):
-        rows, cols = pixels.shape[2] // 14, pixels.shape[3] // 14
+        rows, cols = pixels.shape[2] // parts.patch_size, pixels.shape[3] // parts.patch_size
         scale = math.sqrt(retention)
-        small_rows, small_cols = max(2, round(rows * scale)), max(2, round(cols * scale))
-        small = torch.nn.functional.interpolate(pixels, size=(small_rows * 14, small_cols * 14), mode="bicubic",
+        return downsample_to(max(2, round(rows * scale)), max(2, round(cols * scale)))(parts, pixels)
+    return run
+
+
+def downsample_to(small_rows: int, small_cols: int) -> Callable:
+    """The full encoder on the image resized (bicubic, antialiased) to small_rows x small_cols
+    patches; the patch grid is resized back bilinearly, the CLS token taken as it is."""
+    def run(parts, pixels):
+        p = parts.patch_size
+        rows, cols = pixels.shape[2] // p, pixels.shape[3] // p
+        small = torch.nn.functional.interpolate(pixels, size=(small_rows * p, small_cols * p), mode="bicubic",
                                                 align_corners=False, antialias=True)
         x = parts.embed(small)
         for block in parts.blocks:
@@ -152,9 +161,13 @@ def methods(encoder) -> list[Method]:
                   Method("IPCV merge (l_p 3, Δ 7)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 7, 1, "merge")),
                          cost(merging)),
                   Method("downsample", f"ρ={rho}", downsample(rho), None)]
-    for rho in (0.6, 0.7):  # baselines reach the 0.75 budget too
+    for rho in (0.6, 0.7):  # baselines reach the 0.75 budget too, and IPCV's nearest settings beside them
         found += [Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
-                  Method("downsample", f"ρ={rho}", downsample(rho), None)]
+                  Method("downsample", f"ρ={rho}", downsample(rho), None),
+                  Method("IPCV merge (l_p 3, Δ 0)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 0, 1, "merge")),
+                         cost(merging)),
+                  Method("IPCV bipartite k=3 (l_p 3, Δ 0)", f"ρ={rho}",
+                         ipcv(bipartite := IpcvConfig(rho, 3, 0, 3, "bipartite")), cost(bipartite))]
     for rho in MIXED_RETENTIONS:
         found.append(Method("mixed-resolution tokens", f"ρ={rho}", mixed(rho),
                             cost(IpcvConfig(rho, neighbors=1, selection="mixed"))))
@@ -176,24 +189,34 @@ SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in S
          for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7)
          for k in ((1,) if selection == "merge" else (3, 10))]
 SWEEP += [IpcvConfig(rho, neighbors=1, selection="mixed") for rho in MIXED_RETENTIONS]
+SWEEP += [IpcvConfig(rho, 3, 0, k, selection) for selection, k in (("merge", 1), ("bipartite", 3)) for rho in (0.6, 0.7)]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 
 
-def sweep(parts, sides: list[int], photos: dict, out: Path, model: str, selections: list[str] | None) -> None:
+def sweep(parts, sides: list[int], photos: dict, out: Path, model: str, selections: list[str] | None,
+          missing: bool = False) -> None:
     """Every SWEEP setting on every photo and size: the worst and mean patch cosine, written as
     the table `--budget` chooses from (FLOPs are not stored: they depend on the model exported).
-    With `selections`, only their settings are measured and replace theirs in the existing table,
-    which must have been measured on the same sizes and photos."""
+    With `selections`, only their settings are measured and replace theirs in the existing table;
+    with `missing`, only the settings the table lacks are measured and added. Either way the table
+    must have been measured on the same sizes and photos."""
     kept: list[dict] = []
     command = f"benchmarks/fidelity.py --sweep --sizes {' '.join(map(str, sides))}"
-    if selections:
+    todo = SWEEP
+    if selections or missing:
         table = json.loads(out.read_text())
         if (table["measured"]["sizes_px"], table["measured"]["photos"]) != (sides, list(photos)):
             raise SystemExit(f"{out} was measured on other sizes or photos: sweep every selection")
-        kept = [entry for entry in table["settings"] if entry["selection"] not in selections]
-        command = f"{table['measured']['command']}; then {command} --selections {' '.join(selections)}"
-    scores: dict[IpcvConfig, list[float]] = {config: [] for config in SWEEP
-                                             if not selections or config.selection in selections}
+        if selections:
+            kept = [entry for entry in table["settings"] if entry["selection"] not in selections]
+            todo = [config for config in SWEEP if config.selection in selections]
+            command = f"{table['measured']['command']}; then {command} --selections {' '.join(selections)}"
+        else:
+            kept = table["settings"]
+            measured = {_setting(IpcvConfig(**{field: entry[field] for field in FIELDS})) for entry in kept}
+            todo = [config for config in SWEEP if _setting(config) not in measured]
+            command = f"{table['measured']['command']}; then {command} --missing"
+    scores: dict[IpcvConfig, list[float]] = {config: [] for config in todo}
     start = time.perf_counter()
     with torch.no_grad():
         for side in sides:
@@ -203,13 +226,21 @@ def sweep(parts, sides: list[int], photos: dict, out: Path, model: str, selectio
                 for config in scores:
                     scores[config].append(_cosines(ipcv(config)(parts, pixels), original).mean().item())
                 print(f"  sweep {side} px {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    settings = kept + [{"retention": c.retention, "prune_layer": c.prune_layer, "as_depth": c.as_depth, "neighbors": c.neighbors,
-                 "selection": c.selection, "worst_patch_cosine": round(min(v), 4), "mean_patch_cosine": round(float(np.mean(v)), 4)}
-                for c, v in scores.items()]
+    settings = kept + [{**_setting_entry(c), "worst_patch_cosine": round(min(v), 4), "mean_patch_cosine": round(float(np.mean(v)), 4)}
+                       for c, v in scores.items()]
     measured = {"model": model, "sizes_px": sides, "photos": list(photos), "metric": "patch-token cosine to the "
                 "uncompressed encoder's final tokens, mean over patches; worst and mean over photos and sizes",
                 "command": command}
     out.write_text(json.dumps({"measured": measured, "settings": settings}, indent=1) + "\n")
+
+
+def _setting_entry(config: IpcvConfig) -> dict:
+    """What a budget table entry records of its setting (`budget.FIELDS`)."""
+    return {field: getattr(config, field) for field in FIELDS}
+
+
+def _setting(config: IpcvConfig) -> tuple:
+    return tuple(_setting_entry(config).values())
 
 
 # ---------------------------------------------------------------- metrics
@@ -263,6 +294,8 @@ def main() -> None:
     parser.add_argument("--settings-out", type=Path, default=Path("ipcv_export/budget_settings.json"))
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS,
                         help="with --sweep: measure only these selections' settings and replace theirs in --settings-out")
+    parser.add_argument("--missing", action="store_true",
+                        help="with --sweep: measure only the SWEEP settings --settings-out lacks, and add them")
     parser.add_argument("--plots-only", action="store_true",
                         help="redraw the plots from the tables already in --out (no measuring but the PCA picture)")
     parser.add_argument("--methods", nargs="+", metavar="TEXT",
@@ -275,7 +308,7 @@ def main() -> None:
     parts = encoder.description.image_batch.parts(encoder.module)
     photos = {**{n: ("natural", f) for n, f in NATURAL.items()}, **{n: ("detail", f) for n, f in DETAIL.items()}}
     if args.sweep:
-        sweep(parts, args.sizes, photos, args.settings_out, args.model, args.selections)
+        sweep(parts, args.sizes, photos, args.settings_out, args.model, args.selections, args.missing)
         return
     if args.plots_only:
         plot_summary(summary_from_tables(check_markers(args.out)), args.plots)
