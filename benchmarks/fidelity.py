@@ -52,6 +52,7 @@ DETAIL = {"text": "text", "page": "page", "hubble": "hubble_deep_field", "retina
 CLUSTERS = 8
 BUDGETS = (0.35, 0.45, 0.55, 0.65, 0.75)
 MIXED_RETENTIONS = (0.3, 0.35, 0.4, 0.5, 0.6, 0.7)
+HIGH_RETENTIONS = (0.55, 0.6, 0.65, 0.7)  # IPCV merge and bipartite with Δ 0, beside ToMe at ρ 0.6 and 0.7
 
 
 # ---------------------------------------------------------------- methods
@@ -161,10 +162,11 @@ def methods(encoder) -> list[Method]:
                   Method("IPCV merge (l_p 3, Δ 7)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 7, 1, "merge")),
                          cost(merging)),
                   Method("downsample", f"ρ={rho}", downsample(rho), None)]
-    for rho in (0.6, 0.7):  # baselines reach the 0.75 budget too, and IPCV's nearest settings beside them
+    for rho in (0.6, 0.7):  # baselines reach the 0.75 budget too
         found += [Method("ToMe merge at l_p=3", f"ρ={rho}", tome(rho, 3), None),
-                  Method("downsample", f"ρ={rho}", downsample(rho), None),
-                  Method("IPCV merge (l_p 3, Δ 0)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 0, 1, "merge")),
+                  Method("downsample", f"ρ={rho}", downsample(rho), None)]
+    for rho in HIGH_RETENTIONS:  # IPCV where ToMe merges only near-duplicates
+        found += [Method("IPCV merge (l_p 3, Δ 0)", f"ρ={rho}", ipcv(merging := IpcvConfig(rho, 3, 0, 1, "merge")),
                          cost(merging)),
                   Method("IPCV bipartite k=3 (l_p 3, Δ 0)", f"ρ={rho}",
                          ipcv(bipartite := IpcvConfig(rho, 3, 0, 3, "bipartite")), cost(bipartite))]
@@ -189,7 +191,7 @@ SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in S
          for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7)
          for k in ((1,) if selection == "merge" else (3, 10))]
 SWEEP += [IpcvConfig(rho, neighbors=1, selection="mixed") for rho in MIXED_RETENTIONS]
-SWEEP += [IpcvConfig(rho, 3, 0, k, selection) for selection, k in (("merge", 1), ("bipartite", 3)) for rho in (0.6, 0.7)]
+SWEEP += [IpcvConfig(rho, 3, 0, k, selection) for selection, k in (("merge", 1), ("bipartite", 3)) for rho in HIGH_RETENTIONS]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 
 
