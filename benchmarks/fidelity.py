@@ -134,10 +134,11 @@ def downsample_to(small_rows: int, small_cols: int) -> Callable:
     return run
 
 
-def mixed(retention: float) -> Callable:
-    """Mixed-resolution tokens (`reference.mixed_reference`): detailed 2 x 2 cells keep their four
-    patches, the others are one patch of the halved image; the full grid is rebuilt before the head."""
-    return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention).embeddings
+def mixed(retention: float, cell: int = 2) -> Callable:
+    """Mixed-resolution tokens (`reference.mixed_reference`): detailed c x c cells keep their
+    patches, the others are (c - 1)^2 patches of the image shrunk by (c - 1) / c; the full grid is
+    rebuilt before the head. The export has c = 2."""
+    return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention, cell=cell).embeddings
 
 
 def methods(encoder) -> list[Method]:

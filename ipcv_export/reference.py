@@ -421,48 +421,76 @@ def _padded_image(side: torch.nn.Module, pixels: torch.Tensor, positions: torch.
     return torch.cat([keep, fill]), neighbor_rows, distance_rows, hidden
 
 
-def mixed_cells(rows: int, columns: int, retention_e4: int) -> tuple[int, int, int]:
+def mixed_cells(rows: int, columns: int, retention_e4: int, cell: int = 2) -> tuple[int, int, int]:
     """(cell rows, cell columns, fine cells) of mixed-resolution tokens (FIDELITY.md, issue 23)
-    on a rows x columns patch grid: 2 x 2 cells tile its even part, and F fine cells give about
-    rho * N patch tokens in all (4 per fine cell, 1 per coarse cell, 1 per patch left over in an
-    odd last row or column): F = C * (4 rho - 1) // 3, none at rho <= 1/4."""
-    cell_rows, cell_columns = rows // 2, columns // 2
-    cells = cell_rows * cell_columns
-    return cell_rows, cell_columns, max(0, cells * (4 * retention_e4 - 10_000) // 30_000)
+    on a rows x columns patch grid: c x c cells tile its first c * (rows // c) rows and columns
+    (c = `cell`), and F fine cells give about rho * N patch tokens in all (c^2 per fine cell,
+    (c - 1)^2 per coarse cell, 1 per patch left over): F = C (c^2 rho - (c - 1)^2) // (2c - 1),
+    none at rho <= ((c - 1) / c)^2. For c = 2, F = C (4 rho - 1) // 3."""
+    cell_rows, cell_columns = rows // cell, columns // cell
+    cells, coarse = cell_rows * cell_columns, (cell - 1) ** 2
+    fine = cells * (cell * cell * retention_e4 - coarse * 10_000) // ((cell * cell - coarse) * 10_000)
+    return cell_rows, cell_columns, max(0, fine)
+
+
+def area_weights(cell: int) -> torch.Tensor:
+    """[c - 1, c]: each of c - 1 samples as the area-weighted mean of the c samples spanning the
+    same length (c = 2: the mean of two)."""
+    weights = torch.zeros(cell - 1, cell)
+    for out in range(cell - 1):
+        low, high = out * cell / (cell - 1), (out + 1) * cell / (cell - 1)
+        for sample in range(cell):
+            weights[out, sample] = max(0.0, min(high, sample + 1) - max(low, sample))
+    return weights * (cell - 1) / cell
+
+
+def shrink_cells(grid: torch.Tensor, cell: int) -> torch.Tensor:
+    """[..., H, W] -> [..., H (c - 1) / c, W (c - 1) / c]: every c x c block of the last two axes
+    area-resized to (c - 1) x (c - 1) (H and W multiples of c; c = 2: 2 x 2 means)."""
+    weights = area_weights(cell).to(grid.dtype)
+    height, width = grid.shape[-2:]
+    grid = grid.reshape(*grid.shape[:-2], height // cell, cell, width // cell, cell)
+    grid = torch.einsum("...ajbk,ij,lk->...aibl", grid, weights, weights)
+    return grid.reshape(*grid.shape[:-4], height // cell * (cell - 1), width // cell * (cell - 1))
 
 
 @torch.no_grad()
 def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.Tensor, retention: float,
-                    keep: torch.Tensor | None = None, neighbors: torch.Tensor | None = None) -> ReferenceResult:
-    """Mixed-resolution tokens (`--selection mixed`), one image at a time: the tower's own embedding
-    of the image and of its even part halved (2 x 2 pixel means: one coarse token per 2 x 2 cell of
-    patches, at the halved grid's positions); the F cells whose four patch tokens differ most from
-    their mean keep those four tokens, every other cell is its one coarse token. The blocks run on
-    [specials, the fine cells' patches (ascending cells, each in raster order), the coarse tokens
-    (ascending), the patches of an odd last row or column (raster order)]. Then each patch of a
-    coarse cell takes the bilinear upsampling (x2, half-pixel centres) of the cell grid, where a fine
-    cell stands for the mean of its four outputs, and the head runs on the full grid.
+                    keep: torch.Tensor | None = None, neighbors: torch.Tensor | None = None,
+                    cell: int = 2) -> ReferenceResult:
+    """Mixed-resolution tokens (`--selection mixed`), one image at a time, with c x c cells of
+    patches (c = `cell`, d = c - 1): the tower's own embedding of the image and of its cell part
+    shrunk by d / c (`shrink_cells`: c = 2 is 2 x 2 pixel means; d x d coarse tokens per cell at
+    the shrunk grid's positions); the F cells whose c^2 patch tokens differ most from their mean
+    keep those tokens, every other cell is its d^2 coarse tokens. The blocks run on [specials, the
+    fine cells' patches (ascending cells, each in raster order), the coarse cells' tokens (ascending
+    cells, each in raster order), the patches outside every cell (raster order)]. Then each fine
+    cell stands for its outputs shrunk to d x d, the coarse grid is resized bilinearly (half-pixel
+    centres) back to c x c per cell, every patch of a coarse cell takes it, and the head runs on the
+    full grid.
 
-    In IPCV's terms (the parity gate's): keep [B, S + 4F + X] are the tokens computed at full
+    In IPCV's terms (the parity gate's): keep [B, S + c^2 F + X] are the tokens computed at full
     resolution, neighbors [B, R, 1] each other patch's cell, at distance 0 (inf to every other
     cell, so any other choice fails the gate). A given `keep` (a file's choice) fixes the fine
     cells; `neighbors` follow from it and are ignored."""
-    p, s = parts.patch_size, special_tokens
+    p, s, c, d = parts.patch_size, special_tokens, cell, cell - 1
     rows, columns = pixel_values.shape[2] // p, pixel_values.shape[3] // p
-    cell_rows, cell_columns, fine = mixed_cells(rows, columns, round(retention * 10_000))
+    cell_rows, cell_columns, fine = mixed_cells(rows, columns, round(retention * 10_000), c)
     patch = torch.arange(rows * columns).reshape(rows, columns)
-    in_cells = patch[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2).transpose(1, 2)
-    in_cells = in_cells.reshape(-1, 4)
+    in_cells = patch[:c * cell_rows, :c * cell_columns].reshape(cell_rows, c, cell_columns, c).transpose(1, 2)
+    in_cells = in_cells.reshape(-1, c * c)
     leftover = torch.ones(rows, columns, dtype=torch.bool)
-    leftover[:2 * cell_rows, :2 * cell_columns] = False
+    leftover[:c * cell_rows, :c * cell_columns] = False
     leftover_patches = patch[leftover]
     results = []
     for index, pixels in enumerate(pixel_values.split(1)):
         full = parts.embed(pixels)
-        coarse = parts.embed(F.avg_pool2d(pixels[:, :, :2 * cell_rows * p, :2 * cell_columns * p], 2))[:, s:]
+        width = full.shape[-1]
+        coarse = parts.embed(shrink_cells(pixels[:, :, :c * cell_rows * p, :c * cell_columns * p], c))[0, s:]
+        coarse = coarse.reshape(cell_rows, d, cell_columns, d, width).transpose(1, 2).reshape(-1, d * d, width)
         grid = full[0, s:].reshape(rows, columns, -1)
-        cells = grid[:2 * cell_rows, :2 * cell_columns].reshape(cell_rows, 2, cell_columns, 2, -1).transpose(1, 2)
-        cells = cells.reshape(cell_rows * cell_columns, 4, -1).float()
+        cells = grid[:c * cell_rows, :c * cell_columns].reshape(cell_rows, c, cell_columns, c, -1).transpose(1, 2)
+        cells = cells.reshape(cell_rows * cell_columns, c * c, -1).float()
         if keep is None:
             detail = (cells - cells.mean(1, keepdim=True)).pow(2).sum((1, 2))
             chosen = torch.sort(detail, descending=True, stable=True).indices[:fine]
@@ -471,25 +499,29 @@ def mixed_reference(parts: TowerParts, special_tokens: int, pixel_values: torch.
         else:
             is_fine = torch.isin(in_cells[:, 0] + s, keep[index])
         fine_patches = in_cells[is_fine].flatten()
-        x = torch.cat([full[:, :s], full[:, s:][:, fine_patches], coarse[:, ~is_fine],
+        x = torch.cat([full[:, :s], full[:, s:][:, fine_patches], coarse[~is_fine].reshape(1, -1, width),
                        full[:, s:][:, leftover_patches]], 1)
         for block in parts.blocks:
             x = block(x)
-        out_fine, out_coarse, out_leftover = x[0, s:].split([len(fine_patches), int((~is_fine).sum()),
+        out_fine, out_coarse, out_leftover = x[0, s:].split([len(fine_patches), int((~is_fine).sum()) * d * d,
                                                              len(leftover_patches)])
-        cell_states = torch.empty(len(cells), x.shape[-1], dtype=x.dtype)
-        cell_states[is_fine] = out_fine.reshape(-1, 4, x.shape[-1]).mean(1)
-        cell_states[~is_fine] = out_coarse
-        upsampled = F.interpolate(cell_states.T.reshape(1, -1, cell_rows, cell_columns), scale_factor=2,
-                                  mode="bilinear", align_corners=False)[0]
-        tokens = torch.empty(rows, columns, x.shape[-1], dtype=x.dtype)
-        tokens[:2 * cell_rows, :2 * cell_columns] = upsampled.permute(1, 2, 0)
+        cell_states = torch.empty(len(cells), d * d, width, dtype=x.dtype)
+        shrunk = shrink_cells(out_fine.reshape(-1, c, c, width).permute(0, 3, 1, 2), c)
+        cell_states[is_fine] = shrunk.permute(0, 2, 3, 1).reshape(-1, d * d, width)
+        cell_states[~is_fine] = out_coarse.reshape(-1, d * d, width)
+        coarse_grid = cell_states.reshape(cell_rows, cell_columns, d, d, width).permute(4, 0, 2, 1, 3)
+        coarse_grid = coarse_grid.reshape(1, width, d * cell_rows, d * cell_columns)
+        upsampled = F.interpolate(coarse_grid, size=(c * cell_rows, c * cell_columns), mode="bilinear",
+                                  align_corners=False)[0]
+        tokens = torch.empty(rows, columns, width, dtype=x.dtype)
+        tokens[:c * cell_rows, :c * cell_columns] = upsampled.permute(1, 2, 0)
         tokens = tokens.reshape(rows * columns, -1)
         tokens[fine_patches] = out_fine
         tokens[leftover_patches] = out_leftover
         embeddings = parts.head(torch.cat([x[:, :s], tokens[None]], 1), columns)
         coarse_patches = in_cells[~is_fine].flatten().sort()
-        owner = torch.arange(len(cells)).repeat_interleave(4).reshape(-1, 4)[~is_fine].flatten()[coarse_patches.indices]
+        owner = torch.arange(len(cells)).repeat_interleave(c * c).reshape(-1, c * c)[~is_fine].flatten()
+        owner = owner[coarse_patches.indices]
         kept = torch.cat([torch.arange(s), torch.cat([fine_patches, leftover_patches]).sort().values + s])
         distances = torch.full((len(owner), len(cells)), torch.inf).scatter(1, owner[:, None], 0.0)
         results.append((embeddings[0], kept, owner[:, None], distances))

@@ -30,15 +30,17 @@ def _stock(parts, pixels):
     return x
 
 
+@pytest.mark.parametrize("cell", [2, 3])
 @pytest.mark.parametrize("rows,columns", [(6, 8), (5, 7)])
-def test_every_cell_fine_is_the_stock_tower(parts, rows, columns):
-    """At rho = 1 every cell keeps its four patches: the blocks see the stock tokens permuted, and
-    the rebuilt grid is the stock output."""
+def test_every_cell_fine_is_the_stock_tower(parts, rows, columns, cell):
+    """At rho = 1 every cell keeps its patches: the blocks see the stock tokens permuted, and the
+    rebuilt grid is the stock output."""
     p = parts.patch_size
     pixels = torch.randn(2, 3, rows * p, columns * p, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = parts.head(_stock(parts, pixels), columns)
-    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 1.0).embeddings, expected, atol=1e-5, rtol=0)
+    result = mixed_reference(parts, 1, pixels, 1.0, cell=cell).embeddings
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
 def test_no_cell_fine_is_the_halved_image_upsampled(parts):
@@ -54,15 +56,36 @@ def test_no_cell_fine_is_the_halved_image_upsampled(parts):
     torch.testing.assert_close(mixed_reference(parts, 1, pixels, 0.25).embeddings, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("rows,columns,retention_e4,expected", [
-    (32, 32, 5000, (16, 16, 85)),  # 256 cells: 85 fine -> 4 * 85 + 171 = 511 tokens, about half of 1024
-    (37, 37, 3500, (18, 18, 43)),  # 518 px: 324 cells and 73 patches of the odd last row and column
-    (16, 16, 2500, (8, 8, 0)),
-    (16, 16, 10_000, (8, 8, 64)),
-    (1, 9, 10_000, (0, 4, 0)),  # no cell fits: every patch is left over
+def test_no_cell_fine_with_3x3_cells_is_the_image_shrunk_by_two_thirds(parts):
+    """3 x 3 cells at rho <= 4/9: every cell is 2 x 2 tokens of the image shrunk by 2/3 (each 3
+    pixels to 2 by area: (2a + b) / 3, (b + 2c) / 3), the grid resized back bilinearly."""
+    p, rows, columns = parts.patch_size, 6, 9
+    pixels = torch.randn(1, 3, rows * p, columns * p, generator=torch.Generator().manual_seed(2))
+
+    def shrink(x: torch.Tensor, axis: int) -> torch.Tensor:
+        a, b, c = (x.narrow(axis, start, x.shape[axis] - 2).unfold(axis, 1, 3).squeeze(-1) for start in range(3))
+        return torch.stack([(2 * a + b) / 3, (b + 2 * c) / 3], axis + 1).flatten(axis, axis + 1)
+
+    with torch.no_grad():
+        small = _stock(parts, shrink(shrink(pixels, 2), 3))
+        grid = small[:, 1:].transpose(1, 2).reshape(1, -1, 4, 6)
+        grid = F.interpolate(grid, size=(rows, columns), mode="bilinear", align_corners=False)
+        expected = parts.head(torch.cat([small[:, :1], grid.flatten(2).transpose(1, 2)], 1), columns)
+    torch.testing.assert_close(mixed_reference(parts, 1, pixels, 0.44, cell=3).embeddings, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows,columns,retention_e4,cell,expected", [
+    (32, 32, 5000, 2, (16, 16, 85)),  # 256 cells: 85 fine -> 4 * 85 + 171 = 511 tokens, about half of 1024
+    (37, 37, 3500, 2, (18, 18, 43)),  # 518 px: 324 cells and 73 patches of the odd last row and column
+    (16, 16, 2500, 2, (8, 8, 0)),
+    (16, 16, 10_000, 2, (8, 8, 64)),
+    (1, 9, 10_000, 2, (0, 4, 0)),  # no cell fits: every patch is left over
+    (30, 30, 5000, 3, (10, 10, 10)),  # 100 cells: 10 fine -> 9 * 10 + 4 * 90 = 450 tokens of 900
+    (37, 37, 6000, 3, (12, 12, 40)),  # 144 (9 * 0.6 - 4) / 5 = 40.3
+    (18, 18, 4444, 3, (6, 6, 0)),  # rho <= 4/9: every cell coarse
 ])
-def test_cell_counts(rows, columns, retention_e4, expected):
-    assert mixed_cells(rows, columns, retention_e4) == expected
+def test_cell_counts(rows, columns, retention_e4, cell, expected):
+    assert mixed_cells(rows, columns, retention_e4, cell) == expected
 
 
 @pytest.fixture(scope="module")
