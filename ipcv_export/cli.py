@@ -9,8 +9,8 @@ import signal
 import sys
 
 from . import __version__
-from .config import (DEFAULT_OPSET, FOLDER_FORMAT, FORMATS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES, SELECTIONS,
-                     IpcvConfig, Method, ShapeProfile, Target, UsageError)
+from .config import (DEFAULT_OPSET, FOLDER_FORMAT, FORMATS, MIXED_CELLS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES,
+                     SELECTIONS, IpcvConfig, Method, ShapeProfile, Target, UsageError)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
@@ -43,8 +43,8 @@ exit codes:
 """
 
 
-METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection", "--ngr-weighting",
-                "--per-image-selection")
+METHOD_FLAGS = ("--retention", "--prune-layer", "--as-depth", "--neighbors", "--selection", "--mixed-cell",
+                "--ngr-weighting", "--per-image-selection")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "patches as their four tokens, the others as one token of the image halved, about rho "
                              "of the patches (rho > 0.25; no pruning layer) (all but score: towers that batch whole images; "
                              f"see FIDELITY.md) (default {d.selection})")
+    method.add_argument("--mixed-cell", type=int, choices=MIXED_CELLS, default=d.mixed_cell,
+                        help="with --selection mixed: the cell side c in patches; each coarse cell enters as "
+                             "(c-1) x (c-1) tokens of the image shrunk by (c-1)/c (2 = halved; 3 and 4 are milder, "
+                             "for rho above 4/9 and 9/16: FIDELITY.md, fifth look) (default %(default)s)")
     method.add_argument("--ngr-weighting", choices=NGR_WEIGHTINGS, default=d.ngr_weighting,
                         help="how a pruned token averages its neighbours' drift: 'mean' = the paper's; 'similarity' = "
                              f"weighted by inverse squared distance at the pruning point (default {d.ngr_weighting})")

@@ -64,7 +64,7 @@ def min_patches(config: IpcvConfig) -> int:
     takes: where IPCV keeps at least one token (`tokens.min_tokens`), or where mixed selection has
     at least one fine cell (a square grid of `mixed_resolution.min_grid_side`)."""
     if config.selection == "mixed":
-        return min_grid_side(config.retention_e4) ** 2
+        return min_grid_side(config.retention_e4, config.mixed_cell) ** 2
     return tokens.min_tokens(config.retention_e4)
 
 
@@ -81,7 +81,8 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     smallest = min_patches(config)
     if config.selection == "mixed":
         batch = encoder.description.image_batch
-        module = ExportableMixedResolution(encoder.module, batch.parts, batch.special_tokens, config.retention_e4).eval()
+        module = ExportableMixedResolution(encoder.module, batch.parts, batch.special_tokens, config.retention_e4,
+                                           config.mixed_cell).eval()
         with attention.batched_whole_queries(encoder.module):
             return export_symbolic(module, example_inputs(encoder, smallest=smallest), dynamic_shapes(encoder, smallest))
     gm = program.module()

@@ -43,11 +43,15 @@ the score; `bipartite`, half by the spread order, the other half the patches lea
 those (ToMe's bipartite matching picks what NGR rebuilds); `merge`, ToMe's rounds of bipartite
 merging down to K tokens: each kept token carries the mean state of the patches merged into it,
 and each merged-away patch is rebuilt from that one owner (neighbors must be 1); `mixed`,
-mixed-resolution tokens (mixed_resolution.py): no pruning inside the tower, the blocks run on four
-patch tokens for each detailed 2 x 2 cell and one token of the image halved for every other cell,
-about rho of the patches in all (rho > 1/4; prune layer, AS depth and NGR weighting do not apply,
-neighbors is 1: a coarse cell's patches are rebuilt from its cell grid). All but score: towers
-that batch whole images only."""
+mixed-resolution tokens (mixed_resolution.py): no pruning inside the tower, the blocks run on the
+c^2 patch tokens of each detailed c x c cell (c = `mixed_cell`, 2 by default) and (c - 1)^2 tokens
+of the image shrunk by (c - 1) / c for every other cell, about rho of the patches in all
+(rho > ((c - 1) / c)^2; prune layer, AS depth and NGR weighting do not apply, neighbors is 1: a
+coarse cell's patches are rebuilt from its cell grid). All but score: towers that batch whole
+images only."""
+
+MIXED_CELLS = (2, 3, 4)
+"""Cell sides of mixed selection: coarse cells at 1/2, 2/3 or 3/4 of the image's scale."""
 
 
 NGR_WEIGHTINGS = ("mean", "similarity")
@@ -70,6 +74,7 @@ class IpcvConfig:
     selection: str = "score"
     ngr_weighting: str = "mean"
     per_image_selection: bool = False
+    mixed_cell: int = 2
 
     @property
     def retention_e4(self) -> int:
@@ -93,9 +98,15 @@ class IpcvConfig:
         if self.selection == "mixed" and self.neighbors != 1:
             raise UsageError(f"mixed selection rebuilds each coarse patch from its own cell: neighbors must be 1, "
                              f"got {self.neighbors}")
-        if self.selection == "mixed" and self.retention_e4 <= RETENTION_SCALE // 4:
-            raise UsageError(f"mixed selection needs a retention above 0.25 (one token per 2 x 2 cell is 0.25: the "
-                             f"image halved), got {self.retention}")
+        if self.mixed_cell not in MIXED_CELLS:
+            raise UsageError(f"mixed cell side must be one of {', '.join(map(str, MIXED_CELLS))}, got {self.mixed_cell}")
+        if self.mixed_cell != 2 and self.selection != "mixed":
+            raise UsageError(f"a mixed cell side applies to --selection mixed only, not {self.selection}")
+        cell, coarse = self.mixed_cell, (self.mixed_cell - 1) ** 2
+        if self.selection == "mixed" and cell * cell * self.retention_e4 <= coarse * RETENTION_SCALE:
+            raise UsageError(f"mixed selection with {cell} x {cell} cells needs a retention above "
+                             f"{coarse / cell ** 2:.4g} ({coarse} token(s) per cell is the image shrunk by "
+                             f"{cell - 1}/{cell}), got {self.retention}")
         if self.ngr_weighting not in NGR_WEIGHTINGS:
             raise UsageError(f"unknown NGR weighting {self.ngr_weighting!r}; choose from {', '.join(NGR_WEIGHTINGS)}")
         return self
@@ -115,6 +126,7 @@ class Method:
     selection: str = IpcvConfig.selection
     ngr_weighting: str = IpcvConfig.ngr_weighting
     per_image_selection: bool = IpcvConfig.per_image_selection
+    mixed_cell: int = IpcvConfig.mixed_cell
     budget: float | None = None
 
     def settings(self) -> dict:

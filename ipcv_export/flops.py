@@ -55,7 +55,8 @@ def program_flops(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
 def floor_ratio(encoder: LoadedEncoder, config: IpcvConfig, tokens: int) -> float:
     """IPCV / original FLOPs by the family's cost model (`ModelDescription.flop_floor`), N = tokens."""
     floor, vision = encoder.description.flop_floor, encoder.module.config
-    ipcv = floor(vision, config.retention_e4, config.prune_layer, config.as_depth, tokens, config.selection)
+    ipcv = floor(vision, config.retention_e4, config.prune_layer, config.as_depth, tokens, config.selection,
+                 config.mixed_cell)
     return ipcv / floor(vision, RETENTION_SCALE, config.prune_layer, config.as_depth, tokens)
 
 

@@ -1,12 +1,15 @@
 """Mixed-resolution tokens (`--selection mixed`; FIDELITY.md, issue 23), in graph-safe form.
 
-Every 2 x 2 cell of an image's patch grid enters the blocks either as its four patch tokens (the
-cells whose tokens differ most from their mean: detail) or as one token: the tower's own
-embedding of the image halved by 2 x 2 pixel means, at the halved grid's positions. A trained
-tower sees real image content at every token, at two scales, which keeps it in its training
-distribution (pooling or pruning hidden states does not: FIDELITY.md). After the blocks, each
-coarse cell's patches take the bilinear (x2) upsampling of the cell grid and the full grid goes
-to the tower's head. Patches of an odd last row or column stay fine.
+Every c x c cell of an image's patch grid (c = 2 by default, `--mixed-cell`) enters the blocks
+either as its c^2 patch tokens (the cells whose tokens differ most from their mean: detail) or as
+(c - 1)^2 tokens: the tower's own embedding of the image shrunk by (c - 1) / c (area weights
+within each block of c pixels; c = 2 is 2 x 2 pixel means), at the shrunk grid's positions. A
+trained tower sees real image content at every token, at two scales, which keeps it in its
+training distribution (pooling or pruning hidden states does not: FIDELITY.md). After the
+blocks, the coarse grid (a fine cell standing for its outputs shrunk the same way) is resized
+bilinearly back to the full grid for the coarse cells' patches, and the full grid goes to the
+tower's head. Patches outside every cell (the last rows and columns of a side not divisible by
+c) stay fine.
 
 `reference.mixed_reference` is the plain version the files are checked against. Here the sizes
 are symbolic (any image size, one file), the selection is the exact K-th-value search
@@ -23,17 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from .models.description import TowerParts
-from .tokens import RETENTION_SCALE, best_mask, fine_cells, kth_largest, ordered, rankable, take
+from .tokens import RETENTION_SCALE, area_weights, best_mask, fine_cells, kth_largest, ordered, rankable, take
 
 
-def min_cells(retention_e4: int) -> int:
-    """Fewest cells with at least one fine cell: the files accept no smaller image."""
-    return -(-3 * RETENTION_SCALE // (4 * retention_e4 - RETENTION_SCALE))
+def min_cells(retention_e4: int, cell: int = 2) -> int:
+    """Fewest cells with at least one fine cell (`tokens.fine_cells`): the files accept no smaller image."""
+    coarse = (cell - 1) ** 2
+    return -(-(cell * cell - coarse) * RETENTION_SCALE // (cell * cell * retention_e4 - coarse * RETENTION_SCALE))
 
 
-def min_grid_side(retention_e4: int) -> int:
-    """Fewest patches per image side (even) for `min_cells` cells in a square grid."""
-    return 2 * (math.isqrt(min_cells(retention_e4) - 1) + 1)
+def min_grid_side(retention_e4: int, cell: int = 2) -> int:
+    """Fewest patches per image side (a multiple of c) for `min_cells` cells in a square grid."""
+    return cell * (math.isqrt(min_cells(retention_e4, cell) - 1) + 1)
 
 
 def without_specials(tokens: torch.Tensor, special_tokens: int) -> torch.Tensor:
@@ -51,45 +55,56 @@ def pieces(tokens: torch.Tensor, sizes: list) -> list[torch.Tensor]:
     return out
 
 
-def even_part(grid: torch.Tensor, axis: int, even_rows, even_columns) -> torch.Tensor:
-    """The first `even_rows` x `even_columns` of a grid's axes `axis`, `axis + 1` (see `pieces`:
-    a slice would also make the exporter specialise on whether the sides are even)."""
-    rows = grid.index_select(axis, torch.arange(even_rows, device=grid.device))
-    return rows.index_select(axis + 1, torch.arange(even_columns, device=grid.device))
+def cell_part(grid: torch.Tensor, axis: int, cell_rows, cell_columns) -> torch.Tensor:
+    """The first `cell_rows` x `cell_columns` of a grid's axes `axis`, `axis + 1` (see `pieces`:
+    a slice would also make the exporter specialise on the sides' remainders)."""
+    rows = grid.index_select(axis, torch.arange(cell_rows, device=grid.device))
+    return rows.index_select(axis + 1, torch.arange(cell_columns, device=grid.device))
 
 
-def cell_view(patches: torch.Tensor, rows, columns) -> torch.Tensor:
-    """[B, C, 4, D]: the patch tokens ([B, rows * columns, D], raster order) of each 2 x 2 cell of
-    the grid's even part, cells in raster order, each cell's patches in raster order."""
+def shrink(x: torch.Tensor, axis: int, cell: int) -> torch.Tensor:
+    """x with every block of c entries along `axis` (its length a multiple of c) area-resized to
+    c - 1 (`tokens.area_weights`), as weighted sums: no matrix product, so the flop counter and the
+    cost model see none, as for the 2 x 2 means of c = 2."""
+    blocks = x.unflatten(axis, (x.shape[axis] // cell, cell))
+    samples = [blocks.select(axis + 1, index) for index in range(cell)]
+    shrunk = [sum(weight * sample for weight, sample in zip(row, samples) if weight) for row in area_weights(cell)]
+    return torch.stack(shrunk, axis + 1).flatten(axis, axis + 1)
+
+
+def cell_view(patches: torch.Tensor, rows, columns, cell: int = 2) -> torch.Tensor:
+    """[B, C, c^2, D]: the patch tokens ([B, rows * columns, D], raster order) of each c x c cell
+    of the grid's first c * (rows // c) rows and columns, cells in raster order, each cell's patches
+    in raster order."""
     batch, width = patches.shape[0], patches.shape[-1]
-    cell_rows, cell_columns = rows // 2, columns // 2
-    grid = even_part(patches.reshape(batch, rows, columns, width), 1, 2 * cell_rows, 2 * cell_columns)
-    cells = grid.reshape(batch, cell_rows, 2, cell_columns, 2, width).transpose(2, 3)
-    return cells.reshape(batch, cell_rows * cell_columns, 4, width)
+    cell_rows, cell_columns = rows // cell, columns // cell
+    grid = cell_part(patches.reshape(batch, rows, columns, width), 1, cell * cell_rows, cell * cell_columns)
+    cells = grid.reshape(batch, cell_rows, cell, cell_columns, cell, width).transpose(2, 3)
+    return cells.reshape(batch, cell_rows * cell_columns, cell * cell, width)
 
 
-def grid_of_cells(cells: torch.Tensor, cell_rows, cell_columns) -> torch.Tensor:
-    """[B, 2 * cell_rows, 2 * cell_columns, D] grid of `cell_view`'s [B, C, 4, D] (its inverse)."""
+def grid_of_cells(cells: torch.Tensor, cell_rows, cell_columns, cell: int = 2) -> torch.Tensor:
+    """[B, c * cell_rows, c * cell_columns, D] grid of `cell_view`'s [B, C, c^2, D] (its inverse)."""
     batch, width = cells.shape[0], cells.shape[-1]
-    grid = cells.reshape(batch, cell_rows, cell_columns, 2, 2, width).transpose(2, 3)
-    return grid.reshape(batch, 2 * cell_rows, 2 * cell_columns, width)
+    grid = cells.reshape(batch, cell_rows, cell_columns, cell, cell, width).transpose(2, 3)
+    return grid.reshape(batch, cell * cell_rows, cell * cell_columns, width)
 
 
-def leftover(patches: torch.Tensor, rows, columns) -> torch.Tensor:
-    """[B, X, D] patch tokens outside every cell (an odd last column, then an odd last row), in
-    raster order. Picked by index_select, not sliced: reshaping a slice of the batch would make
-    the exporter specialise B != 1."""
+def leftover(patches: torch.Tensor, rows, columns, cell: int = 2) -> torch.Tensor:
+    """[B, X, D] patch tokens outside every cell (the last columns, then the last rows, beyond
+    c * (side // c)), in raster order. Picked by index_select, not sliced: reshaping a slice of the
+    batch would make the exporter specialise B != 1."""
     batch, width = patches.shape[0], patches.shape[-1]
     grid = patches.reshape(batch, rows, columns, width)
-    even_rows, even_columns = 2 * (rows // 2), 2 * (columns // 2)
-    column = grid.index_select(1, torch.arange(even_rows, device=grid.device))
-    column = column.index_select(2, torch.arange(even_columns, columns, device=grid.device))
-    row = grid.index_select(1, torch.arange(even_rows, rows, device=grid.device))
+    cell_rows, cell_columns = cell * (rows // cell), cell * (columns // cell)
+    column = grid.index_select(1, torch.arange(cell_rows, device=grid.device))
+    column = column.index_select(2, torch.arange(cell_columns, columns, device=grid.device))
+    row = grid.index_select(1, torch.arange(cell_rows, rows, device=grid.device))
     return torch.cat([column.reshape(batch, -1, width), row.reshape(batch, -1, width)], 1)
 
 
 def cell_detail(cells: torch.Tensor) -> torch.Tensor:
-    """[B, C] fp32 squared distance of each cell's four tokens from their mean, made `rankable`."""
+    """[B, C] fp32 squared distance of each cell's tokens from their mean, made `rankable`."""
     cells = cells.float()
     spread = cells - cells.mean(2, keepdim=True)
     return rankable((spread * spread).sum((2, 3)))
@@ -112,69 +127,75 @@ def split_exactly(mask: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def mixed_sequence(full: torch.Tensor, coarse: torch.Tensor, rows, columns, special_tokens: int,
-                   retention_e4: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The blocks' input [B, S + 4F + (C - F) + X, D] (specials, the fine cells' patches, the
-    coarse tokens, the leftover patches) from the image's tokens `full` [B, S + N, D] and the
-    halved image's patch tokens `coarse` [B, C, D]; with the cell choice (`choose_fine`)."""
+                   retention_e4: int, cell: int = 2) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The blocks' input [B, S + c^2 F + (c - 1)^2 (C - F) + X, D] (specials, the fine cells'
+    patches, the coarse cells' tokens, the leftover patches) from the image's tokens `full`
+    [B, S + N, D] and the shrunk image's patch tokens `coarse` [B, (c - 1)^2 C, D] (raster order of
+    its grid); with the cell choice (`choose_fine`)."""
     patches = without_specials(full, special_tokens)
-    cells = cell_view(patches, rows, columns)
-    choice = choose_fine(cell_detail(cells), fine_cells(cells.shape[1], retention_e4))
+    cells = cell_view(patches, rows, columns, cell)
+    coarse_cells = cell_view(coarse, (cell - 1) * (rows // cell), (cell - 1) * (columns // cell), cell - 1)
+    choice = choose_fine(cell_detail(cells), fine_cells(cells.shape[1], retention_e4, cell))
     fine, rest, _ = choice
     fine_patches = take(cells, fine, 1).flatten(1, 2)
-    return torch.cat([full[:, :special_tokens], fine_patches, take(coarse, rest, 1),
-                      leftover(patches, rows, columns)], 1), choice
+    return torch.cat([full[:, :special_tokens], fine_patches, take(coarse_cells, rest, 1).flatten(1, 2),
+                      leftover(patches, rows, columns, cell)], 1), choice
 
 
-def with_leftover(even: torch.Tensor, leftover_tokens: torch.Tensor, rows, columns) -> torch.Tensor:
-    """[B, rows, columns, ...] grid from its even part [B, 2 * (rows // 2), 2 * (columns // 2), ...]
+def with_leftover(inside: torch.Tensor, leftover_tokens: torch.Tensor, rows, columns, cell: int = 2) -> torch.Tensor:
+    """[B, rows, columns, ...] grid from its cell part [B, c * (rows // c), c * (columns // c), ...]
     and the leftover patches' entries [B, X, ...] in `leftover`'s order."""
-    batch, rest = even.shape[0], even.shape[3:]
-    even_rows, even_columns = 2 * (rows // 2), 2 * (columns // 2)
-    column_part, row_part = pieces(leftover_tokens, [even_rows * (columns - even_columns), (rows - even_rows) * columns])
-    grid = torch.cat([even, column_part.reshape(batch, even_rows, columns - even_columns, *rest)], 2)
-    return torch.cat([grid, row_part.reshape(batch, rows - even_rows, columns, *rest)], 1)
+    batch, rest = inside.shape[0], inside.shape[3:]
+    cell_rows, cell_columns = cell * (rows // cell), cell * (columns // cell)
+    column_part, row_part = pieces(leftover_tokens, [cell_rows * (columns - cell_columns), (rows - cell_rows) * columns])
+    grid = torch.cat([inside, column_part.reshape(batch, cell_rows, columns - cell_columns, *rest)], 2)
+    return torch.cat([grid, row_part.reshape(batch, rows - cell_rows, columns, *rest)], 1)
 
 
 def full_grid(hidden: torch.Tensor, choice: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows, columns,
-              special_tokens: int) -> torch.Tensor:
+              special_tokens: int, cell: int = 2) -> torch.Tensor:
     """[B, S + N, D] tokens in the image's order from the blocks' output `hidden` (`mixed_sequence`'s
-    order): fine and leftover patches as they are, coarse cells' patches from the cell grid (a fine
-    cell standing for the mean of its four) upsampled x2 bilinearly (half-pixel centres)."""
+    order): fine and leftover patches as they are, coarse cells' patches from the coarse grid (a fine
+    cell standing for its outputs shrunk to (c - 1) x (c - 1)) resized bilinearly by c / (c - 1)
+    (half-pixel centres)."""
     fine, rest, slot = choice
+    small = cell - 1
     batch, width = hidden.shape[0], hidden.shape[-1]
-    cell_rows, cell_columns = rows // 2, columns // 2
+    cell_rows, cell_columns = rows // cell, columns // cell
     fine_count, coarse_count = fine.shape[1], rest.shape[1]
+    fine_length, coarse_length = cell * cell * fine_count, small * small * coarse_count
     specials, fine_out, coarse_out, leftover_out = pieces(
-        hidden, [special_tokens, 4 * fine_count, coarse_count, hidden.shape[1] - special_tokens - 4 * fine_count - coarse_count])
-    fine_out = fine_out.reshape(batch, fine_count, 4, width)
-    cell_states = take(torch.cat([fine_out.mean(2), coarse_out], 1), slot, 1)
-    image = cell_states.transpose(1, 2).reshape(batch, width, cell_rows, cell_columns)
-    upsampled = F.interpolate(image, size=(2 * cell_rows, 2 * cell_columns), mode="bilinear", align_corners=False)
-    upsampled_cells = cell_view(upsampled.flatten(2).transpose(1, 2), 2 * cell_rows, 2 * cell_columns)
+        hidden, [special_tokens, fine_length, coarse_length, hidden.shape[1] - special_tokens - fine_length - coarse_length])
+    fine_out = fine_out.reshape(batch, fine_count, cell * cell, width)
+    fine_small = shrink(shrink(fine_out.unflatten(2, (cell, cell)), 2, cell), 3, cell).flatten(2, 3)
+    cell_states = take(torch.cat([fine_small, coarse_out.reshape(batch, coarse_count, small * small, width)], 1), slot, 1)
+    image = grid_of_cells(cell_states, cell_rows, cell_columns, small).permute(0, 3, 1, 2)
+    upsampled = F.interpolate(image, size=(cell * cell_rows, cell * cell_columns), mode="bilinear", align_corners=False)
+    upsampled_cells = cell_view(upsampled.flatten(2).transpose(1, 2), cell * cell_rows, cell * cell_columns, cell)
     cells = take(torch.cat([fine_out, take(upsampled_cells, rest, 1)], 1), slot, 1)
-    grid = with_leftover(grid_of_cells(cells, cell_rows, cell_columns), leftover_out, rows, columns)
+    grid = with_leftover(grid_of_cells(cells, cell_rows, cell_columns, cell), leftover_out, rows, columns, cell)
     return torch.cat([specials, grid.reshape(batch, rows * columns, width)], 1)
 
 
 def selection_outputs(choice: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows, columns,
-                      special_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept_index [B, S + 4F + X], neighbor_index [B, 4(C - F), 1]), the files' diagnostic outputs
-    in IPCV's terms: ascending indices of the tokens computed at full resolution (specials, the fine
-    cells' patches, the leftover patches), and for every other patch (ascending) its cell."""
+                      special_tokens: int, cell: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept_index [B, S + c^2 F + X], neighbor_index [B, c^2 (C - F), 1]), the files' diagnostic
+    outputs in IPCV's terms: ascending indices of the tokens computed at full resolution (specials,
+    the fine cells' patches, the leftover patches), and for every other patch (ascending) its cell."""
     fine, _, slot = choice
     batch, fine_count = fine.shape
-    cell_rows, cell_columns = rows // 2, columns // 2
-    cells, leftovers = cell_rows * cell_columns, rows * columns - 4 * cell_rows * cell_columns
+    cell_rows, cell_columns = rows // cell, columns // cell
+    cells, leftovers = cell_rows * cell_columns, rows * columns - cell * cell * cell_rows * cell_columns
     is_fine = (slot < fine_count).to(torch.int64)
     per_cell = torch.stack([is_fine, torch.arange(cells, device=slot.device).expand(batch, cells)], -1)
-    per_cell = per_cell[:, :, None].expand(batch, cells, 4, 2)
+    per_cell = per_cell[:, :, None].expand(batch, cells, cell * cell, 2)
     per_leftover = torch.stack([torch.ones(batch, leftovers, dtype=torch.int64, device=slot.device),
                                 torch.zeros(batch, leftovers, dtype=torch.int64, device=slot.device)], -1)
-    grid = with_leftover(grid_of_cells(per_cell, cell_rows, cell_columns), per_leftover, rows, columns)
-    full_resolution, cell = grid.reshape(batch, rows * columns, 2).unbind(-1)
-    keep, rem, _ = split_exactly(full_resolution.bool(), 4 * fine_count + leftovers)
+    grid = with_leftover(grid_of_cells(per_cell, cell_rows, cell_columns, cell), per_leftover, rows, columns, cell)
+    full_resolution, owner = grid.reshape(batch, rows * columns, 2).unbind(-1)
+    keep, rem, _ = split_exactly(full_resolution.bool(), cell * cell * fine_count + leftovers)
     specials = torch.arange(special_tokens, device=slot.device).expand(batch, special_tokens)
-    return torch.cat([specials, keep + special_tokens], 1), take(cell, rem, 1)[..., None]
+    return torch.cat([specials, keep + special_tokens], 1), take(owner, rem, 1)[..., None]
 
 
 class ExportableMixedResolution(torch.nn.Module):
@@ -182,20 +203,21 @@ class ExportableMixedResolution(torch.nn.Module):
     with mixed-resolution tokens, from a tower's stock parts (`models.description.TowerParts`)."""
 
     def __init__(self, model: torch.nn.Module, parts: Callable[[torch.nn.Module], TowerParts], special_tokens: int,
-                 retention_e4: int) -> None:
+                 retention_e4: int, cell: int = 2) -> None:
         super().__init__()
         self.model = model
         self.parts = parts(model)
-        self.special_tokens, self.retention_e4 = special_tokens, retention_e4
+        self.special_tokens, self.retention_e4, self.cell = special_tokens, retention_e4, cell
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p, s = self.parts.patch_size, self.special_tokens
+        p, s, c = self.parts.patch_size, self.special_tokens, self.cell
         rows, columns = pixel_values.shape[2] // p, pixel_values.shape[3] // p
-        halved = F.avg_pool2d(even_part(pixel_values, 2, 2 * (rows // 2) * p, 2 * (columns // 2) * p), 2)
+        inside = cell_part(pixel_values, 2, c * (rows // c) * p, c * (columns // c) * p)
+        shrunk = shrink(shrink(inside, 2, c), 3, c)
         full = self.parts.embed(pixel_values)
-        coarse = without_specials(self.parts.embed(halved), s)
-        hidden, choice = mixed_sequence(full, coarse, rows, columns, s, self.retention_e4)
+        coarse = without_specials(self.parts.embed(shrunk), s)
+        hidden, choice = mixed_sequence(full, coarse, rows, columns, s, self.retention_e4, c)
         for block in self.parts.blocks:
             hidden = block(hidden)
-        tokens = self.parts.head(full_grid(hidden, choice, rows, columns, s), columns)
-        return (tokens, *selection_outputs(choice, rows, columns, s))
+        tokens = self.parts.head(full_grid(hidden, choice, rows, columns, s, c), columns)
+        return (tokens, *selection_outputs(choice, rows, columns, s, c))

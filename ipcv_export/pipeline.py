@@ -40,9 +40,9 @@ VERIFY_GRIDS = ([[1, 16, 24]], [[1, 8, 8], [1, 12, 8]], [[3, 8, 8]])
 """Single image, two images of different sizes, a 3-slice video: none is the capture example."""
 VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
 """Batched towers: (images, rows, columns of patches) per check, none the capture example."""
-VERIFY_MIXED = ((1, 16, 16), (2, 12, 20), (3, 9, 13))
-"""Batched towers with mixed selection: odd sides too (patches outside every 2 x 2 cell), each
-side raised to the file's smallest and rounded up to the grid multiple."""
+VERIFY_MIXED = ((1, 16, 16), (2, 12, 18), (3, 11, 13))
+"""Batched towers with mixed selection: sides with every remainder modulo each cell side (patches
+outside every cell), each side raised to the file's smallest and rounded up to the grid multiple."""
 VERIFY_PADDED = (([(4, 3)], 12), ([(2, 2), (1, 3), (3, 3)], 10), ([(5, 2), (2, 1)], 12))
 """Padded towers: images of (columns, rows) in cells of k x k patches, padded to that many cells:
 one unpadded image, three of which one fills the row, two with much padding."""
@@ -189,7 +189,8 @@ def _diagnostics_kept(format: str, asked: bool) -> bool:
 
 def _describe(config: IpcvConfig) -> str:
     if config.selection == "mixed":
-        return f"rho={config.retention}, selection=mixed (mixed-resolution tokens)"
+        return (f"rho={config.retention}, selection=mixed (mixed-resolution tokens, "
+                f"{config.mixed_cell} x {config.mixed_cell} cells)")
     return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
             f"selection={config.selection}, NGR weighting={config.ngr_weighting}, "
             f"per-image selection={config.per_image_selection}")
@@ -387,7 +388,8 @@ def _manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision
         "architecture": encoder.description.architecture,
         "ipcv": {"retention": config.retention, "prune_layer": config.prune_layer,
                  "as_depth": config.as_depth, "neighbors": config.neighbors, "selection": config.selection,
-                 "ngr_weighting": config.ngr_weighting, "per_image_selection": config.per_image_selection},
+                 "ngr_weighting": config.ngr_weighting, "per_image_selection": config.per_image_selection,
+                 "mixed_cell": config.mixed_cell},
         "inputs": inputs,
         "outputs": outputs if diagnostics else outputs[:-2],
         "preprocessing": encoder.preprocessing,
@@ -440,7 +442,7 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
     features = {"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
                 "meaning": "every token of every image (special tokens first), the original encoder's output"}
     if config.selection == "mixed":
-        return inputs, [features, *_mixed_diagnostics(s, config.retention_e4)]
+        return inputs, [features, *_mixed_diagnostics(s, config.retention_e4, config.mixed_cell)]
     outputs = [features,
                {"name": names[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
                 "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
@@ -449,16 +451,19 @@ def _image_batch_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, l
     return inputs, outputs
 
 
-def _mixed_diagnostics(special_tokens: int, retention_e4: int) -> list[dict]:
+def _mixed_diagnostics(special_tokens: int, retention_e4: int, cell: int) -> list[dict]:
     """The diagnostic outputs of a mixed-selection file (`mixed_resolution.selection_outputs`)."""
     names = output_names()
-    fine = f"F = C*{4 * retention_e4 - 10_000}//30000 of the C = (H/p//2)*(W/p//2) cells of 2 x 2 patches"
-    return [{"name": names[1], "dtype": "int64", "shape": ["B", f"{special_tokens} + 4F + X"],
+    square, coarse = cell * cell, (cell - 1) ** 2
+    fine = (f"F = C*{square * retention_e4 - coarse * 10_000}//{(square - coarse) * 10_000} of the "
+            f"C = (H/p//{cell})*(W/p//{cell}) cells of {cell} x {cell} patches")
+    return [{"name": names[1], "dtype": "int64", "shape": ["B", f"{special_tokens} + {square}F + X"],
              "meaning": f"per image, ascending indices of the tokens computed at full resolution: the special tokens, "
-                        f"the patches of the {fine}, and the X patches of an odd last row or column"},
-            {"name": names[2], "dtype": "int64", "shape": ["B", "P-4F-X", 1],
-             "meaning": "per image, for each other patch (ascending), the cell (raster order) whose one token of the "
-                        "halved image it was rebuilt from"}]
+                        f"the patches of the {fine}, and the X patches outside every cell (the last rows and "
+                        f"columns beyond a multiple of {cell})"},
+            {"name": names[2], "dtype": "int64", "shape": ["B", f"P-{square}F-X", 1],
+             "meaning": f"per image, for each other patch (ascending), the cell (raster order) whose {coarse} token(s) "
+                        f"of the image shrunk by {cell - 1}/{cell} it was rebuilt from"}]
 
 
 def _padded_io(encoder: LoadedEncoder, config: IpcvConfig) -> tuple[dict, list[dict]]:

@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, real_patches, segment_ids
 from .models.description import ModelDescription, TowerParts
-from .tokens import WEIGHT_EPSILON, rankable, unit_rows
+from .tokens import WEIGHT_EPSILON, area_weights, rankable, unit_rows
 
 
 
@@ -433,21 +433,10 @@ def mixed_cells(rows: int, columns: int, retention_e4: int, cell: int = 2) -> tu
     return cell_rows, cell_columns, max(0, fine)
 
 
-def area_weights(cell: int) -> torch.Tensor:
-    """[c - 1, c]: each of c - 1 samples as the area-weighted mean of the c samples spanning the
-    same length (c = 2: the mean of two)."""
-    weights = torch.zeros(cell - 1, cell)
-    for out in range(cell - 1):
-        low, high = out * cell / (cell - 1), (out + 1) * cell / (cell - 1)
-        for sample in range(cell):
-            weights[out, sample] = max(0.0, min(high, sample + 1) - max(low, sample))
-    return weights * (cell - 1) / cell
-
-
 def shrink_cells(grid: torch.Tensor, cell: int) -> torch.Tensor:
     """[..., H, W] -> [..., H (c - 1) / c, W (c - 1) / c]: every c x c block of the last two axes
     area-resized to (c - 1) x (c - 1) (H and W multiples of c; c = 2: 2 x 2 means)."""
-    weights = area_weights(cell).to(grid.dtype)
+    weights = torch.tensor(area_weights(cell), dtype=grid.dtype)
     height, width = grid.shape[-2:]
     grid = grid.reshape(*grid.shape[:-2], height // cell, cell, width // cell, cell)
     grid = torch.einsum("...ajbk,ij,lk->...aibl", grid, weights, weights)

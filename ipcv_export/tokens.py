@@ -44,10 +44,20 @@ def kept_count(n: int | torch.SymInt, retention_e4: int, special_tokens: int = 0
     return ((n - special_tokens) * retention_e4) // RETENTION_SCALE
 
 
-def fine_cells(cells: int | torch.SymInt, retention_e4: int) -> int | torch.SymInt:
-    """Mixed-resolution tokens' F = C * (4 rho - 1) // 3 fine cells of C (mixed_resolution.py), so
-    that about rho * N patch tokens enter the blocks: their `kept_count`."""
-    return cells * (4 * retention_e4 - RETENTION_SCALE) // (3 * RETENTION_SCALE)
+def fine_cells(cells: int | torch.SymInt, retention_e4: int, cell: int = 2) -> int | torch.SymInt:
+    """Mixed-resolution tokens' F fine cells of C cells of c x c patches (c = `cell`;
+    mixed_resolution.py), so that about rho * N patch tokens enter the blocks (c^2 per fine cell,
+    (c - 1)^2 per coarse one): F = C (c^2 rho - (c - 1)^2) // (2c - 1), C (4 rho - 1) // 3 for c = 2.
+    Negative (no fine cell) at rho <= ((c - 1) / c)^2."""
+    coarse = (cell - 1) ** 2
+    return cells * (cell * cell * retention_e4 - coarse * RETENTION_SCALE) // ((cell * cell - coarse) * RETENTION_SCALE)
+
+
+def area_weights(cell: int) -> list[list[float]]:
+    """[c - 1][c]: each of c - 1 samples as the area-weighted mean of the c samples spanning the
+    same length (c = 2: the mean of two); how mixed-resolution tokens shrink a c x c cell."""
+    return [[max(0.0, min((out + 1) * cell / (cell - 1), sample + 1) - max(out * cell / (cell - 1), sample))
+             * (cell - 1) / cell for sample in range(cell)] for out in range(cell - 1)]
 
 
 def min_tokens(retention_e4: int) -> int:

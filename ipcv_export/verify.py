@@ -72,7 +72,8 @@ def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     gives per-image kept and neighbour indices, compared image by image (mixed selection: against
     `mixed_reference`)."""
     if config.selection == "mixed":
-        reference_of = partial(mixed_reference, parts, special_tokens, pixel_values, config.retention)
+        reference_of = partial(mixed_reference, parts, special_tokens, pixel_values, config.retention,
+                               cell=config.mixed_cell)
     else:
         reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))

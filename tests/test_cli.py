@@ -81,13 +81,14 @@ def test_flags_map_onto_the_method_and_the_target():
     """Every method flag lands in Method, every target flag in Target; unset flags keep their defaults."""
     args = build_parser().parse_args(["--model", "m", "-o", "e.engine", "--retention", "0.3", "--prune-layer", "2",
                                       "--as-depth", "4", "--neighbors", "6", "--selection", "merge",
-                                      "--ngr-weighting", "similarity", "--per-image-selection", "--budget", "0.4",
+                                      "--ngr-weighting", "similarity", "--per-image-selection", "--mixed-cell", "3",
+                                      "--budget", "0.4",
                                       "--format", "engine", "--runtime", "tensorrt", "--precision", "fp16",
                                       "--opset", "20", "--min-patches", "128", "--opt-patches", "1024",
                                       "--max-patches", "4096", "--timing-cache", "t.cache", "--diagnostic-outputs",
                                       "--skip-verify", "--atol", "0.001"])
     assert method_and_target(args) == (
-        Method(0.3, 2, 4, 6, "merge", "similarity", True, 0.4),
+        Method(0.3, 2, 4, 6, "merge", "similarity", True, 3, 0.4),
         Target("e.engine", "engine", "tensorrt", "fp16", 20, 128, 1024, 4096, "t.cache", True, False, 0.001))
     assert method_and_target(build_parser().parse_args(["--model", "m", "-o", "e.onnx"])) == (Method(), Target("e.onnx"))
 

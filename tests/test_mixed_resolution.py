@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ipcv_export import Method, Target, export, load
-from ipcv_export.config import UsageError
+from ipcv_export.capture import capture
+from ipcv_export.compress import compress
+from ipcv_export.config import IpcvConfig, UsageError
+from ipcv_export.flops import floor_ratio, program_flops
 from ipcv_export.mixed_resolution import min_grid_side
 from ipcv_export.models import load_encoder
 from ipcv_export.reference import mixed_cells, mixed_reference
@@ -88,43 +91,70 @@ def test_cell_counts(rows, columns, retention_e4, cell, expected):
     assert mixed_cells(rows, columns, retention_e4, cell) == expected
 
 
-@pytest.fixture(scope="module")
-def mixed_file(tmp_path_factory):
-    """The tiny DINOv2 as an ONNX file with mixed selection, through the CLI's pipeline (its own
-    parity gate included), with the diagnostic outputs."""
+@pytest.fixture(scope="module", params=[(0.4, 2), (0.6, 3)], ids=["2x2-cells", "3x3-cells"])
+def mixed_file(request, tmp_path_factory):
+    """The tiny DINOv2 as an ONNX file with mixed selection (rho, cell side), through the CLI's
+    pipeline (its own parity gate included), with the diagnostic outputs."""
+    retention, cell = request.param
     out = tmp_path_factory.mktemp("mixed") / "tower.onnx"
-    result = export("tiny-dinov2", Target(out, diagnostic_outputs=True), Method(retention=0.4, selection="mixed"),
-                    report=lambda _line: None)
-    return out, result.manifest
+    result = export("tiny-dinov2", Target(out, diagnostic_outputs=True),
+                    Method(retention=retention, selection="mixed", mixed_cell=cell), report=lambda _line: None)
+    return out, result.manifest, retention, cell
 
 
 def test_mixed_onnx_file_is_verified_tensorrt_ready_and_priced(mixed_file):
-    _, manifest = mixed_file
+    _, manifest, retention, cell = mixed_file
     verification = manifest["verification"]
     assert verification["verified"] and verification["worst_abs_diff"] <= 1e-4
-    assert [tuple(check["grid"][2:]) for check in verification["checks"]] == [(224, 224), (168, 280), (126, 182)]
+    assert [tuple(check["grid"][2:]) for check in verification["checks"]] == [(224, 224), (168, 252), (154, 182)]
     assert manifest["tensorrt_compat"]["ok"]
     assert manifest["ipcv"]["selection"] == "mixed" and manifest["ipcv"]["neighbors"] == 1
-    assert manifest["inputs"]["min_tokens"] == min_grid_side(4000) ** 2 == 36  # 3 x 3 cells: 9 * 6000 // 30000 = 1 fine
+    assert manifest["ipcv"]["mixed_cell"] == cell
+    # 2 x 2 cells at rho 0.4: 3 x 3 cells of them give 9 * 6000 // 30000 = 1 fine cell; 3 x 3 cells at
+    # rho 0.6: 2 x 2 cells of them give 4 * 14000 // 50000 = 1
+    assert manifest["inputs"]["min_tokens"] == min_grid_side(round(retention * 10_000), cell) ** 2 == 36
     assert [output["name"] for output in manifest["outputs"]] == ["image_features", "kept_index", "neighbor_index"]
-    assert manifest["compute"]["ratio"] < 0.55
+    encoder, config = load_encoder("tiny-dinov2"), IpcvConfig(retention, neighbors=1, selection="mixed", mixed_cell=cell)
+    assert manifest["compute"]["ratio"] == round(floor_ratio(encoder, config, manifest["compute"]["tokens"]), 4) < 1
 
 
 def test_mixed_onnx_file_equals_the_reference_on_odd_grids(mixed_file):
-    path, manifest = mixed_file
+    """11 x 7 patches: sides with patches outside every cell for both cell sides."""
+    path, _, retention, cell = mixed_file
     encoder = load_encoder("tiny-dinov2")
     parts = encoder.description.image_batch.parts(encoder.module)
     pixels = torch.randn(2, 3, 11 * 14, 7 * 14, generator=torch.Generator().manual_seed(3))
     tokens, keep, owners = load(path).run_all(pixels)
-    reference = mixed_reference(parts, 1, pixels, 0.4)
+    reference = mixed_reference(parts, 1, pixels, retention, cell=cell)
     assert torch.equal(torch.as_tensor(keep), reference.keep)
     assert torch.equal(torch.as_tensor(owners), reference.neighbors)
     torch.testing.assert_close(torch.as_tensor(tokens), reference.embeddings, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("cell,retention", [(3, 0.6), (4, 0.7)])
+def test_milder_cells_in_the_graph_equal_the_reference_and_the_cost_model(cell, retention):
+    """3 x 3 and 4 x 4 cells in the captured program: the reference's fine cells and tokens
+    (1e-5) on grids with every remainder modulo the cell side, and counted FLOPs == cost model."""
+    encoder = load_encoder("tiny-dinov2")
+    config = encoder.method_config(retention=retention, selection="mixed", mixed_cell=cell).check(encoder.depth)
+    program = compress(capture(encoder), encoder, config)
+    parts = encoder.description.image_batch.parts(encoder.module)
+    for seed, (images, rows, columns) in enumerate([(1, 8, 8), (2, 9, 13), (1, 12, 10), (2, 15, 11)]):
+        pixels = torch.randn(images, 3, rows * 14, columns * 14, generator=torch.Generator().manual_seed(seed))
+        tokens, keep, owners = program.module()(pixels)
+        reference = mixed_reference(parts, 1, pixels, retention, cell=cell)
+        assert torch.equal(keep, reference.keep) and torch.equal(owners, reference.neighbors)
+        torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-5)
+    for patches in (64, 81, 144):
+        assert program_flops(program, encoder, patches) == encoder.description.flop_floor(
+            encoder.module.config, config.retention_e4, config.prune_layer, config.as_depth, patches, "mixed", cell)
+
+
 @pytest.mark.parametrize("model,method,message", [
     ("tiny-dinov2", Method(retention=0.4, selection="mixed", neighbors=3), "neighbors must be 1"),
     ("tiny-dinov2", Method(retention=0.25, selection="mixed"), "retention above 0.25"),
+    ("tiny-dinov2", Method(retention=0.44, selection="mixed", mixed_cell=3), "retention above 0.4444"),
+    ("tiny-dinov2", Method(retention=0.5, mixed_cell=3), "applies to --selection mixed only"),
     ("tiny-dinov2", Method(retention=0.4, selection="mixed", prune_layer=2), "drop --prune-layer"),
     ("tiny-qwen2-vl", Method(retention=0.5, selection="mixed"), "towers that batch whole images"),
 ])

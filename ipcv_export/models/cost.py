@@ -103,16 +103,17 @@ def ipcv_call_flops(shape: TowerShape, retention_e4: int, prune_layer: int, as_d
             + blocks(range(stabilized.stop, shape.depth), [(q, q) for q, _ in kept]) + neighbour_search + matching)
 
 
-def mixed_flops(shape: TowerShape, retention_e4: int, rows: int, columns: int) -> int:
-    """FLOPs of mixed-resolution tokens (mixed_resolution.py) on one image of rows x columns patches:
-    the patch embedding of the image and of its halved even part (one patch per 2 x 2 cell), every
-    block on S + 4F + (C - F) + X tokens, and the head on the full grid. The cell choice, the
-    selection and the upsampling are no matrix products."""
-    cells = (rows // 2) * (columns // 2)
-    fine = fine_cells(cells, retention_e4)
-    tokens = shape.special_tokens + 4 * fine + (cells - fine) + rows * columns - 4 * cells
+def mixed_flops(shape: TowerShape, retention_e4: int, rows: int, columns: int, cell: int = 2) -> int:
+    """FLOPs of mixed-resolution tokens (mixed_resolution.py) with c x c cells on one image of
+    rows x columns patches: the patch embedding of the image and of its cell part shrunk by
+    (c - 1) / c ((c - 1)^2 patches per cell), every block on S + c^2 F + (c - 1)^2 (C - F) + X
+    tokens, and the head on the full grid. The shrinking, the cell choice, the selection and the
+    upsampling are no matrix products."""
+    cells, small = (rows // cell) * (columns // cell), (cell - 1) ** 2
+    fine = max(0, fine_cells(cells, retention_e4, cell))
+    tokens = shape.special_tokens + cell * cell * fine + small * (cells - fine) + rows * columns - cell * cell * cells
     patches = rows * columns
-    return (_embed_flops(shape, patches) + _embed_flops(shape, cells) + _head_flops(shape, patches)
+    return (_embed_flops(shape, patches) + _embed_flops(shape, small * cells) + _head_flops(shape, patches)
             + shape.depth * block_flops(shape, tokens, tokens, tokens * tokens))
 
 

@@ -156,12 +156,13 @@ class ModelDescription:
     method_defaults: dict[str, int] = field(default_factory=dict)
 
     def flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
-                   selection: str = "score") -> int:
+                   selection: str = "score", mixed_cell: int = 2) -> int:
         """ipcv.md's cost model for one image (segment) of `tokens` patches (`cost.ipcv_flops`); mixed
-        selection's (`cost.mixed_flops`) on the most nearly square grid of them, as FLOPs are counted."""
+        selection's (`cost.mixed_flops`, cells of `mixed_cell` patches a side) on the most nearly
+        square grid of them, as FLOPs are counted."""
         if selection == "mixed":
             rows, columns = square_grid(tokens, self.image_batch.grid_multiple)
-            return mixed_flops(self.tower_shape(config), retention_e4, rows, columns)
+            return mixed_flops(self.tower_shape(config), retention_e4, rows, columns, mixed_cell)
         return ipcv_flops(self.tower_shape(config), retention_e4, prune_layer, as_depth, tokens, selection)
 
     def call_flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int,
