@@ -39,7 +39,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch.utils.flop_counter import FlopCounterMode
 
-from ipcv_export.budget import FIELDS
+from ipcv_export.budget import FIELDS, setting_of
 from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
 from ipcv_export.models import attention, load_encoder
@@ -53,6 +53,7 @@ CLUSTERS = 8
 BUDGETS = (0.35, 0.45, 0.55, 0.65, 0.75)
 MIXED_RETENTIONS = (0.3, 0.35, 0.4, 0.5, 0.6, 0.7)
 HIGH_RETENTIONS = (0.55, 0.6, 0.65, 0.7)  # IPCV merge and bipartite with Δ 0, beside ToMe at ρ 0.6 and 0.7
+MILDER_CELLS = {3: (0.45, 0.5, 0.55, 0.6, 0.65), 4: (0.6, 0.7)}  # mixed tokens' --mixed-cell: its retentions
 
 
 # ---------------------------------------------------------------- methods
@@ -70,7 +71,7 @@ def ipcv(config: IpcvConfig, ngr: bool = True, random_keep: bool = False) -> Cal
     """IPCV through the eager reference (selection as `config.selection`, or a seeded random kept
     set); `ngr=False` is plain pruning. Mixed selection runs `mixed`."""
     if config.selection == "mixed":
-        return mixed(config.retention)
+        return mixed(config.retention, config.mixed_cell)
 
     def run(parts, pixels):
         keep = random_kept_set(pixels, parts, config) if random_keep else None
@@ -174,6 +175,10 @@ def methods(encoder) -> list[Method]:
     for rho in MIXED_RETENTIONS:
         found.append(Method("mixed-resolution tokens", f"ρ={rho}", mixed(rho),
                             cost(IpcvConfig(rho, neighbors=1, selection="mixed"))))
+    for cell, retentions in MILDER_CELLS.items():
+        for rho in retentions:
+            found.append(Method(f"mixed tokens, {cell} x {cell} cells", f"ρ={rho}", mixed(rho, cell),
+                                cost(IpcvConfig(rho, neighbors=1, selection="mixed", mixed_cell=cell))))
     for rho in (0.35, 0.2, 0.1):
         late = IpcvConfig(rho, 6, 3, 10)
         found += [Method("IPCV late (l_p 6, Δ 3, k 10)", f"ρ={rho}", ipcv(late), cost(late)),
@@ -192,6 +197,8 @@ SWEEP = [IpcvConfig(rho, prune_layer, as_depth, k, selection) for selection in S
          for rho in (0.2, 0.35, 0.5) for prune_layer in (3, 6) for as_depth in (0, 3, 7)
          for k in ((1,) if selection == "merge" else (3, 10))]
 SWEEP += [IpcvConfig(rho, neighbors=1, selection="mixed") for rho in MIXED_RETENTIONS]
+SWEEP += [IpcvConfig(rho, neighbors=1, selection="mixed", mixed_cell=cell) for cell, retentions in MILDER_CELLS.items()
+          for rho in retentions]
 SWEEP += [IpcvConfig(rho, 3, 0, k, selection) for selection, k in (("merge", 1), ("bipartite", 3)) for rho in HIGH_RETENTIONS]
 """IPCV settings measured for `ipcv-export --budget` (ipcv_export/budget_settings.json)."""
 
@@ -216,7 +223,7 @@ def sweep(parts, sides: list[int], photos: dict, out: Path, model: str, selectio
             command = f"{table['measured']['command']}; then {command} --selections {' '.join(selections)}"
         else:
             kept = table["settings"]
-            measured = {_setting(IpcvConfig(**{field: entry[field] for field in FIELDS})) for entry in kept}
+            measured = {_setting(setting_of(entry)) for entry in kept}
             todo = [config for config in SWEEP if _setting(config) not in measured]
             command = f"{table['measured']['command']}; then {command} --missing"
     scores: dict[IpcvConfig, list[float]] = {config: [] for config in todo}

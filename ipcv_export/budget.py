@@ -19,7 +19,14 @@ from .models import LoadedEncoder
 from .passes import check_supported
 
 SETTINGS = Path(__file__).with_name("budget_settings.json")
-FIELDS = ("retention", "prune_layer", "as_depth", "neighbors", "selection")
+FIELDS = ("retention", "prune_layer", "as_depth", "neighbors", "selection", "mixed_cell")
+"""What a table entry records of its setting; entries measured before a field existed lack it and
+take IpcvConfig's default (`setting_of`)."""
+
+
+def setting_of(entry: dict) -> IpcvConfig:
+    """The IpcvConfig a budget table entry was measured with."""
+    return IpcvConfig(**{field: entry[field] for field in FIELDS if field in entry})
 
 
 def choose_setting(encoder: LoadedEncoder, budget: float, tokens: int) -> tuple[IpcvConfig, dict]:
@@ -32,7 +39,7 @@ def choose_setting(encoder: LoadedEncoder, budget: float, tokens: int) -> tuple[
     table = json.loads(SETTINGS.read_text())
     fitting, cheapest = [], 1.0
     for entry in table["settings"]:
-        config = IpcvConfig(**{field: entry[field] for field in FIELDS})
+        config = setting_of(entry)
         if not _runs_on(config, encoder):
             continue
         ratio = floor_ratio(encoder, config, tokens)
