@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -79,11 +80,26 @@ def staging(folder: Path) -> Iterator[Path]:
     """A private folder in `folder`; whatever is still in it at the end is deleted. Staging folders
     of dead processes found there are removed first."""
     remove_stale_staging(folder)
-    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+    path = None
     try:
+        with _signals_held():  # a SIGTERM between making the folder and recording it would leave it behind
+            path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait (POSIX) until the block ends; their handlers then run as usual."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def remove_stale_staging(folder: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -126,4 +127,31 @@ def test_a_second_export_to_the_same_name_is_refused_while_the_first_runs(tmp_pa
     assert second.stderr.strip().splitlines()[-1].startswith(f"ipcv-export: error: another export (process {first.pid})")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == EXIT_TERMINATED
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM arriving just after the staging folder exists (the window the subprocess test above
+    can hit on a loaded machine) still removes it: the signal waits until the folder is recorded."""
+    class Stop(Exception):
+        pass
+
+    def stop(_signum, _frame):
+        raise Stop
+
+    made = tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        path = made(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    try:
+        with pytest.raises(Stop):
+            with outputs.staging(tmp_path):
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
