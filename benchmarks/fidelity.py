@@ -138,7 +138,7 @@ def downsample_to(small_rows: int, small_cols: int) -> Callable:
 def mixed(retention: float, cell: int = 2) -> Callable:
     """Mixed-resolution tokens (`reference.mixed_reference`): detailed c x c cells keep their
     patches, the others are (c - 1)^2 patches of the image shrunk by (c - 1) / c; the full grid is
-    rebuilt before the head. The export has c = 2."""
+    rebuilt before the head (`--mixed-cell c`)."""
     return lambda parts, pixels: mixed_reference(parts, 1, pixels, retention, cell=cell).embeddings
 
 

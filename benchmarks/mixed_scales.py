@@ -1,13 +1,13 @@
-"""Mixed-resolution tokens at milder coarse scales (issue 23): an eager probe, not a product setting.
+"""Mixed-resolution tokens at milder coarse scales (issue 23), beside downsampling to the same grid.
 
     .venv/bin/python benchmarks/mixed_scales.py [--sizes 448 518] [--settings 0.6:3 0.7:4]
 
-`--selection mixed` halves each coarse 2 x 2 cell. Where detail is spread evenly, downsampling's
-milder uniform scale (0.77 per side at rho 0.6) keeps more. The eager reference takes any cell
-side c (`reference.mixed_reference(cell=c)`): each c x c cell of patches enters either as its c^2
-patch tokens (the most detailed cells) or as (c - 1)^2 tokens of the image shrunk by (c - 1) / c
-(area weights within each c-pixel block, so cells stay aligned with patches); the export has
-c = 2 only. Each setting is printed beside downsampling to its coarse grid
+2 x 2 cells halve each coarse cell. Where detail is spread evenly, downsampling's milder uniform
+scale (0.77 per side at rho 0.6) keeps more. The eager reference takes any cell side c
+(`reference.mixed_reference(cell=c)`), as `--selection mixed --mixed-cell c` exports it: each
+c x c cell of patches enters either as its c^2 patch tokens (the most detailed cells) or as
+(c - 1)^2 tokens of the image shrunk by (c - 1) / c (area weights within each c-pixel block, so
+cells stay aligned with patches). Each setting is printed beside downsampling to its coarse grid
 (`fidelity.downsample_to`): the same image scale without fine cells or patches outside cells.
 FLOPs are counted on the astronaut photo, attention included, as the study counts baselines.
 """
