@@ -14,9 +14,9 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,28 +78,18 @@ def locked(output: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def staging(folder: Path) -> Iterator[Path]:
     """A private folder in `folder`; whatever is still in it at the end is deleted. Staging folders
-    of dead processes found there are removed first."""
+    of dead processes found there are removed first.
+
+    The folder is named before it is made, so a signal landing anywhere after `mkdir` finds the
+    name already recorded for the cleanup (blocking signals would not do: a process with other
+    threads, torch's among them, takes them on one of those)."""
     remove_stale_staging(folder)
-    path = None
+    path = folder / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        with _signals_held():  # a SIGTERM between making the folder and recording it would leave it behind
-            path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+        path.mkdir(mode=0o700)
         yield path
     finally:
-        if path is not None:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT wait (POSIX) until the block ends; their handlers then run as usual."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale_staging(folder: Path) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -132,26 +133,31 @@ def test_a_second_export_to_the_same_name_is_refused_while_the_first_runs(tmp_pa
 
 def test_a_signal_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
     """SIGTERM arriving just after the staging folder exists (the window the subprocess test above
-    can hit on a loaded machine) still removes it: the signal waits until the folder is recorded."""
+    can hit on a loaded machine) still removes it, also with another thread alive to take the signal
+    (as torch's are in a real export)."""
     class Stop(Exception):
         pass
 
     def stop(_signum, _frame):
         raise Stop
 
-    made = tempfile.mkdtemp
+    made = os.mkdir
 
-    def mkdtemp_then_signal(*args, **kwargs):
-        path = made(*args, **kwargs)
+    def mkdir_then_signal(*args, **kwargs):
+        made(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
-        return path
+        time.sleep(0.2)  # the handler runs by the time this returns, whichever thread took the signal
 
+    idle = threading.Event()
+    bystander = threading.Thread(target=idle.wait, daemon=True)
+    bystander.start()
     previous = signal.signal(signal.SIGTERM, stop)
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
     try:
         with pytest.raises(Stop):
             with outputs.staging(tmp_path):
                 pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        idle.set()
     assert list(tmp_path.iterdir()) == []
