@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/cpu_latency.py --model qwen2-vl-7b-shape --tokens 1024 --retentions 0.5 0.35
     .venv/bin/python benchmarks/cpu_latency.py --model llava-1.5-7b-shape --tokens 576   # batched towers: one image
     .venv/bin/python benchmarks/cpu_latency.py --model dinov2-small --tokens 1369 --retentions 0.4 0.5 0.6 --selection mixed
+    .venv/bin/python benchmarks/cpu_latency.py --model dinov2-small --tokens 1369 --retentions 0.5 0.55 --selection mixed \
+        --mixed-cell 3 --resized 24 27 29
 
 Exports the original encoder (--retention 1) and one IPCV file per retention with this tool
 (verified as usual; --folder reuses files already there), then times each file on the same
 single-image inputs: ORT with intra-op threads pinned to --threads, one warm-up run, median of
 --runs runs. Prints the time ratio next to the FLOP floor (ipcv.md's cost model) and their quotient.
+--resized G also times the original file on one image of G x G patches: what resizing the image
+costs instead (the resize itself, done before the file runs, is not timed).
 """
 
 from __future__ import annotations
@@ -62,11 +66,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--folder", type=Path, help="where the files are or go (default: a temporary folder)")
     parser.add_argument("--selection", default="score", help="the IPCV files' --selection (mixed: towers that batch images)")
+    parser.add_argument("--mixed-cell", type=int, default=2, help="the IPCV files' --mixed-cell (with --selection mixed)")
+    parser.add_argument("--resized", type=int, nargs="*", default=[], metavar="G",
+                        help="also time the original file on an image resized to G x G patches")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     encoder = load_encoder(args.model)
+    prefix = f"{args.selection}-" if args.mixed_cell == 2 else f"{args.selection}{args.mixed_cell}-"
     files = exported_files(encoder, [1.0], args.folder) | exported_files(
-        encoder, args.retentions, args.folder, prefix=f"{args.selection}-", selection=args.selection)
+        encoder, args.retentions, args.folder, prefix=prefix, selection=args.selection, mixed_cell=args.mixed_cell)
 
     defaults = encoder.method_config()
     print(f"threads={args.threads}, median of {args.runs} after 1 warm-up; "
@@ -77,9 +85,15 @@ def main() -> None:
         original = median_ms(files[1.0], feeds, args.threads, args.runs)
         for retention in args.retentions:
             ipcv = median_ms(files[retention], feeds, args.threads, args.runs)
-            floor = floor_ratio(encoder, encoder.method_config(retention=retention, selection=args.selection), tokens)
+            config = encoder.method_config(retention=retention, selection=args.selection,
+                                           mixed_cell=args.mixed_cell if args.selection == "mixed" else None)
+            floor = floor_ratio(encoder, config, tokens)
             print(f"{retention:5.2f} {tokens:6d} {original:9.1f} {ipcv:9.1f} {ipcv / original:6.3f} "
                   f"{floor:6.3f} {ipcv / original / floor:11.3f}")
+        for grid in args.resized:
+            resized = median_ms(files[1.0], single_image_feeds(encoder, grid * grid), args.threads, args.runs)
+            print(f"original file on the image resized to {grid} x {grid} patches: {resized:.1f} ms, "
+                  f"ratio {resized / original:.3f}")
 
 
 if __name__ == "__main__":
