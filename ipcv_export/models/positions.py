@@ -31,10 +31,15 @@ def resized_positions(table: torch.Tensor, special_tokens: int, rows: int | torc
 def bicubic_resize(grid: torch.Tensor, rows: int | torch.SymInt, cols: int | torch.SymInt) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, rows, cols]: torch's bicubic `interpolate` (align_corners=False, no
     antialiasing, edge samples repeated), one axis at a time, equal to it up to fp32 rounding."""
-    taps, weights = _cubic_taps(grid.shape[2], rows, grid.device)
-    grid = (grid.index_select(2, taps.flatten()).unflatten(2, (-1, 4)) * weights[:, :, None]).sum(3)
-    taps, weights = _cubic_taps(grid.shape[3], cols, grid.device)
-    return (grid.index_select(3, taps.flatten()).unflatten(3, (-1, 4)) * weights).sum(4)
+    return _resize_axis(_resize_axis(grid, 2, rows), 3, cols)
+
+
+def _resize_axis(grid: torch.Tensor, axis: int, resized: int | torch.SymInt) -> torch.Tensor:
+    """`grid` with its `axis` (counted from the front) resized to `resized` samples."""
+    taps, weights = _cubic_taps(grid.shape[axis], resized, grid.device)
+    picked = grid.index_select(axis, taps.flatten()).unflatten(axis, (-1, 4))
+    trailing = picked.dim() - axis - 2  # axes after the taps' one, which the weights broadcast over
+    return (picked * weights.reshape(*weights.shape, *[1] * trailing)).sum(axis + 1)
 
 
 def _cubic_taps(size: int, resized: int | torch.SymInt, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
