@@ -6,8 +6,8 @@ H and W cannot take; here the table is always resized. At the native size that r
 exactly: bicubic weights at integer offsets are 1, 0, 0, 0.
 
 The resize is written as four-tap gathers and weighted sums (`bicubic_resize`), not as
-`interpolate`: ONNX Runtime's cubic Resize took 42 ms of a 434 ms DINOv2-S run at 448 px on two
-CPU cores (BENCHMARKS.md), for a [384, 37, 37] table.
+`interpolate`: ONNX Runtime's cubic Resize of DINOv2-S's [384, 37, 37] table took 56 of 438 ms
+of node time at 448 px on two CPU cores (BENCHMARKS.md).
 """
 
 from __future__ import annotations
