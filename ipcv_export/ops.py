@@ -113,7 +113,11 @@ def _banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ids_k = neighbourhood(pad_ids(segment_k, (span, rows - n + span)).reshape(tiles + 2, 1, span), 0, 2)
     mask = (ids_q == ids_k.unsqueeze(2)).repeat(batch, 1, 1, 1)  # [B * tiles, 1, span, 3 span]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive(mask, q.dtype), scale=scale)
-    return out.unflatten(0, (batch, tiles)).transpose(2, 3).flatten(1, 2).narrow(1, 0, n)
+    # [B * tiles, H, span, d] -> [B, rows, H, d] as one 4-D Transpose and one Reshape: OpenVINO's CPU
+    # plugin fails to compile a Reshape -> 5-D Transpose -> Reshape with a dynamic tile count
+    # (ShuffleChannelsFusion asks a dynamic dimension's length; serving-runtimes.md, OpenVINO)
+    heads, width = out.shape[1], out.shape[3]
+    return out.transpose(1, 2).reshape(batch, rows, heads, width).narrow(1, 0, n)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

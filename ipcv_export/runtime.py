@@ -201,6 +201,16 @@ def refuse_earlier_contract(path: Path, input_names: Sequence[str]) -> None:
                          "re-export it with this version, whose files take pixel_values and image_grid_thw")
 
 
+def _onnx_geometry(path: Path, input_names: Sequence[str], metadata: dict[str, str],
+                   pixel_shape: Sequence) -> tuple[int, int, int, int | None, bool]:
+    """(merge_size, min_tokens, input_width, patch_size, padded) of an `.onnx` file, from the
+    metadata it carries and its pixel_values shape, whichever runtime opened it."""
+    refuse_earlier_contract(path, input_names)
+    patch, padded = metadata.get("patch_size"), metadata.get("layout") == "padded"
+    return (int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
+            pixel_shape[-1] if padded else pixel_shape[1], int(patch) if patch and not padded else None, padded)
+
+
 class OnnxEncoder(EncoderFile):
     """An `.onnx` file in ONNX Runtime (CPU unless other execution providers are given)."""
 
@@ -212,16 +222,44 @@ class OnnxEncoder(EncoderFile):
         if missing:
             raise ValueError(f"ONNX Runtime here lacks {', '.join(missing)}; available: {', '.join(available)}")
         self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
-        refuse_earlier_contract(path, [arg.name for arg in self.session.get_inputs()])
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        patch, padded = metadata.get("patch_size"), metadata.get("layout") == "padded"
-        pixels = self.session.get_inputs()[0].shape
-        super().__init__(path, manifest, int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
-                         pixels[-1] if padded else pixels[1], int(patch) if patch and not padded else None, padded)
+        inputs = self.session.get_inputs()
+        super().__init__(path, manifest, *_onnx_geometry(path, [arg.name for arg in inputs],
+                                                          self.session.get_modelmeta().custom_metadata_map,
+                                                          inputs[0].shape))
 
     def _run(self, *inputs):
         feeds = {arg.name: tensor.numpy() for arg, tensor in zip(self.session.get_inputs(), inputs)}
         return [torch.from_numpy(out) for out in self.session.run(None, feeds)]
+
+
+OPENVINO_EXTRA = "pip install 'ipcv-export[openvino]'"
+
+
+class OpenVinoEncoder(EncoderFile):
+    """An `.onnx` file in OpenVINO, f32 unless asked otherwise: on CPUs with AVX512-BF16 its
+    default is bf16, whose rounding changes which tokens are kept (serving-runtimes.md)."""
+
+    def __init__(self, path: Path, manifest: dict | None = None, device: str = "CPU",
+                 precision: str = "f32") -> None:
+        try:
+            import openvino
+        except ImportError:
+            raise UsageError(f"OpenVINO is not installed here: {OPENVINO_EXTRA}") from None
+        import onnx
+
+        core = openvino.Core()
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(model, device.upper(), {"INFERENCE_PRECISION_HINT": precision})
+        header = onnx.load(str(path), load_external_data=False)
+        metadata = {prop.key: prop.value for prop in header.metadata_props}
+        names = [value.get_any_name() for value in model.inputs]
+        pixels = [dim.get_length() if dim.is_static else None for dim in model.inputs[0].get_partial_shape()]
+        super().__init__(path, manifest, *_onnx_geometry(path, names, metadata, pixels))
+        self.names = names
+
+    def _run(self, *inputs):
+        results = self.compiled(dict(zip(self.names, (tensor.numpy() for tensor in inputs))))
+        return [torch.from_numpy(results[output].copy()) for output in self.compiled.outputs]
 
 
 class TorchEncoder(EncoderFile):
@@ -287,19 +325,32 @@ def read_manifest(path: Path) -> dict | None:
     return read_json_object(manifest) if manifest.is_file() else None
 
 
-def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: str = "cpu") -> EncoderFile:
+RUNTIMES = ("onnxruntime", "openvino")
+"""What runs an `.onnx` file in `load`: ONNX Runtime (the default) or OpenVINO (an optional extra)."""
+
+
+def load(path: str | Path, providers: Sequence[str] = ONNX_PROVIDERS, device: str = "cpu",
+         runtime: str = "onnxruntime") -> EncoderFile:
     """Open an exported encoder file (.onnx, .pt2 or .engine) for `encoder(pixel_values, grid_thw)`.
 
     providers: ONNX Runtime execution providers for .onnx files, in order of preference.
-    device: where a .pt2 program runs (an AOTInductor package runs where it was compiled for).
+    device: where a .pt2 program runs (an AOTInductor package runs where it was compiled for), or
+    the OpenVINO device of an .onnx file run in OpenVINO.
+    runtime: what runs an .onnx file, one of RUNTIMES; OpenVINO runs it in f32.
     """
     path = Path(path)
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r} for .onnx files; choose from {', '.join(RUNTIMES)}")
     if not path.is_file():
         raise UsageError(f"no encoder file at {path}")
     if path.suffix not in (".onnx", ".pt2", ".engine"):
         raise UsageError(f"cannot load {path.name}: supported formats are .onnx, .pt2, .engine")
+    if runtime == "openvino" and path.suffix != ".onnx":
+        raise UsageError(f"OpenVINO runs .onnx files; {path.name} is not one")
     manifest = read_manifest(path)
     if path.suffix == ".onnx":
+        if runtime == "openvino":
+            return OpenVinoEncoder(path, manifest, device)
         return OnnxEncoder(path, manifest, [providers] if isinstance(providers, str) else providers)
     if manifest is None:
         raise UsageError(f"{path.name} needs its manifest {path.name}.json beside it (merge size, input width)")

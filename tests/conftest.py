@@ -39,6 +39,28 @@ def verified_files(encoder, folder, retentions=(1.0, 0.5)) -> dict:
     return files
 
 
+OPENVINO_TOLERANCE = 1e-5
+"""OpenVINO CPU f32 against ONNX Runtime on the same file: the same operations, other kernels."""
+
+
+def assert_openvino_agrees(path, calls) -> None:
+    """The file run in OpenVINO (CPU, f32) gives ONNX Runtime's outputs on each call's inputs:
+    features within OPENVINO_TOLERANCE and the same kept and neighbour indices where the file
+    has them."""
+    from ipcv_export import load
+
+    in_onnxruntime, in_openvino = load(path), load(path, runtime="openvino")
+    for inputs in calls:
+        theirs, ours = in_onnxruntime.run_all(*inputs), in_openvino.run_all(*inputs)
+        assert len(theirs) == len(ours)
+        for index, (expected, got) in enumerate(zip(theirs, ours)):
+            assert expected.shape == got.shape and expected.dtype == got.dtype, (path.name, index)
+            if expected.is_floating_point():
+                assert (expected - got).abs().max().item() <= OPENVINO_TOLERANCE, (path.name, index)
+            else:
+                assert torch.equal(expected, got), (path.name, index)
+
+
 def grid_inputs(encoder, grid: list[list[int]], seed: int = 0):
     """(image_grid_thw, pixel_values) for a grid, seeded pixels: what the processor gives a packed file."""
     grid_thw = torch.tensor(grid)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
 
+from conftest import assert_openvino_agrees, grid_inputs
 from ipcv_export import Method, export
 from ipcv_export.config import IpcvConfig
 from ipcv_export.inputs import decomposed_grid_layout
 from ipcv_export.models import load_encoder
-from ipcv_export.models.qwen2_5_vl import block_segments, merged_places, window_order, window_tokens
+from ipcv_export.models.qwen2_5_vl import (block_segments, merged_places, window_lengths, window_order,
+                                          window_tokens)
 from ipcv_export.reference import ipcv_reference, stock_reference
 
 # single image with partial windows at the bottom and right, two images, a video of 2 slices
@@ -60,6 +62,8 @@ def test_window_order_is_the_stock_window_index(tiny25, grid):
     window = block_segments(config, positions[order], segments[order])[0]
     runs = torch.unique_consecutive(window.segments, return_counts=True)[1]
     assert len(runs) == len(window.segments.unique()) and runs.max() <= window.span == window_tokens(config)
+    assert runs.tolist() == window_lengths(config, grid_thw)  # the stock module's windows, in its order
+    assert 0 <= window.segments.min() and window.segments.max() < len(place)  # ids below N: int32 wherever N is
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -90,6 +94,10 @@ def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path, per_image):
     assert manifest["architecture"] == "qwen2_5_vl"
     assert result.manifest["verification"]["verified"] and result.manifest["verification"]["worst_abs_diff"] <= 1e-4
     assert manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]["findings"]
+    # OpenVINO compiles it with a dynamic N (no 5-D Transpose between Reshapes) and, with window ids
+    # below N, computes several images and videos in its int32 arithmetic as ONNX Runtime does
+    calls = [grid_inputs(load_encoder("tiny-qwen2.5-vl"), grid, seed)[::-1] for seed, grid in enumerate(GRIDS)]
+    assert_openvino_agrees(tmp_path / "q25.onnx", calls)
 
 
 def test_checkpoint_folder_loads_the_tower(tmp_path, tiny25):

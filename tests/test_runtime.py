@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
+from conftest import PARITY_GRIDS, assert_openvino_agrees, grid_inputs
 from ipcv_export import UsageError, export, load
 from ipcv_export.reference import stock_reference
 
@@ -34,6 +35,19 @@ def test_encode_images_runs_the_processor_then_the_file(encoder_file, tiny):
     sizes = (batch["image_grid_thw"].prod(-1) // 4).tolist()
     assert [len(e) for e in embeddings] == sizes and sum(sizes) == len(expected)
     torch.testing.assert_close(torch.cat(embeddings), expected, rtol=0, atol=0)
+
+
+def test_openvino_gives_onnx_runtimes_answer(encoder_file, tiny):
+    assert_openvino_agrees(encoder_file, [grid_inputs(tiny, grid, seed)[::-1] for seed, grid in enumerate(PARITY_GRIDS)])
+
+
+def test_openvino_runs_onnx_files_only(encoder_file, tmp_path):
+    with pytest.raises(UsageError, match="choose from onnxruntime, openvino"):
+        load(encoder_file, runtime="tensorrt")
+    program = tmp_path / "encoder.pt2"
+    program.write_bytes(b"")
+    with pytest.raises(UsageError, match="OpenVINO runs .onnx files"):
+        load(program, runtime="openvino")
 
 
 def test_pixel_bounds_change_the_token_count(encoder_file):

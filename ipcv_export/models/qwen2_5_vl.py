@@ -25,11 +25,6 @@ from .cost import TowerShape, merger_macs
 from .description import BlockAttention, ModelDescription, sdpa_builder
 from .qwen2_vl import image_processor
 
-WINDOW_ID_STRIDE = 2 ** 16
-"""Window ids are (segment * stride + window row) * stride + window column: unique while an image
-has fewer than 65536 windows per side."""
-
-
 def window_side(config: Qwen2_5_VLVisionConfig) -> int:
     """Patches per side of a window (8 in the released models)."""
     return config.window_size // config.patch_size
@@ -57,14 +52,25 @@ def block_segments(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segm
     patches, as the stock `get_vision_window_index` tiles the merged grid (partial windows at the
     bottom and right edges). In window-major order (`window_order`) each is a contiguous run.
     """
+    full = BlockAttention(segments, query_chunks=full_block_query_chunks(config))
+    windows = BlockAttention(window_ids(config, positions, segments), window_tokens(config))
+    return [full if index in config.fullatt_block_indexes else windows for index in range(config.depth)]
+
+
+def window_ids(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """[N] id of each token's window: its slice's first token plus the window's row-major number
+    in the slice. A slice has no more windows than tokens, so ids are distinct across slices and
+    below N: they fit in int32 wherever N does (OpenVINO's CPU plugin and TensorRT before 10
+    compute int64 in int32; ids built from powers of two wrapped there and merged windows of
+    different images). The tokens may come in any order in which each slice is one run whose last
+    token is its bottom-right patch (processor order, window-major order)."""
     side = window_side(config)
+    first, last = run_bounds(segments)
     # positions are non-negative, so truncation is floor division; it lowers to one integer Div
     # (floor division of signed integers adds a sign test on booleans, which TensorRT rejects)
     window = torch.div(positions, side, rounding_mode="trunc")
-    windows = BlockAttention((segments * WINDOW_ID_STRIDE + window[:, 0]) * WINDOW_ID_STRIDE + window[:, 1],
-                             window_tokens(config))
-    full = BlockAttention(segments, query_chunks=full_block_query_chunks(config))
-    return [full if index in config.fullatt_block_indexes else windows for index in range(config.depth)]
+    across = torch.div(positions[:, 1].index_select(0, last) + side, side, rounding_mode="trunc")  # windows per row
+    return first + window[:, 0] * across + window[:, 1]
 
 
 def window_order(config: Qwen2_5_VLVisionConfig, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
