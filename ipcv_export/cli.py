@@ -37,7 +37,7 @@ formats (from the suffix, or --format):
 
 exit codes:
   {EXIT_OK}  written and verified            {EXIT_PARITY}  the file disagreed with the reference (nothing written)
-  {EXIT_USAGE}  bad option or input (nothing)   {EXIT_INCOMPATIBLE}  graph fails the TensorRT check (no engine built)
+  {EXIT_USAGE}  bad option or input (nothing)   {EXIT_INCOMPATIBLE}  graph fails the TensorRT or int32 check (nothing)
   {EXIT_FAILED}  other failure (nothing)        {EXIT_NO_TENSORRT}  tensorrt missing: the checked .onnx was written instead
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C; nothing written)  {EXIT_TERMINATED}  terminated (SIGTERM; nothing written)
 """
@@ -303,7 +303,7 @@ def _main(argv: list[str]) -> int:
     except ParityError as err:
         return _fail(EXIT_PARITY, f"verification failed, nothing written: {err}")
     except IncompatibleGraph as err:
-        return _fail(EXIT_INCOMPATIBLE, f"not TensorRT-compatible, no engine built: {err}")
+        return _fail(EXIT_INCOMPATIBLE, str(err))
     except UsageError as err:
         return _fail(EXIT_USAGE, str(err))
     except TensorRTMissing as err:

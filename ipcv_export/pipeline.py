@@ -27,6 +27,7 @@ from .config import (FOLDER_FORMAT, FORMAT_SUFFIXES, FORMATS, OPSETS, PRECISIONS
                      ShapeProfile, Target, UsageError)
 from .flops import program_flops
 from .lower import pt2, tensorrt
+from .lower.int32_check import check_int32, extreme_calls
 from .lower.onnx import INPUT_NAMES, PADDED_INPUT_NAMES, keep_outputs, to_onnx
 from .lower.tensorrt_compat import TOPK_MAX_K, check_tensorrt_compat
 from .models import LoadedEncoder, load_encoder
@@ -49,7 +50,8 @@ one unpadded image, three of which one fills the row, two with much padding."""
 
 
 class IncompatibleGraph(UsageError):
-    """The ONNX graph fails the TensorRT compatibility check; nothing was built."""
+    """The ONNX graph fails a static check (TensorRT compatibility, integers within int32); nothing
+    was kept."""
 
 
 @dataclass
@@ -133,8 +135,16 @@ def export(model: str | LoadedEncoder, target: Target | str | Path, method: Meth
                     if verbose:
                         for finding in compat.findings:
                             report(f"  {finding}")
+                    int32 = check_int32(lowered_path, extreme_calls(manifest["inputs"]))
+                    manifest["int32"] = int32.as_dict()
+                    report(f"  {int32.summary()}")
+                    if verbose:
+                        for finding in int32.findings[1:]:
+                            report(f"  {finding}")
                 if runtime == "tensorrt" and not compat.ok:
-                    raise IncompatibleGraph(compat.summary())
+                    raise IncompatibleGraph(f"not TensorRT-compatible, no engine built: {compat.summary()}")
+                if not int32.ok:
+                    raise IncompatibleGraph(f"refused, nothing written: {int32.summary()}")
             manifest["verification"] = _verify_stage(lowered_path, lowered, "fp32", manifest, encoder, config,
                                                      target.verify, atol, timings, report, verbose)
             if not diagnostics:  # an .onnx file (or the one kept for a missing TensorRT), after the gate

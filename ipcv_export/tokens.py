@@ -115,7 +115,9 @@ def _search(score: torch.Tensor, wanted: torch.Tensor, count) -> torch.Tensor:
     value; after the last step the interval holds one float, the answer. O(N) memory per step."""
     def step(candidates: torch.Tensor) -> torch.Tensor:  # [..., C, L] ascending -> index of the last enough
         enough = count(score.unsqueeze(-2) >= candidates) >= wanted
-        return enough.sum(-2) - 1
+        # counted in fp32 (exact: C <= 16): OpenVINO's CPU plugin (2026.4.1) gets an integer ReduceSum
+        # over a leading axis followed by arithmetic wrong past the first row of a batch
+        return enough.to(score.dtype).sum(-2).to(torch.int64) - 1
 
     start = _EXPONENT_START.to(score.device)
     lo = start[step(start.unsqueeze(-1))]
@@ -546,4 +548,6 @@ def no_selection(pixels: torch.Tensor, neighbors: int, special_tokens: int = 0,
     else:
         batch, n = (pixels.shape[0],), special_tokens + (pixels.shape[2] // patch_size) * (pixels.shape[3] // patch_size)
     keep = torch.arange(n, device=pixels.device).expand(*batch, n)
+    if not batch:  # OpenVINO (2026.4.1) reads a constant [0, k] output as a scalar: tile an empty slice of keep
+        return keep, keep.narrow(0, 0, 0).unsqueeze(-1).repeat(1, neighbors)
     return keep, torch.zeros((*batch, 0, neighbors), dtype=torch.int64, device=pixels.device)

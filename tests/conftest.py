@@ -43,14 +43,16 @@ OPENVINO_TOLERANCE = 1e-5
 """OpenVINO CPU f32 against ONNX Runtime on the same file: the same operations, other kernels."""
 
 
-def assert_openvino_agrees(path, calls) -> None:
+def assert_openvino_agrees(path, calls, warm: bool = False) -> None:
     """The file run in OpenVINO (CPU, f32) gives ONNX Runtime's outputs on each call's inputs:
     features within OPENVINO_TOLERANCE and the same kept and neighbour indices where the file
-    has them."""
+    has them. `warm`: compare OpenVINO's second call of each input shape (test_tensorrt_form says why)."""
     from ipcv_export import load
 
     in_onnxruntime, in_openvino = load(path), load(path, runtime="openvino")
     for inputs in calls:
+        if warm:
+            in_openvino.run_all(*inputs)
         theirs, ours = in_onnxruntime.run_all(*inputs), in_openvino.run_all(*inputs)
         assert len(theirs) == len(ours)
         for index, (expected, got) in enumerate(zip(theirs, ours)):

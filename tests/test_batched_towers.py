@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_openvino_agrees
 from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
@@ -198,6 +199,7 @@ def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
     path, manifest = dino_file
     assert manifest["verification"]["verified"] and manifest["verification"]["worst_abs_diff"] <= 1e-4
     assert manifest["inputs"]["layout"] == "images" and manifest["inputs"]["special_tokens"] == dino.special_tokens
+    assert manifest["int32"]["ok"] and manifest["int32"]["calls"] == ["images"], manifest["int32"]["findings"]
     encoder = load(path)
     pixels = _pixels(2, 6, 9, seed=5, multiple=dino.merge_size)
     tokens, keep, _ = encoder.run_all(pixels)
@@ -207,6 +209,13 @@ def test_onnx_file_is_verified_and_runs_image_batches(dino, dino_file):
                                   config, across_images=_across(dino))
     assert torch.equal(keep, reference.keep)
     torch.testing.assert_close(tokens, reference.embeddings, rtol=0, atol=1e-4)
+
+
+def test_openvino_gives_onnx_runtimes_answer(dino, dino_file):
+    """Batches of images of other sizes than the native grid, in OpenVINO CPU f32."""
+    path, _ = dino_file
+    assert_openvino_agrees(path, [(_pixels(*size, seed=seed, multiple=dino.merge_size),)
+                                  for seed, size in enumerate(SIZES)])
 
 
 def test_full_retention_file_is_the_stock_tower_and_keeps_every_token(dino, tmp_path):

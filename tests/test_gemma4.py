@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import verified_files
+from conftest import assert_openvino_agrees, verified_files
 from ipcv_export import load
 from ipcv_export.capture import capture, padded_inputs
 from ipcv_export.checkpoint import CheckpointError
@@ -80,6 +80,7 @@ def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(gemma):
     encoder, files = gemma
     path, manifest = files[0.5]
     assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]
+    assert manifest["int32"]["ok"], manifest["int32"]["findings"]  # at the manifest's largest calls
     assert [t["name"] for t in manifest["inputs"]["tensors"]] == ["pixel_values", "image_position_ids"]
     file = load(path)
     config = encoder.method_config(retention=0.5)
@@ -87,6 +88,15 @@ def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(gemma):
     for grids, length in CASES:
         pixels, positions = padded_inputs(grids, length, encoder.input_width, generator)
         check_padded_parity(file.run_all, encoder.module, config, pixels, positions)
+
+
+def test_openvino_gives_onnx_runtimes_answer(gemma):
+    """Padded rows of images of different sizes, in OpenVINO CPU f32."""
+    encoder, files = gemma
+    generator = torch.Generator().manual_seed(0)
+    calls = [padded_inputs(grids, length, encoder.input_width, generator) for grids, length in CASES]
+    for path, _ in files.values():
+        assert_openvino_agrees(path, calls)
 
 
 def test_padding_is_never_kept_over_a_patch_nor_a_neighbour(gemma):

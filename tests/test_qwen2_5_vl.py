@@ -94,6 +94,7 @@ def test_onnx_export_is_verified_and_tensorrt_ready(tmp_path, per_image):
     assert manifest["architecture"] == "qwen2_5_vl"
     assert result.manifest["verification"]["verified"] and result.manifest["verification"]["worst_abs_diff"] <= 1e-4
     assert manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]["findings"]
+    assert manifest["int32"]["ok"], manifest["int32"]["findings"]  # window ids below N
     # OpenVINO compiles it with a dynamic N (no 5-D Transpose between Reshapes) and, with window ids
     # below N, computes several images and videos in its int32 arithmetic as ONNX Runtime does
     calls = [grid_inputs(load_encoder("tiny-qwen2.5-vl"), grid, seed)[::-1] for seed, grid in enumerate(GRIDS)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-from conftest import grid_inputs, verified_files
+from conftest import assert_openvino_agrees, grid_inputs, verified_files
 from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
@@ -75,11 +75,19 @@ def test_ipcv_file_equals_the_reference_and_passes_the_tensorrt_check(family):
     encoder, files = family
     path, manifest = files[0.5]
     assert manifest["verification"]["verified"] and manifest["tensorrt_compat"]["ok"], manifest["tensorrt_compat"]
+    assert manifest["int32"]["ok"], manifest["int32"]["findings"]  # at the manifest's largest calls
     file = load(path)
     config = encoder.method_config(retention=0.5)
     for seed, grid in enumerate(GRIDS):
         grid_thw, pixels = grid_inputs(encoder, grid, seed)
         check_parity(file.run_all, encoder.module, config, grid_thw, pixels, description=encoder.description)
+
+
+def test_openvino_gives_onnx_runtimes_answer(family):
+    """DeepStack outputs included, several images and videos, in OpenVINO CPU f32."""
+    encoder, files = family
+    for path, _ in files.values():
+        assert_openvino_agrees(path, [grid_inputs(encoder, grid, seed)[::-1] for seed, grid in enumerate(GRIDS)])
 
 
 @pytest.mark.parametrize("retention", [1.0, 0.35])

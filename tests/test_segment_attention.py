@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 
-from conftest import grid_inputs
+from conftest import assert_openvino_agrees, grid_inputs
 from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
@@ -46,6 +46,7 @@ def test_the_file_loops_and_says_it_is_for_onnx_runtime(loop_file):
     assert "Loop" in {node.op_type for node in onnx.load(str(path)).graph.node}
     assert json.loads(path.with_name("encoder.onnx.json").read_text())["runtime"] == "onnxruntime"
     assert "tensorrt_compat" in manifest  # reported, not enforced, for an ONNX Runtime file
+    assert manifest["int32"]["ok"], manifest["int32"]["findings"]  # enforced for every file, the loop's rows included
 
 
 def test_onnx_runtime_form_is_exact(loop_file):
@@ -60,6 +61,12 @@ def test_onnx_runtime_form_is_exact(loop_file):
             assert (file(pixels, grid_thw) - stock).abs().max().item() <= 1e-5, grid
         else:
             check_parity(file.run_all, encoder.module, config, grid_thw, pixels, description=encoder.description)
+
+
+def test_openvino_gives_onnx_runtimes_answer(loop_file):
+    """Several images of different sizes and videos, through the Loop, in OpenVINO CPU f32."""
+    encoder, _, path, _ = loop_file
+    assert_openvino_agrees(path, [grid_inputs(encoder, grid, seed)[::-1] for seed, grid in enumerate(GRIDS)])
 
 
 def test_attention_costs_the_sum_over_segments(loop_file):

@@ -43,8 +43,10 @@ def loop_attention(query_rows: int) -> Callable:
         ids = op.Unsqueeze(op.Range(zero, count, one), [0])
         length_q = op.ReduceSum(op.Cast(op.Equal(op.Unsqueeze(segment_q, [1]), ids), to=7), [0], keepdims=0)
         length_k = op.ReduceSum(op.Cast(op.Equal(op.Unsqueeze(segment_k, [1]), ids), to=7), [0], keepdims=0)
-        end_q = op.CumSum(length_q, zero)
-        end_k = op.CumSum(length_k, zero)
+        # each segment's end, at most the token count: the Min never acts, but it keeps the ends (and
+        # the rows sliced from them) provably within int32 for the export's check (lower/int32_check.py)
+        end_q = op.Min(op.CumSum(length_q, zero), op.Shape(segment_q))
+        end_k = op.Min(op.CumSum(length_k, zero), op.Shape(segment_k))
         pieces = op.Div(op.Sub(op.Add(length_q, rows), one), rows)  # ceil(L_q / rows); 0 for no queries
         pieces_end = op.CumSum(pieces, zero)
         multiplier = op.CastLike(scale, query)
@@ -52,8 +54,10 @@ def loop_attention(query_rows: int) -> Callable:
         for piece in range(op.ReduceSum(pieces, keepdims=0)):
             segment = op.ReduceSum(op.Cast(op.LessOrEqual(pieces_end, piece), to=7), keepdims=1)
             first_piece = op.Sub(op.Gather(pieces_end, segment), op.Gather(pieces, segment))
-            start = op.Add(op.Sub(op.Gather(end_q, segment), op.Gather(length_q, segment)),
-                           op.Mul(op.Sub(piece, first_piece), rows))
+            length = op.Gather(length_q, segment)
+            # the piece's first row in its segment, below its length (a Min that never acts, as above)
+            offset = op.Min(op.Mul(op.Sub(piece, first_piece), rows), length)
+            start = op.Add(op.Sub(op.Gather(end_q, segment), length), offset)
             stop = op.Min(op.Add(start, rows), op.Gather(end_q, segment))
             key_stop = op.Gather(end_k, segment)
             key_start = op.Sub(key_stop, op.Gather(length_k, segment))
