@@ -6,12 +6,15 @@ PyTorch: what a user runs today (issue 18's latency targets).
     .venv/bin/python benchmarks/against_stock.py --model qwen2-vl-7b-shape --grid 8x32x32 --retentions 1 0.5 --runtime onnxruntime
     .venv/bin/python benchmarks/against_stock.py --model gemma4-e2b-shape --grid 1x39x60 --retentions 0.5 0.35
     .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --opsets 18 23
+    .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --retentions 0.5 --openvino
 
 Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
 --folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
 patch grids), the stock module (`visual(pixel_values, grid_thw)`, SDPA attention, torch threads
 pinned to --threads) and each file (ORT, intra-op threads --threads), alternated round by round so
 that drift of the shared machine hits all alike: one warm-up round, median of --runs rounds.
+--openvino also times each file in OpenVINO (f32, --threads inference threads, one stream) in the
+same rounds, and the stock module twice per round, so that its spread shows beside the ratios.
 A padded tower (Gemma 4) takes each --grid entry as one image of h x w patches, padded as its
 processor pads (to 9 x 280 = 2520 patches by default, --padded-length), and its stock module is
 the tower and embedder (`gemma4.stock_features`).
@@ -53,6 +56,8 @@ def main() -> None:
                         help="the files' --opset, one set of files each, timed in the same rounds (23: ONNX's "
                              "Attention operator)")
     parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also run each file in OpenVINO (f32), and the stock module twice per round")
     parser.add_argument("--without-original", action="store_true",
                         help="leave out the rho = 1 file (the stock module and two ORT sessions of a 7B-shape "
                              "tower at N = 8192 were killed for memory in 23 GB)")
@@ -86,6 +91,14 @@ def main() -> None:
             return encoder.module(pixels, grid_thw=grid).pooler_output
 
     runners = {"stock": stock, **{f"rho={rho}": (lambda s=s: s.run(None, feeds)) for rho, s in sessions.items()}}
+    if args.openvino:
+        import openvino
+
+        core = openvino.Core()
+        settings = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1}
+        compiled = {rho: core.compile_model(str(path), "CPU", settings) for rho, path in files.items()}
+        runners |= {f"rho={rho} OpenVINO": (lambda c=c: c(feeds)) for rho, c in compiled.items()}
+        runners["stock again"] = stock
     times: dict[str, list[float]] = {name: [] for name in runners}
     for round_ in range(args.runs + 1):
         for name, run in runners.items():

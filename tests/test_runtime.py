@@ -1,5 +1,7 @@
 """The Python runtime: images in through the model's own processor, embeddings out."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,12 @@ def test_openvino_runs_onnx_files_only(encoder_file, tmp_path):
     program.write_bytes(b"")
     with pytest.raises(UsageError, match="OpenVINO runs .onnx files"):
         load(program, runtime="openvino")
+
+
+def test_openvino_missing_is_one_line_naming_the_extra(encoder_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` meets where it is not installed
+    with pytest.raises(UsageError, match=r"OpenVINO is not installed here: pip install 'ipcv-export\[openvino\]'"):
+        load(encoder_file, runtime="openvino")
 
 
 def test_pixel_bounds_change_the_token_count(encoder_file):
