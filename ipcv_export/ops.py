@@ -116,8 +116,7 @@ def _banded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # [B * tiles, H, span, d] -> [B, rows, H, d] as one 4-D Transpose and one Reshape: OpenVINO's CPU
     # plugin fails to compile a Reshape -> 5-D Transpose -> Reshape with a dynamic tile count
     # (ShuffleChannelsFusion asks a dynamic dimension's length; serving-runtimes.md, OpenVINO)
-    heads, width = out.shape[1], out.shape[3]
-    return out.transpose(1, 2).reshape(batch, rows, heads, width).narrow(1, 0, n)
+    return out.transpose(1, 2).flatten(0, 1).unflatten(0, (batch, -1)).narrow(1, 0, n)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
