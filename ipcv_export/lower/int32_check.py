@@ -136,8 +136,9 @@ def check_int32(path: str | Path, calls: Mapping[str, Mapping[str, np.ndarray | 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     report = Int32Report(list(calls))
+    evaluators: dict[int, tuple[onnx.NodeProto, ReferenceEvaluator]] = {}  # per node, for every call of this check
     for name, inputs in calls.items():
-        _Run(model, inputs, name, report, path.parent).walk(model.graph, {})
+        _Run(model, inputs, name, report, path.parent, evaluators).walk(model.graph, {})
     return report
 
 
@@ -153,8 +154,9 @@ class _Run:
     """One call through the graph: the symbol values it fixes and the values met so far."""
 
     def __init__(self, model: onnx.ModelProto, inputs: Mapping[str, np.ndarray | Bounded], call: str,
-                 report: Int32Report, folder: Path) -> None:
-        self.call, self.report, self.folder = call, report, folder
+                 report: Int32Report, folder: Path,
+                 evaluators: dict[int, tuple[onnx.NodeProto, ReferenceEvaluator]]) -> None:
+        self.call, self.report, self.folder, self.evaluators = call, report, folder, evaluators
         self.inputs = dict(inputs)
         shapes = {name: value.shape for name, value in self.inputs.items()}
         self.symbols = _solve_symbols(model.graph, shapes)
@@ -233,7 +235,7 @@ class _Run:
         if all(isinstance(v, np.ndarray) for v in present) and small and _creates_at_most(node, inputs, COMPUTED_LIMIT) \
                 and node.domain in ("", "ai.onnx"):
             feeds = {name: value for name, value in zip(node.input, inputs) if name}
-            return list(_evaluator(node.SerializeToString(), self.opsets.get("", 18)).run(None, feeds))
+            return list(self._evaluator(node).run(None, feeds))
         exact = True
         if not all(map(_complete, shapes)) and node.op_type in ELEMENTWISE:
             shapes, exact = [_broadcast([_shape_of(v) for v in present])], all(map(_exact, present))
@@ -255,7 +257,15 @@ class _Run:
         stand_in = np.broadcast_to(np.zeros((), dtype=np.float32), inputs[0].shape)
         feeds = {name: stand_in if index == 0 else value
                  for index, (name, value) in enumerate(zip(node.input, inputs)) if name}
-        return tuple(_evaluator(node.SerializeToString(), self.opsets.get("", 18)).run(None, feeds)[0].shape)
+        return tuple(self._evaluator(node).run(None, feeds)[0].shape)
+
+    def _evaluator(self, node: onnx.NodeProto) -> ReferenceEvaluator:
+        """ONNX's reference implementation of `node`, built once per node for every call. The entry
+        holds the node itself, so that its id is not reused by another node while the check runs."""
+        held = self.evaluators.get(id(node))
+        if held is None or held[0] is not node:
+            held = self.evaluators[id(node)] = node, ReferenceEvaluator(node, opsets={"": self.opsets.get("", 18)})
+        return held[1]
 
     def _if(self, node: onnx.NodeProto, condition: Value | None, values: Mapping[str, Value]) -> list[Value]:
         branches = [_attribute(node, "then_branch"), _attribute(node, "else_branch")]
@@ -328,12 +338,6 @@ def _evaluate(text: str, symbols: Mapping[str, int]) -> int | None:
     if any(symbol.name not in symbols for symbol in expression.free_symbols):
         return None
     return int(expression.subs({sympy.Symbol(name): value for name, value in symbols.items()}))
-
-
-@lru_cache(maxsize=4096)
-def _evaluator(serialized: bytes, opset: int) -> ReferenceEvaluator:
-    node = onnx.NodeProto.FromString(serialized)
-    return ReferenceEvaluator(node, opsets={"": opset})
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -491,7 +495,7 @@ def _bounded(node: onnx.NodeProto, inputs: list[Value | None], shapes: list[tupl
         return [out(ARITHMETIC[op](*ranges))]
     if op in SELECTS:
         data = [r for r, n in zip(ranges, node.input) if n]
-        if op in ("Where",):
+        if op == "Where":
             data = data[1:]
         elif op in ("ScatterElements", "ScatterND"):
             data = [data[0], data[2]]
