@@ -30,13 +30,12 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-
-from ipcv_export.capture import padded_inputs
-from ipcv_export.config import DEFAULT_OPSET
-from ipcv_export.models import load_encoder
-from ipcv_export.models.gemma4 import stock_features
-
 from exported_files import exported_files  # benchmarks/, the script's own folder
+
+from ipcv_export.config import DEFAULT_OPSET
+from ipcv_export.layouts.padded import padded_inputs
+from ipcv_export.loading import load_encoder
+from ipcv_export.models.gemma4 import stock_features
 
 
 def parse_grid(text: str) -> list[int]:

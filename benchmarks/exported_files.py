@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import ipcv_export
-from ipcv_export.models import LoadedEncoder
+from ipcv_export.models.encoder import LoadedEncoder
 
 
 def exported_files(encoder: LoadedEncoder, retentions: Iterable[float], folder: Path | None, prefix: str = "",

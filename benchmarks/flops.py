@@ -24,7 +24,8 @@ from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import floor_ratio, program_flops
 from ipcv_export.inputs import square_grid
-from ipcv_export.models import load_encoder, qwen2_5_vl
+from ipcv_export.loading import load_encoder
+from ipcv_export.models import qwen2_5_vl
 from ipcv_export.models.cost import ipcv_flops
 
 TOKENS = (1024, 5120, 16384)

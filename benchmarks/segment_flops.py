@@ -27,7 +27,7 @@ import torch
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import count_call, kept_per_slice, onnx_attention_flops
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 from exported_files import exported_files  # benchmarks/, the script's own folder
 

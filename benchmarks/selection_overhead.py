@@ -24,7 +24,7 @@ import torch
 
 from ipcv_export import tokens
 from ipcv_export.config import IpcvConfig
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 
 class TokenSteps(torch.nn.Module):

@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {"IpcvConfig": "config", "Method": "config", "Target": "config", "UsageError": "config",
-           "ExportResult": "pipeline", "export": "pipeline", "load": "runtime", "Pipeline": "llm.pipeline",
+           "ExportResult": "pipeline", "export": "api", "load": "runtime", "Pipeline": "llm.pipeline",
            "GenerationReport": "llm.pipeline", "IvcPrune": "llm.prune_hooks"}
 
 __all__ = [*_PUBLIC, "__version__"]

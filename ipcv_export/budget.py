@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import IpcvConfig, UsageError
 from .flops import floor_ratio
-from .models import LoadedEncoder
+from .models.encoder import LoadedEncoder
 from .passes import check_supported
 
 SETTINGS = Path(__file__).with_name("budget_settings.json")

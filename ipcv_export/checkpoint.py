@@ -15,7 +15,8 @@ from huggingface_hub.errors import StrictDataclassError  # transformers' config 
 from safetensors import SafetensorError, safe_open
 
 from .config import UsageError, first_line, read_json_object
-from .models import ARCHITECTURES, LoadedEncoder
+from .models import ARCHITECTURES
+from .models.encoder import LoadedEncoder
 
 
 class CheckpointError(UsageError):

@@ -9,7 +9,8 @@ import signal
 import sys
 
 from . import __version__
-from .config import (DEFAULT_OPSET, FOLDER_FORMAT, FORMATS, MIXED_CELLS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES,
+from .folders import FOLDER_FORMATS
+from .config import (DEFAULT_OPSET, FORMATS, MIXED_CELLS, NGR_WEIGHTINGS, PRECISIONS, RUNTIMES,
                      SELECTIONS, IpcvConfig, Method, ShapeProfile, Target, UsageError)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARITY, EXIT_INCOMPATIBLE, EXIT_NO_TENSORRT = 0, 1, 2, 3, 4, 5
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="built-in model name (see --list-models) or a local Hugging Face checkpoint "
                                    "folder (safetensors; nothing is downloaded)")
     p.add_argument("-o", "--output", help="output file; the format follows the suffix (see below)")
-    p.add_argument("--format", choices=(*FORMATS, FOLDER_FORMAT),
+    p.add_argument("--format", choices=(*FORMATS, *FOLDER_FORMATS),
                    help="output format when the suffix is not enough (default: from the suffix)")
     method = p.add_argument_group("IPCV method (docs/ipcv.md in the repository)")
     method.add_argument("--retention", type=_number(float), default=d.retention,
@@ -278,7 +279,7 @@ def _main(argv: list[str]) -> int:
     except SystemExit as stop:  # --help, --version, or a one-line usage error already printed
         return int(stop.code or 0)
     if args.list_models:
-        from .models import builtin_models
+        from .loading import builtin_models
 
         from .llm.chat_models import builtin_chat_models
 
@@ -294,7 +295,8 @@ def _main(argv: list[str]) -> int:
     if not args.verbose:
         _quiet_libraries()
     from .lower.tensorrt import TensorRTMissing
-    from .pipeline import IncompatibleGraph, export
+    from .api import export
+    from .pipeline import IncompatibleGraph
     from .verify import ParityError
 
     try:

@@ -7,31 +7,13 @@ import operator
 import torch
 
 from . import tokens
-from .capture import dynamic_shapes, example_inputs, export_symbolic
+from .capture import export_symbolic
 from .config import IpcvConfig
+from .layouts import layout_of
 from .mixed_resolution import ExportableMixedResolution, min_grid_side
-from .models import LoadedEncoder, attention
-from .passes import RemoveNoOpCastsPass, ipcv_passes, run_passes
-from .passes import _graph
-
-DIAGNOSTIC_NAMES = ["kept_index", "neighbor_index"]
-"""The program's last two outputs: diagnostics (the parity gate reads them; `.onnx` files keep them
-only when asked)."""
-
-
-def feature_names(taps: int) -> list[str]:
-    """The program's first outputs: `image_features` (the name ONNX Runtime GenAI reads), then one
-    per tapped block, `deepstack_features_<i>` (the names TensorRT Edge-LLM reads), in stock order."""
-    return ["image_features", *(f"deepstack_features_{i}" for i in range(taps))]
-
-
-def output_names(taps: int = 0) -> list[str]:
-    """Every output of the program of a tower with `taps` tapped blocks: features, then diagnostics."""
-    return [*feature_names(taps), *DIAGNOSTIC_NAMES]
-
-
-OUTPUT_NAMES = output_names()
-"""The outputs of a tower without taps (every family but Qwen3-VL)."""
+from .models import attention
+from .models.encoder import LoadedEncoder
+from .passes import RemoveNoOpCastsPass, _graph, ipcv_passes, run_passes
 
 
 def expose_selection(gm: torch.fx.GraphModule, neighbors: int, special_tokens: int = 0,
@@ -78,17 +60,17 @@ def compress(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     stock parts with them (`mixed_resolution.ExportableMixedResolution`).
     """
     config.check(encoder.depth)
-    smallest = min_patches(config)
+    smallest, layout = min_patches(config), layout_of(encoder)
     if config.selection == "mixed":
         batch = encoder.description.image_batch
         module = ExportableMixedResolution(encoder.module, batch.parts, batch.special_tokens, config.retention_e4,
                                            config.mixed_cell).eval()
         with attention.batched_whole_queries(encoder.module):
-            return export_symbolic(module, example_inputs(encoder, smallest=smallest), dynamic_shapes(encoder, smallest))
+            return export_symbolic(module, layout.example_inputs(encoder, smallest), layout.dynamic_shapes(encoder, smallest))
     gm = program.module()
     if config.retention_e4 < tokens.RETENTION_SCALE:
         passes = ipcv_passes(config, encoder.description, encoder.depth, encoder.patch_size, encoder.tap_blocks)
         gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
     batched = encoder.description.image_batch is not None
     expose_selection(gm, config.neighbors, encoder.special_tokens, encoder.patch_size if batched else None)
-    return export_symbolic(gm, example_inputs(encoder, smallest=smallest), dynamic_shapes(encoder, smallest))
+    return export_symbolic(gm, layout.example_inputs(encoder, smallest), layout.dynamic_shapes(encoder, smallest))

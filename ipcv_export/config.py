@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from .folders import FOLDER_FORMATS
 
 RETENTION_SCALE = 10_000
 """Retention is fixed to 4 decimals: K = (N * round(rho * 1e4)) // 1e4 (ipcv.md, step 1)."""
@@ -129,6 +131,14 @@ class Method:
     mixed_cell: int = IpcvConfig.mixed_cell
     budget: float | None = None
 
+    def __post_init__(self) -> None:
+        """UsageError for a budget beside settings it would replace (as the command line refuses)."""
+        if self.budget is None:
+            return
+        given = [f.name for f in fields(self) if f.name != "budget" and getattr(self, f.name) != f.default]
+        if given:
+            raise UsageError(f"a budget chooses the method settings itself; drop {', '.join(given)}")
+
     def settings(self) -> dict:
         """The IpcvConfig fields asked for, None where the family decides."""
         return {name: value for name, value in vars(self).items() if name != "budget"}
@@ -147,8 +157,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 FORMAT_SUFFIXES = {"onnx": (".onnx",), "engine": (".engine", ".plan"), "aoti": (".pt2",), "exported-program": (".pt2",)}
 """Output formats and the file suffixes each may be written under."""
 FORMATS = tuple(FORMAT_SUFFIXES)
-FOLDER_FORMAT = "ort-genai"
-"""The one format that writes a folder: an ONNX Runtime GenAI model folder (genai_folder.py)."""
+SUFFIX_FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".pt2": "aoti"}
+"""The format an output name implies when none is named."""
 RUNTIMES = ("portable", "onnxruntime", "tensorrt")
 """Which runtime an ONNX file is for (each its form in ops.ATTENTION_FORMS). `portable` (the default
 for .onnx): operators every runtime takes, TensorRT included, and the TensorRT check only reports.
@@ -185,7 +195,7 @@ class ShapeProfile:
 @dataclass(frozen=True)
 class Target:
     """What an export writes and for which runtime. `output`: the file (its suffix gives the format
-    unless `format` names one of FORMATS), or the folder of FOLDER_FORMAT. `runtime`: one of
+    unless `format` names one of FORMATS), or the folder of one of folders.FOLDER_FORMATS. `runtime`: one of
     RUNTIMES for .onnx files (default portable) and engines (tensorrt). `precision`: of a TensorRT
     engine. The patch profile (`min_patches` / `opt_patches` / `max_patches`, ShapeProfile's range;
     `opt_patches` None: the native grid of a tower that batches whole images, else 5120).
@@ -206,7 +216,53 @@ class Target:
     verify: bool = True
     atol: float | None = None
 
-    def __post_init__(self) -> None:  # paths as given (str or Path) become Paths
+    def __post_init__(self) -> None:
+        """Paths as given (str or Path) become Paths; `format` and `runtime` left None become what
+        the output name and the format imply; UsageError for a value out of range or a setting the
+        format does not take (whether the output can be written is the pipeline's to check)."""
         object.__setattr__(self, "output", Path(self.output))
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", Path(self.timing_cache))
+        if self.format in FOLDER_FORMATS:
+            return  # the folder writer checks its own settings
+        format = _file_format(self.output, self.format)
+        object.__setattr__(self, "format", format)
+        object.__setattr__(self, "runtime", _file_runtime(format, self.runtime))
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and format != "engine":
+            raise UsageError(f"--precision {self.precision} applies to TensorRT engines; {format} files are written in fp32")
+        if self.atol is not None and not 0 <= self.atol < 1:
+            raise UsageError(f"--atol must be in [0, 1), got {self.atol}")
+        if self.opset not in OPSETS:
+            raise UsageError(f"--opset must be in [{OPSETS[0]}, {OPSETS[-1]}] (TensorRT 10 parses 18 to 20), "
+                             f"got {self.opset}")
+        if self.timing_cache and format != "engine":
+            raise UsageError(f"--timing-cache applies to TensorRT engines; {format} files are not built by TensorRT")
+
+
+def _file_format(output: Path, format: str | None) -> str:
+    """The file format `format` names, or the output's suffix implies; UsageError if they disagree."""
+    if format is None:
+        format = SUFFIX_FORMATS.get(output.suffix)
+        if format is None:
+            raise UsageError(f"unsupported output format {output.suffix or '(none)'!r} for {output}: "
+                             f"use .onnx, .engine or .pt2, or name one with --format")
+    elif format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; choose from {', '.join((*FORMATS, *FOLDER_FORMATS))}")
+    if output.suffix not in FORMAT_SUFFIXES[format]:
+        raise UsageError(f"format {format} writes {' or '.join(FORMAT_SUFFIXES[format])} files, not {output.name}")
+    return format
+
+
+def _file_runtime(format: str, runtime: str | None) -> str:
+    """The runtime the file is for (RUNTIMES), or UsageError where the format rules it out."""
+    if runtime is None:
+        return "tensorrt" if format == "engine" else "portable"
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if format == "engine" and runtime == "onnxruntime":
+        raise UsageError("--runtime onnxruntime writes a loop TensorRT cannot build; an engine is for tensorrt")
+    if format not in ("onnx", "engine") and runtime != "portable":
+        raise UsageError(f"--runtime {runtime} chooses the form of an ONNX file; {format} files are not ONNX")
+    return runtime

@@ -25,9 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from . import ops
-from .capture import counting_inputs
 from .config import IpcvConfig
-from .models import LoadedEncoder
+from .layouts import layout_of
+from .models.encoder import LoadedEncoder
 from .tokens import RETENTION_SCALE
 
 
@@ -46,7 +46,7 @@ def program_flops(program: torch.export.ExportedProgram, encoder: LoadedEncoder,
     """Total FLOPs of one call of `program` on N = tokens patches (one segment or image)."""
     module = program.module()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        inputs = counting_inputs(encoder, tokens)
+        inputs = layout_of(encoder).counting_inputs(encoder, tokens)
         with FlopCounterMode(display=False) as counter:
             module(*inputs)
     return counter.get_total_flops()

@@ -231,7 +231,7 @@ def _segment_sum(mask: torch.Tensor, first: torch.Tensor, last: torch.Tensor) ->
 
 
 SPREAD_BITS = 7
-"""Bits per grid coordinate of the spread order: grids up to 128 patches a side (capture.MAX_SIDE)."""
+"""Bits per grid coordinate of the spread order: grids up to 128 patches a side (contract.MAX_SIDE)."""
 
 
 def spread_score(hidden: torch.Tensor, special_tokens: int, columns: int | torch.SymInt) -> torch.Tensor:

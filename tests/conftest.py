@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipcv_export.capture import capture
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -21,7 +21,7 @@ from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig
 from ipcv_export.flops import program_flops
 from ipcv_export.lower.tensorrt import tensorrt_available
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.reference import batched_reference, mixed_reference
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from ipcv_export.budget import SETTINGS, choose_setting, setting_of
 from ipcv_export.flops import floor_ratio
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 
 @pytest.fixture(scope="module")

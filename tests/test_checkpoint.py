@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from ipcv_export.checkpoint import CheckpointError
 from ipcv_export.config import UsageError
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 
 TINY_VISION = json.loads(
     (__import__("ipcv_export.models", fromlist=["CONFIG_DIR"]).CONFIG_DIR / "tiny-qwen2-vl.json").read_text()

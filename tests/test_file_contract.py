@@ -7,12 +7,12 @@ import shutil
 import onnx
 import pytest
 import torch
+from conftest import grid_inputs
 from onnx import TensorProto, helper
 
-from conftest import grid_inputs
 from ipcv_export import Method, Target, UsageError, export, load
-from ipcv_export.compress import OUTPUT_NAMES
 from ipcv_export.config import IpcvConfig
+from ipcv_export.contract import OUTPUT_NAMES
 from ipcv_export.lower.onnx import keep_outputs
 from ipcv_export.verify import check_parity
 

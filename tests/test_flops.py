@@ -27,7 +27,7 @@ def test_original_cost(tiny, captured):
 def test_windowed_tower_counts_are_its_cost_model(config):
     """Qwen2.5-VL: gated MLP, RMSNorm, window blocks (dense masked attention, as full blocks)."""
     from ipcv_export.capture import capture
-    from ipcv_export.models import load_encoder
+    from ipcv_export.loading import load_encoder
 
     tiny25 = load_encoder("tiny-qwen2.5-vl")
     program = compress(capture(tiny25), tiny25, config)
@@ -46,7 +46,7 @@ def test_stock_cost_model_is_what_the_stock_module_computes(model, grid):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ipcv_export.models import load_encoder
+    from ipcv_export.loading import load_encoder
 
     encoder = load_encoder(model)
     grid_thw = torch.tensor(grid)
@@ -62,7 +62,7 @@ def test_window_blocks_are_linear_in_the_tokens():
     import torch
 
     from ipcv_export.capture import capture
-    from ipcv_export.models import load_encoder
+    from ipcv_export.loading import load_encoder
 
     tiny25 = load_encoder("tiny-qwen2.5-vl")
     counted = program_flops(capture(tiny25), tiny25, 4096)
@@ -77,7 +77,7 @@ CALL_GRIDS = [[[4, 8, 8]], [[1, 16, 24], [1, 8, 8], [2, 4, 6]]]
 def packed(request):
     """(encoder, captured program) of each packed family."""
     from ipcv_export.capture import capture
-    from ipcv_export.models import load_encoder
+    from ipcv_export.loading import load_encoder
 
     encoder = load_encoder(request.param)
     return encoder, capture(encoder)

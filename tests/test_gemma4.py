@@ -8,18 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_openvino_agrees, verified_files
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import assert_openvino_agrees, verified_files
 from ipcv_export import load
-from ipcv_export.capture import capture, padded_inputs
+from ipcv_export.capture import capture
 from ipcv_export.checkpoint import CheckpointError
 from ipcv_export.compress import compress
 from ipcv_export.config import ShapeProfile
 from ipcv_export.flops import program_flops
+from ipcv_export.layouts.padded import padded_inputs
+from ipcv_export.loading import load_encoder
 from ipcv_export.lower import tensorrt
-from ipcv_export.models import load_encoder
 from ipcv_export.models.gemma4 import stock_features
 from ipcv_export.verify import check_padded_parity
 

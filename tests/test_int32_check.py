@@ -10,8 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ipcv_export import Method, Target, UsageError, export
+from ipcv_export.layouts import LAYOUTS
+from ipcv_export.layouts.packed import Packed
 from ipcv_export.lower import int32_check
-from ipcv_export.lower.int32_check import INT32_MAX, Bounded, check_int32, extreme_calls
+from ipcv_export.lower.int32_check import INT32_MAX, Bounded, check_int32
 
 PACKED = {"layout": "packed", "merge_size": 2, "input_width": 6, "max_tokens": 65536, "max_images": 256,
           "tensors": [{"name": "pixel_values"}, {"name": "image_grid_thw"}]}
@@ -52,7 +54,7 @@ def test_window_ids_with_a_power_of_two_stride_are_refused(tmp_path):
              helper.make_node("Mul", ["row_id", "stride"], ["window_id"], name="window_id_node"),
              helper.make_node("Add", ["window_id", "w"], ["ids"])]
     path = _file(tmp_path, nodes, ["ids"], [*COLUMNS, ("zero", 0), ("one", 1), ("stride", 2 ** 16)])
-    report = check_int32(path, extreme_calls(PACKED))
+    report = check_int32(path, LAYOUTS[PACKED["layout"]].extreme_calls(PACKED))
     assert not report.ok
     assert any(f.node == "window_id_node" and f.bound[1] > INT32_MAX for f in report.findings)
     assert "window_id_node" in report.summary() and "outside int32" in report.summary()
@@ -68,7 +70,7 @@ def test_ids_below_n_pass(tmp_path):
              helper.make_node("Range", ["zero", "total", "one"], ["index"]),
              helper.make_node("Div", ["index", "two"], ["ids"])]
     report = check_int32(_file(tmp_path, nodes, ["ids"], [*COLUMNS, ("zero", 0), ("one", 1), ("two", 2)]),
-                         extreme_calls(PACKED))
+                         LAYOUTS[PACKED["layout"]].extreme_calls(PACKED))
     assert report.ok, report.summary()
     assert report.widest == 65536  # the total token count of every extreme call
 
@@ -79,7 +81,7 @@ def test_a_flat_index_into_n_by_n_is_refused_by_its_bound(tmp_path):
     nodes = [helper.make_node("ArgMax", ["pixel_values"], ["best"], axis=0, keepdims=0),
              helper.make_node("Shape", ["pixel_values"], ["n"], start=0, end=1),
              helper.make_node("Mul", ["best", "n"], ["flat"], name="flat_index")]
-    report = check_int32(_file(tmp_path, nodes, ["flat"]), extreme_calls(PACKED))
+    report = check_int32(_file(tmp_path, nodes, ["flat"]), LAYOUTS[PACKED["layout"]].extreme_calls(PACKED))
     assert [f.node for f in report.findings][:1] == ["flat_index"]
     low, high = report.findings[0].bound
     assert low == 0 and high == 65535 * 65536
@@ -97,13 +99,13 @@ def test_an_unknown_operator_on_integers_cannot_be_proved(tmp_path):
 def test_extreme_calls_stay_within_the_manifest():
     """Every packed call has at most max_tokens patches and max_images rows, sides multiples of
     the merge size; the padded calls' positions lie in the position table."""
-    for name, call in extreme_calls(PACKED).items():
+    for name, call in LAYOUTS[PACKED["layout"]].extreme_calls(PACKED).items():
         grid = call["image_grid_thw"]
         assert grid.prod(1).sum() <= 65536 and len(grid) <= 256 and not (grid[:, 1:] % 2).any(), name
         assert call["pixel_values"].shape == (int(grid.prod(1).sum()), 6)
     padded = {"layout": "padded", "merge_size": 3, "input_width": 5, "max_tokens": 65529, "max_images": 256,
               "position_table": 256, "tensors": [{"name": "pixel_values"}, {"name": "image_position_ids"}]}
-    calls = extreme_calls(padded)
+    calls = LAYOUTS[padded["layout"]].extreme_calls(padded)
     positions = calls["image"]["image_position_ids"]
     assert positions.shape == (1, 65529, 2) and positions.max() < 256 and positions.min() == -1
     assert calls["images"]["image_position_ids"].bound == (-1.0, 255.0)
@@ -112,12 +114,12 @@ def test_extreme_calls_stay_within_the_manifest():
 def test_the_export_refuses_a_file_that_can_overflow(tiny, tmp_path, monkeypatch):
     """End to end: a grid far beyond the manifest (a 2 x 2^30 strip) makes the tiny Qwen2-VL file's
     position arithmetic pass int32; the export stops in one line and keeps nothing."""
-    def beyond(inputs):
+    def beyond(_layout, inputs):
         grid = np.array([[1, 2, 2 ** 30]], dtype=np.int64)
         return {"strip": {"pixel_values": Bounded((-1.0, 1.0), (2 ** 31, inputs["input_width"])),
                           "image_grid_thw": grid}}
 
-    monkeypatch.setattr("ipcv_export.pipeline.extreme_calls", beyond)
+    monkeypatch.setattr(Packed, "extreme_calls", beyond)
     out = tmp_path / "encoder.onnx"
     with pytest.raises(UsageError, match="refused, nothing written: an integer can leave int32"):
         export(tiny, Target(out), Method(retention=1.0), report=lambda _line: None)

@@ -16,7 +16,7 @@ from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig, UsageError
 from ipcv_export.flops import floor_ratio, program_flops
 from ipcv_export.mixed_resolution import min_grid_side
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.reference import mixed_cells, mixed_reference
 
 

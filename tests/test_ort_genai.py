@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from ipcv_export import Method, Target, export
 from ipcv_export.cli import EXIT_OK, EXIT_USAGE, main
-from ipcv_export.genai_folder import transformers_tokens
+from ipcv_export.folders.ort_genai import transformers_tokens
 from ipcv_export.llm.chat_models import load_chat_model
 from ipcv_export.llm.pipeline import EncoderFileTower
 from ipcv_export.lower import ort_genai

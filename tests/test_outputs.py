@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -103,12 +102,12 @@ def test_a_folder_that_refuses_files_is_refused_up_front(capsys):
 def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import errno
 
-    from ipcv_export import pipeline
+    from ipcv_export import api
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".ipcv-export-1-x" / "e.onnx"))
 
-    monkeypatch.setattr(pipeline, "export", full)
+    monkeypatch.setattr(api, "export", full)
     assert main(["--model", "tiny-qwen2-vl", "-o", str(tmp_path / "e.onnx")]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("ipcv-export: error: No space left on device: ") and err.count("\n") == 1

@@ -8,11 +8,12 @@ import itertools
 import onnx
 import pytest
 import torch
-
 from conftest import PARITY_GRIDS, grid_inputs
-from ipcv_export.capture import example_inputs
-from ipcv_export.compress import OUTPUT_NAMES, compress
+
+from ipcv_export.compress import compress
 from ipcv_export.config import IpcvConfig
+from ipcv_export.contract import OUTPUT_NAMES
+from ipcv_export.layouts.packed import PACKED
 from ipcv_export.lower.onnx import to_onnx
 from ipcv_export.reference import stock_reference
 from ipcv_export.runtime import OnnxEncoder
@@ -85,5 +86,5 @@ def test_16384_patches_run_with_no_large_topk(tiny, captured, tmp_path):
 
 def test_the_capture_example_is_not_special(tiny):
     """The parity grids avoid the export sample's total N, so dynamic shapes are really exercised."""
-    n_example = example_inputs(tiny)[0].shape[0]
+    n_example = PACKED.example_inputs(tiny)[0].shape[0]
     assert all(sum(t * h * w for t, h, w in grid) != n_example for grid in PARITY_GRIDS)

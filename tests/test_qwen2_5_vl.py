@@ -12,7 +12,7 @@ from conftest import assert_openvino_agrees, grid_inputs
 from ipcv_export import Method, export
 from ipcv_export.config import IpcvConfig
 from ipcv_export.inputs import decomposed_grid_layout
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.models.qwen2_5_vl import (block_segments, merged_places, window_lengths, window_order,
                                           window_tokens)
 from ipcv_export.reference import ipcv_reference, stock_reference

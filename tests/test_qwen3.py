@@ -7,14 +7,13 @@ import torch
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
 from conftest import assert_openvino_agrees, grid_inputs, verified_files
-from ipcv_export import Method, Target, export, load
+from ipcv_export import Method, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import count_call, kept_per_slice, program_flops
 from ipcv_export.inputs import host_layout, patch_grid_sides
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.models.qwen3_vl import table_taps
-from ipcv_export.reference import stock_reference
 from ipcv_export.verify import check_parity
 
 FAMILIES = ["tiny-qwen3.5", "tiny-qwen3-vl"]

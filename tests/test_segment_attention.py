@@ -13,7 +13,7 @@ from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import count_call, onnx_attention_flops
 from ipcv_export.lower import segment_loop
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.reference import stock_reference
 from ipcv_export.verify import check_parity
 

@@ -9,15 +9,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import PARITY_GRIDS, grid_inputs
 from onnx import TensorProto, helper
 
 import ipcv_export.pipeline as pipeline
-from conftest import PARITY_GRIDS, grid_inputs
 from ipcv_export import IpcvConfig, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.cli import EXIT_NO_TENSORRT, EXIT_PARITY, EXIT_USAGE, main
-from ipcv_export.compress import OUTPUT_NAMES, compress
+from ipcv_export.compress import compress
 from ipcv_export.config import ShapeProfile
+from ipcv_export.contract import OUTPUT_NAMES
 from ipcv_export.lower import tensorrt
 from ipcv_export.lower.onnx import to_onnx
 from ipcv_export.lower.tensorrt_compat import check_tensorrt_compat

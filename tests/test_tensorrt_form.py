@@ -13,7 +13,7 @@ from ipcv_export import Method, Target, export, load
 from ipcv_export.capture import capture
 from ipcv_export.compress import compress
 from ipcv_export.flops import count_call, onnx_attention_flops
-from ipcv_export.models import load_encoder
+from ipcv_export.loading import load_encoder
 from ipcv_export.verify import check_parity
 
 SETTINGS = [("tiny-qwen2-vl", Method(retention=1.0)), ("tiny-qwen2.5-vl", Method(retention=1.0)),

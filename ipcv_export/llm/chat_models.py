@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 
 from ..checkpoint import CheckpointError, _hash_files, _read_config, _weight_files
 from ..config import UsageError, first_line
-from ..models import load_encoder, missing_folder
+from ..loading import load_encoder, missing_folder
 
 CHAT_DIR = Path(__file__).resolve().parent.parent / "models" / "chat"
 BYTE_TOKENIZER_DIR = CHAT_DIR / "byte-tokenizer"

@@ -121,7 +121,7 @@ class Pipeline:
         """The model's encoder file at `retention`: from the cache when an earlier run left it there,
         else exported into the cache (`cached`) or into a folder that lives as long as the pipeline."""
         from ..config import Method
-        from ..pipeline import export
+        from ..pipeline import export_file
 
         if cached:
             path = encoder_cache_file(self.chat.source, self.chat.source.get("path"), check_retention(retention))
@@ -136,7 +136,7 @@ class Pipeline:
             path = Path(self._workdir.name) / "encoder.onnx"
             hint = (f"  the encoder was exported for this run only; export it once with `ipcv-export --model "
                     f"{self.chat.encoder_source} --retention {retention} -o encoder.onnx` and pass --encoder encoder.onnx")
-        export(self.chat.encoder_source, path, Method(retention=retention), report=report)
+        export_file(self.chat.encoder_source, path, Method(retention=retention), report=report)
         report(hint)
         return path
 

@@ -101,36 +101,8 @@ class Int32Report:
                 "largest_at": self.widest_at, "findings": [str(f) for f in self.findings]}
 
 
-def extreme_calls(inputs: Mapping) -> dict[str, dict[str, np.ndarray | Bounded]]:
-    """The largest calls a manifest's `inputs` allow, by layout: the most patches as one strip,
-    one column, one square image and a video of the smallest slices, and the most images; for
-    towers that batch whole images, the most images at the largest side; for padded rows, the
-    longest row with one square image, and the most images of it with positions only bounded."""
-    names = [tensor["name"] for tensor in inputs["tensors"]]
-    k, width = inputs["merge_size"], inputs["input_width"]
-    if inputs["layout"] == "packed":
-        most, images = inputs["max_tokens"] // (k * k) * (k * k), inputs["max_images"]
-        side = int(math.isqrt(most)) // k * k
-        grids = {"strip": [[1, k, most // k]], "column": [[1, most // k, k]], "square": [[1, side, side]],
-                 "video": [[most // (k * k), k, k]],
-                 "images": [[1, k, k]] * (images - 1) + [[1, k, (most - k * k * (images - 1)) // k]]}
-        return {call: {names[0]: Bounded(UNBOUNDED, (sum(t * h * w for t, h, w in grid), width)),
-                       names[1]: np.array(grid, dtype=np.int64)} for call, grid in grids.items()}
-    if inputs["layout"] == "images":
-        side = inputs["max_side"] // (inputs["patch_size"] * k) * (inputs["patch_size"] * k)
-        return {"images": {names[0]: Bounded(UNBOUNDED, (inputs["max_images"], width, side, side))}}
-    length, table = inputs["max_tokens"], inputs["position_table"]
-    side = min(int(math.isqrt(length)), table) // k * k
-    rows, columns = np.divmod(np.arange(side * side), side)
-    positions = np.full((1, length, 2), -1, dtype=np.int64)
-    positions[0, :side * side] = np.stack([columns, rows], -1)
-    return {"image": {names[0]: Bounded(UNBOUNDED, (1, length, width)), names[1]: positions},
-            "images": {names[0]: Bounded(UNBOUNDED, (inputs["max_images"], length, width)),
-                       names[1]: Bounded((-1.0, table - 1.0), (inputs["max_images"], length, 2), True)}}
-
-
 def check_int32(path: str | Path, calls: Mapping[str, Mapping[str, np.ndarray | Bounded]]) -> Int32Report:
-    """Run the integer arithmetic of the ONNX file at `path` on each named call (`extreme_calls`).
+    """Run the integer arithmetic of the ONNX file at `path` on each named call (a layout's `extreme_calls`).
     A call gives each input its values (an array) or only their range and shape (features: never
     computed). Floating weights stored as external data are not read."""
     path = Path(path)

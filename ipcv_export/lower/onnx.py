@@ -17,11 +17,9 @@ from onnxscript import rewriter
 
 from .. import ops
 from ..config import DEFAULT_OPSET
+from ..contract import INPUT_NAMES
 from . import segment_loop
 
-INPUT_NAMES = ["pixel_values", "image_grid_thw"]
-PADDED_INPUT_NAMES = ["pixel_values", "image_position_ids"]
-"""The inputs of a padded tower's file (Gemma 4), named as its processor names them."""
 TWO_GB = 2 * 1024**3
 SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
 """onnxscript rewrite rules the optimizer skips. SlicesSplit fuses Slices that tile a tensor into

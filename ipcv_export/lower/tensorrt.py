@@ -14,7 +14,8 @@ import shlex
 from pathlib import Path
 
 from ..config import ShapeProfile, UsageError
-from ..tokens import min_side
+from ..layouts import LAYOUTS
+from ..layouts.base import Shapes
 
 INSTALL_HINT = "pip install tensorrt (needs NVIDIA's package index and a CUDA GPU)"
 
@@ -31,35 +32,11 @@ ENGINE_MAX_IMAGES = 16
 """Images (tiles, videos) per call an engine accepts: InternVL's 12 tiles and a thumbnail,
 LLaVA-NeXT's 5 tiles fit; for packed towers, rows of image_grid_thw."""
 
-Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-"""Input name -> (min, opt, max) shape of the optimisation profile."""
-
 
 def profile_shapes(inputs: dict, profile: ShapeProfile) -> Shapes:
-    """The profile's input shapes from the manifest's `inputs` (names as in lower/onnx.py).
-    Packed towers: N = min / opt / max patches per call in pixel_values, 1 / 1 / ENGINE_MAX_IMAGES
-    rows of image_grid_thw. Batched towers: 1 / 1 / ENGINE_MAX_IMAGES
-    images, each side the smallest square side (a multiple of the grid multiple) that holds the
-    min / opt / max patches per image. Padded towers: 1 / 1 / ENGINE_MAX_IMAGES images of P = min /
-    opt / max patches."""
-    if inputs.get("layout") == "padded":
-        width = inputs["input_width"]
-        counts = (1, 1, ENGINE_MAX_IMAGES)
-        lengths = (profile.min_tokens, profile.opt_tokens, profile.max_tokens)
-        return {"pixel_values": tuple((b, p, width) for b, p in zip(counts, lengths)),
-                "image_position_ids": tuple((b, p, 2) for b, p in zip(counts, lengths))}
-    if inputs.get("layout") != "images":
-        width = inputs["input_width"]
-        return {"pixel_values": tuple((n, width) for n in (profile.min_tokens, profile.opt_tokens, profile.max_tokens)),
-                "image_grid_thw": ((1, 3), (1, 3), (ENGINE_MAX_IMAGES, 3))}
-    channels, pixels = inputs["input_width"], inputs["patch_size"]
-
-    def images(count: int, patches: int) -> tuple[int, ...]:
-        side = min_side(patches, inputs["merge_size"]) * pixels
-        return (count, channels, side, side)
-
-    return {"pixel_values": (images(1, profile.min_tokens), images(1, profile.opt_tokens),
-                             images(ENGINE_MAX_IMAGES, profile.max_tokens))}
+    """The profile's input shapes from the manifest's `inputs` (its layout's `engine_shapes`, up to
+    ENGINE_MAX_IMAGES images); a manifest without a layout is packed."""
+    return LAYOUTS[inputs.get("layout", "packed")].engine_shapes(inputs, profile, ENGINE_MAX_IMAGES)
 
 
 def trtexec_command(onnx_path: Path, engine_path: Path, shapes: Shapes, precision: str,

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto
 
 from ..inputs import square_grid
-from .onnx import INPUT_NAMES
+from ..contract import INPUT_NAMES
 
 OPS_TABLE = Path(__file__).with_name("tensorrt_ops.json")
 TOPK_MAX_K = 3840

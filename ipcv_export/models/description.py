@@ -155,6 +155,11 @@ class ModelDescription:
     whole_config: bool = False
     method_defaults: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def layout(self) -> str:
+        """The name of the family's input layout (layouts/): set by `image_batch` or `padded`."""
+        return "images" if self.image_batch else "padded" if self.padded else "packed"
+
     def flop_floor(self, config: Any, retention_e4: int, prune_layer: int, as_depth: int, tokens: int,
                    selection: str = "score", mixed_cell: int = 2) -> int:
         """ipcv.md's cost model for one image (segment) of `tokens` patches (`cost.ipcv_flops`); mixed

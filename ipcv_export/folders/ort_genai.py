@@ -23,16 +23,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__, outputs, runtime
-from .compress import OUTPUT_NAMES
-from .config import IpcvConfig, Method, Target, UsageError
-from .llm.chat_models import ChatModel, load_chat_model
-from .llm.pipeline import EncoderFileTower
-from .lower import ort_genai
-from .lower.onnx import keep_outputs
-from .models import LoadedEncoder, load_encoder
-from .pipeline import ExportResult, export
-from .verify import ParityError, check_parity
+from .. import __version__, outputs, runtime
+from ..config import IpcvConfig, Method, Target, UsageError
+from ..contract import OUTPUT_NAMES
+from ..llm.chat_models import ChatModel, load_chat_model
+from ..llm.pipeline import EncoderFileTower
+from ..loading import load_encoder
+from ..lower import ort_genai
+from ..lower.onnx import keep_outputs
+from ..models.encoder import LoadedEncoder
+from ..pipeline import ExportResult, export_file
+from ..verify import ParityError, check_parity
 
 MANIFEST = "ipcv-export.json"
 VISION_FILE, EMBEDDING_FILE = "vision.onnx", "embedding.onnx"
@@ -40,10 +41,10 @@ CHECK_QUESTION = "Describe the image."
 CHECK_TOKENS = 8
 
 
-def export_ort_genai(model: str, target: Target, method: Method, report: Callable[[str], None] = print) -> ExportResult:
+def write_folder(model: str, target: Target, method: Method, report: Callable[[str], None] = print) -> ExportResult:
     """Write the ORT GenAI folder `target.output` of a chat model (built-in name or checkpoint
-    folder with its tokenizer) with the vision tower exported with `method`; export() calls it
-    for a FOLDER_FORMAT target. UsageError for bad input, ParityError when the folder does not
+    folder with its tokenizer) with the vision tower exported with `method` (the writer of
+    `--format ort-genai`, see folders/__init__.py). UsageError for bad input, ParityError when the folder does not
     generate what transformers does."""
     output = target.output
     _check_folder_target(target, method)
@@ -58,7 +59,7 @@ def export_ort_genai(model: str, target: Target, method: Method, report: Callabl
             folder.mkdir()
             work.mkdir()
             vision_target = Target(folder / VISION_FILE, runtime="onnxruntime", diagnostic_outputs=True)
-            vision = export(encoder, vision_target, method, report=_staged_report(report))
+            vision = export_file(encoder, vision_target, method, report=_staged_report(report))
             report("build: the decoder with ONNX Runtime GenAI's builder ...")
             ort_genai.build_decoder(_checkpoint_folder(chat, work), folder, work / "cache", work / "builder.log")
             config = chat.model.config

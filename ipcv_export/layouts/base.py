@@ -1,0 +1,73 @@
+"""What every input layout provides: the pipeline, the checks and the FLOP count ask the encoder's
+layout, never which layout it is."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ..config import IpcvConfig, ShapeProfile
+    from ..lower.int32_check import Bounded
+    from ..models.encoder import LoadedEncoder
+    from ..verify import ParityCheck, Tolerance
+
+Call = tuple[torch.Tensor, ...]
+"""A call's input tensors, in the file's input order."""
+Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+"""Input name -> (min, opt, max) shape of an optimisation profile."""
+
+
+class Layout(ABC):
+    """One way a family's encoder takes its images. `name` is the manifest's `inputs.layout`;
+    `input_names` the file's inputs; `largest` the most patches a shape profile may reach (per call,
+    or per image where the layout batches whole images)."""
+
+    name: ClassVar[str]
+    input_names: ClassVar[tuple[str, ...]]
+    largest: ClassVar[int]
+
+    @abstractmethod
+    def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:
+        """Seeded inputs to capture with: no size may equal another or a bound (no specialisation);
+        `smallest`: the fewest patches the file takes (compress.min_patches)."""
+
+    @abstractmethod
+    def dynamic_shapes(self, encoder: LoadedEncoder, smallest: int = 1) -> tuple[dict, ...]:
+        """torch.export's dynamic shapes of the inputs, within the contract's limits."""
+
+    @abstractmethod
+    def counting_inputs(self, encoder: LoadedEncoder, tokens: int) -> Call:
+        """Empty inputs (shapes only, for FLOP counting) of one image of `tokens` patches."""
+
+    @abstractmethod
+    def manifest_io(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int) -> tuple[dict, list[dict]]:
+        """The manifest's `inputs` and `outputs` (diagnostics last) of a file for `config`."""
+
+    def onnx_metadata(self, encoder: LoadedEncoder) -> dict[str, str]:
+        """What the layout adds to an ONNX file's metadata (beside merge_size and min_tokens)."""
+        return {}
+
+    @abstractmethod
+    def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
+                           generator: torch.Generator) -> list[Call]:
+        """The calls the parity gate runs: several images of different sizes, none the capture example."""
+
+    @abstractmethod
+    def check_call(self, run: Callable[..., tuple[torch.Tensor, ...]], encoder: LoadedEncoder, config: IpcvConfig,
+                   call: Call, tolerance: Tolerance) -> ParityCheck:
+        """Run `run(*call)` and compare it with the eager reference (verify.py)."""
+
+    @abstractmethod
+    def extreme_calls(self, inputs: dict) -> dict[str, dict[str, np.ndarray | Bounded]]:
+        """The largest calls a manifest's `inputs` allow, for the int32 check: each input's values,
+        or its range and shape where the values are features."""
+
+    @abstractmethod
+    def engine_shapes(self, inputs: dict, profile: ShapeProfile, most_images: int) -> Shapes:
+        """A TensorRT optimisation profile's input shapes from the manifest's `inputs`: 1 / 1 /
+        `most_images` images of the profile's min / opt / max patches."""

@@ -1,0 +1,142 @@
+"""Batches of whole images (LLaVA's CLIP, OneVision's SigLIP, InternViT, DINOv2): pixel_values
+[B, C, H, W], every image the same size, the special tokens (CLS) before each image's patches. The
+number of images and each image's height and width in patches are symbolic dimensions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..contract import INPUT_NAMES, MAX_IMAGES, MAX_SIDE, output_names
+from ..inputs import square_grid
+from ..lower.int32_check import UNBOUNDED, Bounded
+from ..tokens import min_side
+from ..verify import check_batched_parity
+from .base import Call, Layout, Shapes
+
+if TYPE_CHECKING:
+    from ..config import IpcvConfig, ShapeProfile
+    from ..models.encoder import LoadedEncoder
+    from ..verify import ParityCheck, Tolerance
+
+VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
+"""(images, rows, columns of patches) per check, none the capture example."""
+VERIFY_MIXED = ((1, 16, 16), (2, 12, 18), (3, 11, 13))
+"""With mixed selection: sides with every remainder modulo each cell side (patches outside every
+cell), each side raised to the file's smallest and rounded up to the grid multiple."""
+
+
+class Images(Layout):
+    name = "images"
+    input_names = tuple(INPUT_NAMES[:1])
+    largest = MAX_SIDE ** 2  # per image
+
+    def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:
+        """Two images of 5 x 7 grid multiples of patches, or more where the file needs `smallest`
+        patches per image."""
+        generator = torch.Generator().manual_seed(0)
+        multiple = encoder.merge_size
+        cell, side = encoder.patch_size * multiple, min_side(smallest, multiple) // multiple
+        rows, cols = max(5, side + 1), max(7, side + 3)
+        return (torch.randn(2, encoder.channels, rows * cell, cols * cell, generator=generator),)
+
+    def dynamic_shapes(self, encoder: LoadedEncoder, smallest: int = 1) -> tuple[dict, ...]:
+        """B images of H x W pixels, H and W multiples of the patch size times the grid multiple,
+        with at least `min_side(smallest)` patches per side."""
+        multiple = encoder.merge_size
+        cell, side = encoder.patch_size * multiple, min_side(smallest, multiple) // multiple
+        images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
+        rows = torch.export.Dim("rows", min=side, max=MAX_SIDE // multiple)
+        cols = torch.export.Dim("cols", min=side, max=MAX_SIDE // multiple)
+        return ({0: images, 2: rows * cell, 3: cols * cell},)
+
+    def counting_inputs(self, encoder: LoadedEncoder, tokens: int) -> Call:
+        """The most nearly square grid of that many patches."""
+        rows, cols = square_grid(tokens, encoder.merge_size)
+        p = encoder.patch_size
+        return (torch.empty(1, encoder.channels, rows * p, cols * p),)
+
+    def manifest_io(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int) -> tuple[dict, list[dict]]:
+        p, s, multiple = encoder.patch_size, encoder.special_tokens, encoder.merge_size
+        side = min_side(smallest, multiple)
+        inputs = {"layout": self.name, "patch_size": p, "merge_size": multiple, "input_width": encoder.channels,
+                  "min_tokens": smallest, "special_tokens": s,
+                  "max_images": MAX_IMAGES, "max_side": MAX_SIDE * p,
+                  "tensors": [{"name": INPUT_NAMES[0], "dtype": "float32", "shape": ["B", encoder.channels, "H", "W"]}],
+                  "rules": f"H and W multiples of {p * multiple}, each at least {side * p} pixels; B <= {MAX_IMAGES}, "
+                           f"H, W <= {MAX_SIDE * p}; P = (H/{p})*(W/{p}) patches and T = {s} + P tokens per image"}
+        names = output_names()
+        features = {"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
+                    "meaning": "every token of every image (special tokens first), the original encoder's output"}
+        if config.selection == "mixed":
+            return inputs, [features, *_mixed_diagnostics(s, config.retention_e4, config.mixed_cell)]
+        outputs = [features,
+                   {"name": names[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
+                    "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
+                   {"name": names[2], "dtype": "int64", "shape": ["B", "T-K", config.neighbors],
+                    "meaning": "per image, indices into kept_index of each removed token's neighbours; K means none"}]
+        return inputs, outputs
+
+    def onnx_metadata(self, encoder: LoadedEncoder) -> dict[str, str]:
+        return {"patch_size": str(encoder.patch_size)}
+
+    def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
+                           generator: torch.Generator) -> list[Call]:
+        return [(torch.randn(images, encoder.channels, rows * encoder.patch_size, cols * encoder.patch_size,
+                             generator=generator),)
+                for images, rows, cols in _batches(encoder, config, smallest)]
+
+    def check_call(self, run: Callable[..., tuple[torch.Tensor, ...]], encoder: LoadedEncoder, config: IpcvConfig,
+                   call: Call, tolerance: Tolerance) -> ParityCheck:
+        batch = encoder.description.image_batch
+        return check_batched_parity(run, batch.parts(encoder.module), batch.special_tokens, config, call[0], tolerance,
+                                    batch.neighbors_across_images)
+
+    def extreme_calls(self, inputs: dict) -> dict[str, dict[str, np.ndarray | Bounded]]:
+        """The most images at the largest side."""
+        k = inputs["merge_size"]
+        side = inputs["max_side"] // (inputs["patch_size"] * k) * (inputs["patch_size"] * k)
+        name = inputs["tensors"][0]["name"]
+        return {"images": {name: Bounded(UNBOUNDED, (inputs["max_images"], inputs["input_width"], side, side))}}
+
+    def engine_shapes(self, inputs: dict, profile: ShapeProfile, most_images: int) -> Shapes:
+        """Each side the smallest square side (a multiple of the grid multiple) that holds the min /
+        opt / max patches per image."""
+        channels, pixels = inputs["input_width"], inputs["patch_size"]
+
+        def images(count: int, patches: int) -> tuple[int, ...]:
+            side = min_side(patches, inputs["merge_size"]) * pixels
+            return (count, channels, side, side)
+
+        return {"pixel_values": (images(1, profile.min_tokens), images(1, profile.opt_tokens),
+                                 images(most_images, profile.max_tokens))}
+
+
+def _batches(encoder: LoadedEncoder, config: IpcvConfig, smallest: int) -> tuple[tuple[int, int, int], ...]:
+    """The verification batches (VERIFY_BATCHES, VERIFY_MIXED)."""
+    if config.selection != "mixed":
+        return VERIFY_BATCHES
+    multiple, side = encoder.merge_size, min_side(smallest, encoder.merge_size)
+    fit = lambda patches: -(-max(patches, side) // multiple) * multiple  # noqa: E731
+    return tuple((images, fit(rows), fit(cols)) for images, rows, cols in VERIFY_MIXED)
+
+
+def _mixed_diagnostics(special_tokens: int, retention_e4: int, cell: int) -> list[dict]:
+    """The diagnostic outputs of a mixed-selection file (`mixed_resolution.selection_outputs`)."""
+    names = output_names()
+    square, coarse = cell * cell, (cell - 1) ** 2
+    fine = (f"F = C*{square * retention_e4 - coarse * 10_000}//{(square - coarse) * 10_000} of the "
+            f"C = (H/p//{cell})*(W/p//{cell}) cells of {cell} x {cell} patches")
+    return [{"name": names[1], "dtype": "int64", "shape": ["B", f"{special_tokens} + {square}F + X"],
+             "meaning": f"per image, ascending indices of the tokens computed at full resolution: the special tokens, "
+                        f"the patches of the {fine}, and the X patches outside every cell (the last rows and "
+                        f"columns beyond a multiple of {cell})"},
+            {"name": names[2], "dtype": "int64", "shape": ["B", f"P-{square}F-X", 1],
+             "meaning": f"per image, for each other patch (ascending), the cell (raster order) whose {coarse} token(s) "
+                        f"of the image shrunk by {cell - 1}/{cell} it was rebuilt from"}]
+
+
+IMAGES = Images()
