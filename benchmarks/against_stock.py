@@ -7,6 +7,7 @@ PyTorch: what a user runs today (issue 18's latency targets).
     .venv/bin/python benchmarks/against_stock.py --model gemma4-e2b-shape --grid 1x39x60 --retentions 0.5 0.35
     .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --opsets 18 23
     .venv/bin/python benchmarks/against_stock.py --model qwen2.5-vl-7b-shape --grid 1x64x80 --retentions 0.5 --openvino
+    .venv/bin/python benchmarks/against_stock.py --model qwen3-vl-8b-shape --grid 1x64x80 --openvino --without-onnxruntime
 
 Exports the rho = 1 file and one IPCV file per retention with this tool (verified as usual;
 --folder reuses files already there), then times, on the same inputs (one call of --grid t x h x w
@@ -14,7 +15,8 @@ patch grids), the stock module (`visual(pixel_values, grid_thw)`, SDPA attention
 pinned to --threads) and each file (ORT, intra-op threads --threads), alternated round by round so
 that drift of the shared machine hits all alike: one warm-up round, median of --runs rounds.
 --openvino also times each file in OpenVINO (f32, --threads inference threads, one stream) in the
-same rounds, and the stock module twice per round, so that its spread shows beside the ratios.
+same rounds, and the stock module twice per round, so that its spread shows beside the ratios;
+--without-onnxruntime then leaves ONNX Runtime out (memory).
 A padded tower (Gemma 4) takes each --grid entry as one image of h x w patches, padded as its
 processor pads (to 9 x 280 = 2520 patches by default, --padded-length), and its stock module is
 the tower and embedder (`gemma4.stock_features`).
@@ -57,10 +59,15 @@ def main() -> None:
     parser.add_argument("--runtime", default="portable", help="the files' --runtime (portable or onnxruntime)")
     parser.add_argument("--openvino", action="store_true",
                         help="also run each file in OpenVINO (f32), and the stock module twice per round")
+    parser.add_argument("--without-onnxruntime", action="store_true",
+                        help="with --openvino: time the files in OpenVINO only (a 7B-shape tower's stock module, "
+                             "two ONNX Runtime and two OpenVINO sessions at N = 5120 were killed for memory in 23 GB)")
     parser.add_argument("--without-original", action="store_true",
                         help="leave out the rho = 1 file (the stock module and two ORT sessions of a 7B-shape "
                              "tower at N = 8192 were killed for memory in 23 GB)")
     args = parser.parse_args()
+    if args.without_onnxruntime and not args.openvino:
+        parser.error("--without-onnxruntime leaves no runtime to time the files in without --openvino")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model)
@@ -80,8 +87,9 @@ def main() -> None:
         feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-    sessions = {rho: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                for rho, path in files.items()}
+    sessions = {} if args.without_onnxruntime else {
+        rho: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for rho, path in files.items()}
 
     def stock() -> torch.Tensor:
         if encoder.description.padded:

@@ -17,25 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UsageError, first_line, read_json_object
-from .inputs import check_grid, real_patches, slice_lengths
-from .tokens import min_side
+from .config import UsageError, read_json_object
+from .layouts import LAYOUTS
+from .layouts.base import FileInputs, Layout
 
 ONNX_PROVIDERS = ("CPUExecutionProvider",)
 
 
 class EncoderFile(ABC):
-    """Shared input preparation and checks; subclasses run the prepared tensors."""
+    """Input preparation and checks (the file's layout's); subclasses run the prepared tensors."""
 
-    def __init__(self, path: Path, manifest: dict | None, merge_size: int, min_tokens: int, input_width: int,
-                 patch_size: int | None = None, padded: bool = False) -> None:
+    def __init__(self, path: Path, manifest: dict | None, layout: Layout, inputs: FileInputs) -> None:
         self.path = path
         self.manifest = manifest or {}
-        self.merge_size = merge_size
-        self.min_tokens = min_tokens
-        self.input_width = input_width
-        self.patch_size = patch_size  # set for files of towers that batch whole images
-        self.padded = padded  # files of towers whose images come as padded patch rows (Gemma 4)
+        self.layout = layout
+        self.expected = inputs
 
     def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them;
@@ -50,80 +46,8 @@ class EncoderFile(ABC):
         pixels = torch.as_tensor(pixel_values)
         if pixels.dtype != torch.float32:
             raise ValueError(f"pixel_values must be float32, got {pixels.dtype}")
-        if self.padded:
-            inputs = self._padded(pixels, grid_thw)
-        else:
-            inputs = self._image_batch(pixels) if self.patch_size else self._packed(pixels, grid_thw)
+        inputs = self.layout.check_inputs(pixels, grid_thw, self.expected)
         return tuple(t.cpu() for t in self._run(*inputs))
-
-    def _packed(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        if grid_thw is None:
-            raise ValueError("this file takes packed patches: pass grid_thw with pixel_values")
-        grid = torch.as_tensor(grid_thw)
-        if grid.dtype != torch.int64:
-            raise ValueError(f"grid_thw must be int64, as the file declares image_grid_thw, got {grid.dtype}")
-        grid = check_grid(grid, self.merge_size)
-        patches = sum(slice_lengths(grid))
-        if pixels.ndim != 2 or pixels.shape[1] != self.input_width:
-            raise ValueError(f"pixel_values must have shape [N, {self.input_width}], got {list(pixels.shape)}")
-        if pixels.shape[0] != patches:
-            raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {patches} patches")
-        if patches < self.min_tokens:
-            raise ValueError(f"this file needs at least {self.min_tokens} patches per call, got {patches}")
-        largest, images = self._limit("max_tokens"), self._limit("max_images")
-        if largest and patches > largest:
-            raise ValueError(f"this file takes at most {largest} patches per call, got {patches}: split the call")
-        if images and len(grid) > images:
-            raise ValueError(f"this file takes at most {images} images per call, got {len(grid)}: split the call")
-        return pixels, grid
-
-    def _limit(self, name: str) -> int | None:
-        """A size limit the manifest records (the exported graph's dynamic range), None without one."""
-        return self.manifest.get("inputs", {}).get(name)
-
-    def _image_batch(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
-        p, multiple = self.patch_size, self.merge_size
-        if pixels.ndim != 4 or pixels.shape[1] != self.input_width:
-            raise ValueError(f"pixel_values must have shape [B, {self.input_width}, H, W], got {list(pixels.shape)}")
-        side = min_side(self.min_tokens, multiple)
-        if min(pixels.shape[2:]) < side * p:
-            raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
-        images, side_px = self._limit("max_images"), self._limit("max_side")
-        if images and pixels.shape[0] > images:
-            raise ValueError(f"this file takes at most {images} images per call, got {pixels.shape[0]}")
-        if side_px and max(pixels.shape[2:]) > side_px:
-            raise ValueError(f"image sides may be at most {side_px} pixels for this file, got {list(pixels.shape[2:])}")
-        if pixels.shape[2] % (p * multiple) or pixels.shape[3] % (p * multiple):
-            unit = f"the patch size {p}" if multiple == 1 else f"{p * multiple} ({multiple} patches of {p})"
-            raise ValueError(f"image height and width must be multiples of {unit}, got {list(pixels.shape[2:])}")
-        return (pixels,)
-
-    def _padded(self, pixels: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values [B, P, w] and image_position_ids [B, P, 2] as the processor pads them."""
-        if position_ids is None:
-            raise ValueError("this file takes padded patches: pass image_position_ids with pixel_values")
-        positions = torch.as_tensor(position_ids)
-        square = self.merge_size ** 2
-        if pixels.ndim != 3 or pixels.shape[2] != self.input_width:
-            raise ValueError(f"pixel_values must have shape [B, P, {self.input_width}], got {list(pixels.shape)}")
-        if positions.dtype != torch.int64 or list(positions.shape) != [*pixels.shape[:2], 2]:
-            raise ValueError(f"image_position_ids must be int64 of shape {[*pixels.shape[:2], 2]}, got "
-                             f"{positions.dtype} {list(positions.shape)}")
-        patches, images = pixels.shape[1], pixels.shape[0]
-        if patches % square or patches < self.min_tokens:
-            raise ValueError(f"the padded length P must be a multiple of {square} and at least {self.min_tokens}, "
-                             f"got {patches}")
-        largest, most, table = self._limit("max_tokens"), self._limit("max_images"), self._limit("position_table")
-        if largest and patches > largest:
-            raise ValueError(f"this file takes at most {largest} patches per image, got {patches}")
-        if most and images > most:
-            raise ValueError(f"this file takes at most {most} images per call, got {images}")
-        real = real_patches(positions)
-        if (real.sum(-1) == 0).any() or (real.int().diff(dim=-1) > 0).any():
-            raise ValueError("each image needs its real patches first and at least one of them (padding: -1, -1 after)")
-        if (positions[real] < 0).any() or (table and (positions[real] >= table).any()):
-            raise ValueError(f"patch positions must lie in [0, {table or 'the position table'}) (padding: -1, -1)")
-        return pixels, positions
 
     @abstractmethod
     def _run(self, *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
@@ -137,53 +61,26 @@ class EncoderFile(ABC):
         The processor's settings come from the manifest (the checkpoint's preprocessor_config.json
         or the built-in model's); min_pixels / max_pixels override its resize bounds.
         """
-        import transformers
-
-        settings = self.manifest.get("preprocessing")
-        if self.patch_size:
-            raise ValueError(f"{self.path.name} takes image batches [B, C, H, W]: resize and normalise them with "
-                             f"{settings['class'] if settings else 'the model processor'}, then call the encoder")
-        if not settings:
-            raise ValueError(f"{self.path.name} has no manifest with preprocessing settings beside it")
-        kwargs = dict(settings["kwargs"])
-        if self.padded:
-            if min_pixels is not None or max_pixels is not None:
-                raise UsageError(f"{self.path.name} sizes images by its soft-token budget, not min/max pixels")
-            batch = getattr(transformers, settings["class"])(**kwargs)(images=list(images), return_tensors="pt")
-            return batch["pixel_values"].float(), batch["image_position_ids"]
-        size = dict(kwargs.pop("size", {}))
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        processor = getattr(transformers, settings["class"])(size=size, **kwargs)
-        try:
-            batch = processor(images=list(images), return_tensors="pt")
-        except ValueError as err:  # e.g. an aspect ratio above the processor's limit
-            raise UsageError(f"the image processor refused an image: {first_line(err)}") from None
-        return batch["pixel_values"].float(), batch["image_grid_thw"]
+        settings = self.manifest.get("preprocessing") or {}
+        return self.layout.preprocess(settings, images, min_pixels, max_pixels, self.path.name)
 
     def encode_images(self, images: Sequence, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> list[torch.Tensor]:
         """Embeddings of each PIL image, preprocessed as `preprocess` does. All images go through
         one encoder call; the result is split back per image."""
-        pixel_values, grid = self.preprocess(images, min_pixels, max_pixels)
-        embeddings = self(pixel_values, grid)
-        if self.padded:  # image b's soft tokens are its first (real patches / k^2) rows
-            soft = (real_patches(grid).sum(-1) // self.merge_size ** 2).tolist()
-            return [rows[:count] for rows, count in zip(embeddings, soft)]
-        return list(embeddings.split((grid.prod(-1) // self.merge_size ** 2).tolist()))
+        call = self.preprocess(images, min_pixels, max_pixels)
+        return self.layout.per_image(self(*call), call, self.expected.merge_size)
 
 
-def _input_geometry(path: Path, manifest: dict) -> tuple[int, int, int, int | None, bool]:
-    """(merge_size, min_tokens, input_width, patch_size, padded) from the manifest of a file whose format
-    carries no metadata of its own (.pt2, .engine); UsageError naming a missing entry."""
+def _manifest_inputs(path: Path, manifest: dict) -> tuple[Layout, FileInputs]:
+    """The layout and inputs from the manifest of a file whose format carries no metadata of its
+    own (.pt2, .engine); UsageError naming a missing entry."""
     try:
         inputs = manifest["inputs"]
         refuse_earlier_contract(path, [t["name"] for t in inputs["tensors"]])
-        padded = inputs["layout"] == "padded"
-        return (inputs["merge_size"], inputs["min_tokens"], inputs["input_width"],
-                None if padded else inputs.get("patch_size"), padded)
+        layout = LAYOUTS[inputs["layout"]]
+        patch = inputs.get("patch_size") if layout.name == "images" else None
+        return layout, FileInputs(inputs["merge_size"], inputs["min_tokens"], inputs["input_width"], patch, inputs)
     except KeyError as err:
         raise UsageError(f"manifest {path.name}.json lacks {err.args[0]!r} under inputs: it was not written by "
                          "ipcv-export, or was edited") from None
@@ -201,14 +98,18 @@ def refuse_earlier_contract(path: Path, input_names: Sequence[str]) -> None:
                          "re-export it with this version, whose files take pixel_values and image_grid_thw")
 
 
-def _onnx_geometry(path: Path, input_names: Sequence[str], metadata: dict[str, str],
-                   pixel_shape: Sequence) -> tuple[int, int, int, int | None, bool]:
-    """(merge_size, min_tokens, input_width, patch_size, padded) of an `.onnx` file, from the
-    metadata it carries and its pixel_values shape, whichever runtime opened it."""
+def _onnx_inputs(path: Path, input_names: Sequence[str], metadata: dict[str, str], pixel_shape: Sequence,
+                 manifest: dict | None) -> tuple[Layout, FileInputs]:
+    """The layout and inputs of an `.onnx` file, from the metadata it carries (a `layout`, or a
+    `patch_size` alone for a batch of images) and its pixel_values shape, whichever runtime opened
+    it; the manifest beside it, where there is one, adds the size limits."""
     refuse_earlier_contract(path, input_names)
-    patch, padded = metadata.get("patch_size"), metadata.get("layout") == "padded"
-    return (int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)),
-            pixel_shape[-1] if padded else pixel_shape[1], int(patch) if patch and not padded else None, padded)
+    patch = metadata.get("patch_size")
+    layout = LAYOUTS[metadata.get("layout", "images" if patch else "packed")]
+    width = pixel_shape[1] if layout.name == "images" else pixel_shape[-1]
+    limits = (manifest or {}).get("inputs", {})
+    return layout, FileInputs(int(metadata.get("merge_size", 2)), int(metadata.get("min_tokens", 1)), width,
+                              int(patch) if layout.name == "images" else None, limits)
 
 
 class OnnxEncoder(EncoderFile):
@@ -223,9 +124,9 @@ class OnnxEncoder(EncoderFile):
             raise ValueError(f"ONNX Runtime here lacks {', '.join(missing)}; available: {', '.join(available)}")
         self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
         inputs = self.session.get_inputs()
-        super().__init__(path, manifest, *_onnx_geometry(path, [arg.name for arg in inputs],
-                                                          self.session.get_modelmeta().custom_metadata_map,
-                                                          inputs[0].shape))
+        super().__init__(path, manifest, *_onnx_inputs(path, [arg.name for arg in inputs],
+                                                        self.session.get_modelmeta().custom_metadata_map,
+                                                        inputs[0].shape, manifest))
 
     def _run(self, *inputs):
         feeds = {arg.name: tensor.numpy() for arg, tensor in zip(self.session.get_inputs(), inputs)}
@@ -254,7 +155,7 @@ class OpenVinoEncoder(EncoderFile):
         metadata = {prop.key: prop.value for prop in header.metadata_props}
         names = [value.get_any_name() for value in model.inputs]
         pixels = [dim.get_length() if dim.is_static else None for dim in model.inputs[0].get_partial_shape()]
-        super().__init__(path, manifest, *_onnx_geometry(path, names, metadata, pixels))
+        super().__init__(path, manifest, *_onnx_inputs(path, names, metadata, pixels, manifest))
         self.names = names
 
     def _run(self, *inputs):
@@ -266,13 +167,13 @@ class TorchEncoder(EncoderFile):
     """A `.pt2` file: an AOTInductor package or a saved ExportedProgram, run on `device`."""
 
     def __init__(self, path: Path, manifest: dict, device: str = "cpu") -> None:
-        geometry = _input_geometry(path, manifest)
+        layout, inputs = _manifest_inputs(path, manifest)
         self.device = torch.device(device)
         if is_aoti_package(path):
             self.module = torch._inductor.aoti_load_package(str(path))
         else:
             self.module = torch.export.load(str(path)).module().to(self.device)
-        super().__init__(path, manifest, *geometry)
+        super().__init__(path, manifest, layout, inputs)
 
     def _run(self, *inputs):
         with torch.no_grad():
@@ -285,14 +186,14 @@ class TensorRTEncoder(EncoderFile):
     def __init__(self, path: Path, manifest: dict) -> None:
         import tensorrt as trt
 
-        geometry = _input_geometry(path, manifest)
+        layout, inputs = _manifest_inputs(path, manifest)
         self._trt = trt
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        super().__init__(path, manifest, *geometry)
+        super().__init__(path, manifest, layout, inputs)
 
     def _run(self, *inputs):
         trt = self._trt

@@ -4,7 +4,8 @@ layout, never which layout it is."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -20,6 +21,23 @@ Call = tuple[torch.Tensor, ...]
 """A call's input tensors, in the file's input order."""
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 """Input name -> (min, opt, max) shape of an optimisation profile."""
+
+
+@dataclass(frozen=True)
+class FileInputs:
+    """What an exported file takes, as its manifest or its ONNX metadata records it: `limits` are
+    the manifest's `inputs` (max_tokens, max_images, max_side, position_table), empty without one."""
+
+    merge_size: int
+    min_tokens: int
+    input_width: int
+    patch_size: int | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    def limit(self, name: str) -> int | None:
+        """A size limit the manifest records (the exported graph's dynamic range), None without one."""
+        value = self.limits.get(name)
+        return value if isinstance(value, int) else None
 
 
 class Layout(ABC):
@@ -53,6 +71,23 @@ class Layout(ABC):
         return {}
 
     @abstractmethod
+    def check_inputs(self, pixels: torch.Tensor, second: torch.Tensor | None, file: FileInputs) -> Call:
+        """The call's inputs for a file taking `file`, from pixel_values and the processor's second
+        tensor (image_grid_thw, image_position_ids; None where there is none); ValueError naming
+        what is wrong."""
+
+    @abstractmethod
+    def preprocess(self, settings: dict, images: Sequence, min_pixels: int | None, max_pixels: int | None,
+                   file_name: str) -> Call:
+        """The call's inputs for PIL images from the model's own image processor (`settings`: the
+        manifest's preprocessing, empty without a manifest); min_pixels / max_pixels override its
+        resize bounds."""
+
+    @abstractmethod
+    def per_image(self, features: torch.Tensor, call: Call, merge_size: int) -> list[torch.Tensor]:
+        """The features of a call split back per image."""
+
+    @abstractmethod
     def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
                            generator: torch.Generator) -> list[Call]:
         """The calls the parity gate runs: several images of different sizes, none the capture example."""
@@ -71,3 +106,10 @@ class Layout(ABC):
     def engine_shapes(self, inputs: dict, profile: ShapeProfile, most_images: int) -> Shapes:
         """A TensorRT optimisation profile's input shapes from the manifest's `inputs`: 1 / 1 /
         `most_images` images of the profile's min / opt / max patches."""
+
+
+def processor_settings(settings: dict, file_name: str) -> dict:
+    """The manifest's preprocessing settings; ValueError when the file has no manifest to give them."""
+    if not settings:
+        raise ValueError(f"{file_name} has no manifest with preprocessing settings beside it")
+    return settings

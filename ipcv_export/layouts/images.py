@@ -4,7 +4,7 @@ number of images and each image's height and width in patches are symbolic dimen
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +15,7 @@ from ..inputs import square_grid
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..tokens import min_side
 from ..verify import check_batched_parity
-from .base import Call, Layout, Shapes
+from .base import Call, FileInputs, Layout, Shapes
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -82,6 +82,32 @@ class Images(Layout):
 
     def onnx_metadata(self, encoder: LoadedEncoder) -> dict[str, str]:
         return {"patch_size": str(encoder.patch_size)}
+
+    def check_inputs(self, pixels: torch.Tensor, second: torch.Tensor | None, file: FileInputs) -> Call:
+        p, multiple = file.patch_size, file.merge_size
+        if pixels.ndim != 4 or pixels.shape[1] != file.input_width:
+            raise ValueError(f"pixel_values must have shape [B, {file.input_width}, H, W], got {list(pixels.shape)}")
+        side = min_side(file.min_tokens, multiple)
+        if min(pixels.shape[2:]) < side * p:
+            raise ValueError(f"images are too small for this file: each side needs at least {side} patches of {p} pixels")
+        images, side_px = file.limit("max_images"), file.limit("max_side")
+        if images and pixels.shape[0] > images:
+            raise ValueError(f"this file takes at most {images} images per call, got {pixels.shape[0]}")
+        if side_px and max(pixels.shape[2:]) > side_px:
+            raise ValueError(f"image sides may be at most {side_px} pixels for this file, got {list(pixels.shape[2:])}")
+        if pixels.shape[2] % (p * multiple) or pixels.shape[3] % (p * multiple):
+            unit = f"the patch size {p}" if multiple == 1 else f"{p * multiple} ({multiple} patches of {p})"
+            raise ValueError(f"image height and width must be multiples of {unit}, got {list(pixels.shape[2:])}")
+        return (pixels,)
+
+    def preprocess(self, settings: dict, images: Sequence, min_pixels: int | None, max_pixels: int | None,
+                   file_name: str) -> Call:
+        """Refused: the processor of such a tower resizes every image to one size, which the caller chooses."""
+        raise ValueError(f"{file_name} takes image batches [B, C, H, W]: resize and normalise them with "
+                         f"{settings.get('class', 'the model processor')}, then call the encoder")
+
+    def per_image(self, features: torch.Tensor, call: Call, merge_size: int) -> list[torch.Tensor]:
+        return list(features)
 
     def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
                            generator: torch.Generator) -> list[Call]:

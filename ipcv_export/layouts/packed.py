@@ -6,17 +6,18 @@ concatenates merge^2 consecutive tokens), the number of images another."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..config import UsageError, first_line
 from ..contract import INPUT_NAMES, MAX_IMAGES, MAX_TOKENS, output_names
-from ..inputs import square_grid
+from ..inputs import check_grid, slice_lengths, square_grid
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..verify import check_parity
-from .base import Call, Layout, Shapes
+from .base import Call, FileInputs, Layout, Shapes, processor_settings
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -75,6 +76,49 @@ class Packed(Layout):
                    {"name": neighbors, "dtype": "int64", "shape": ["N-K", config.neighbors],
                     "meaning": "indices into kept_index of each removed token's neighbours; K means none"}]
         return inputs, outputs
+
+    def check_inputs(self, pixels: torch.Tensor, second: torch.Tensor | None, file: FileInputs) -> Call:
+        if second is None:
+            raise ValueError("this file takes packed patches: pass grid_thw with pixel_values")
+        grid = torch.as_tensor(second)
+        if grid.dtype != torch.int64:
+            raise ValueError(f"grid_thw must be int64, as the file declares image_grid_thw, got {grid.dtype}")
+        grid = check_grid(grid, file.merge_size)
+        patches = sum(slice_lengths(grid))
+        if pixels.ndim != 2 or pixels.shape[1] != file.input_width:
+            raise ValueError(f"pixel_values must have shape [N, {file.input_width}], got {list(pixels.shape)}")
+        if pixels.shape[0] != patches:
+            raise ValueError(f"pixel_values has {pixels.shape[0]} rows but grid_thw describes {patches} patches")
+        if patches < file.min_tokens:
+            raise ValueError(f"this file needs at least {file.min_tokens} patches per call, got {patches}")
+        largest, images = file.limit("max_tokens"), file.limit("max_images")
+        if largest and patches > largest:
+            raise ValueError(f"this file takes at most {largest} patches per call, got {patches}: split the call")
+        if images and len(grid) > images:
+            raise ValueError(f"this file takes at most {images} images per call, got {len(grid)}: split the call")
+        return pixels, grid
+
+    def preprocess(self, settings: dict, images: Sequence, min_pixels: int | None, max_pixels: int | None,
+                   file_name: str) -> Call:
+        import transformers
+
+        settings = processor_settings(settings, file_name)
+        kwargs = dict(settings["kwargs"])
+        size = dict(kwargs.pop("size", {}))
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        processor = getattr(transformers, settings["class"])(size=size, **kwargs)
+        try:
+            batch = processor(images=list(images), return_tensors="pt")
+        except ValueError as err:  # e.g. an aspect ratio above the processor's limit
+            raise UsageError(f"the image processor refused an image: {first_line(err)}") from None
+        return batch["pixel_values"].float(), batch["image_grid_thw"]
+
+    def per_image(self, features: torch.Tensor, call: Call, merge_size: int) -> list[torch.Tensor]:
+        """Each image's merged tokens, t*h*w / merge^2 rows in call order."""
+        return list(features.split((call[1].prod(-1) // merge_size ** 2).tolist()))
 
     def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
                            generator: torch.Generator) -> list[Call]:

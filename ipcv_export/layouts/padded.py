@@ -5,17 +5,18 @@ processor gives them. The number of images and P are symbolic dimensions."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..config import UsageError
 from ..contract import MAX_IMAGES, MAX_TOKENS, PADDED_INPUT_NAMES, output_names
-from ..inputs import square_grid
+from ..inputs import real_patches, square_grid
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..verify import check_padded_parity
-from .base import Call, Layout, Shapes
+from .base import Call, FileInputs, Layout, Shapes, processor_settings
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -77,6 +78,48 @@ class Padded(Layout):
 
     def onnx_metadata(self, encoder: LoadedEncoder) -> dict[str, str]:
         return {"patch_size": str(encoder.patch_size), "layout": self.name}
+
+    def check_inputs(self, pixels: torch.Tensor, second: torch.Tensor | None, file: FileInputs) -> Call:
+        """pixel_values [B, P, w] and image_position_ids [B, P, 2] as the processor pads them."""
+        if second is None:
+            raise ValueError("this file takes padded patches: pass image_position_ids with pixel_values")
+        positions = torch.as_tensor(second)
+        square = file.merge_size ** 2
+        if pixels.ndim != 3 or pixels.shape[2] != file.input_width:
+            raise ValueError(f"pixel_values must have shape [B, P, {file.input_width}], got {list(pixels.shape)}")
+        if positions.dtype != torch.int64 or list(positions.shape) != [*pixels.shape[:2], 2]:
+            raise ValueError(f"image_position_ids must be int64 of shape {[*pixels.shape[:2], 2]}, got "
+                             f"{positions.dtype} {list(positions.shape)}")
+        patches, images = pixels.shape[1], pixels.shape[0]
+        if patches % square or patches < file.min_tokens:
+            raise ValueError(f"the padded length P must be a multiple of {square} and at least {file.min_tokens}, "
+                             f"got {patches}")
+        largest, most, table = file.limit("max_tokens"), file.limit("max_images"), file.limit("position_table")
+        if largest and patches > largest:
+            raise ValueError(f"this file takes at most {largest} patches per image, got {patches}")
+        if most and images > most:
+            raise ValueError(f"this file takes at most {most} images per call, got {images}")
+        real = real_patches(positions)
+        if (real.sum(-1) == 0).any() or (real.int().diff(dim=-1) > 0).any():
+            raise ValueError("each image needs its real patches first and at least one of them (padding: -1, -1 after)")
+        if (positions[real] < 0).any() or (table and (positions[real] >= table).any()):
+            raise ValueError(f"patch positions must lie in [0, {table or 'the position table'}) (padding: -1, -1)")
+        return pixels, positions
+
+    def preprocess(self, settings: dict, images: Sequence, min_pixels: int | None, max_pixels: int | None,
+                   file_name: str) -> Call:
+        import transformers
+
+        settings = processor_settings(settings, file_name)
+        if min_pixels is not None or max_pixels is not None:
+            raise UsageError(f"{file_name} sizes images by its soft-token budget, not min/max pixels")
+        batch = getattr(transformers, settings["class"])(**settings["kwargs"])(images=list(images), return_tensors="pt")
+        return batch["pixel_values"].float(), batch["image_position_ids"]
+
+    def per_image(self, features: torch.Tensor, call: Call, merge_size: int) -> list[torch.Tensor]:
+        """Image b's soft tokens: its first (real patches / k^2) rows."""
+        soft = (real_patches(call[1]).sum(-1) // merge_size ** 2).tolist()
+        return [rows[:count] for rows, count in zip(features, soft)]
 
     def verification_calls(self, encoder: LoadedEncoder, config: IpcvConfig, smallest: int,
                            generator: torch.Generator) -> list[Call]:
