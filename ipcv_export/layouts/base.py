@@ -24,6 +24,29 @@ Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
+class TowerGeometry:
+    """A loaded tower's sizes as its layout reads them from the module and its config.
+
+    merge_size: tokens the merger concatenates per side (1 without one); for a batched tower the
+        multiple its grid sides must be (InternVL's pixel shuffle merges 2 x 2); for a padded one
+        the pooler's cell side.
+    input_width: values per patch row of pixel_values (a batched tower's: its channels).
+    native_patches: patches of one image at the size the tower was trained for or is padded to;
+        None where images come in any size.
+    position_table: rows per axis of a padded tower's position table, else None.
+    """
+
+    depth: int
+    merge_size: int
+    patch_size: int
+    channels: int
+    input_width: int
+    special_tokens: int = 0
+    native_patches: int | None = None
+    position_table: int | None = None
+
+
+@dataclass(frozen=True)
 class FileInputs:
     """What an exported file takes, as its manifest or its ONNX metadata records it: `limits` are
     the manifest's `inputs` (max_tokens, max_images, max_side, position_table), empty without one."""
@@ -48,6 +71,10 @@ class Layout(ABC):
     name: ClassVar[str]
     input_names: ClassVar[tuple[str, ...]]
     largest: ClassVar[int]
+
+    @abstractmethod
+    def geometry(self, encoder: LoadedEncoder) -> TowerGeometry:
+        """The tower's sizes (blocks in the exported graph, merge, patch, input width...)."""
 
     @abstractmethod
     def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:

@@ -12,10 +12,11 @@ import torch
 
 from ..contract import INPUT_NAMES, MAX_IMAGES, MAX_SIDE, output_names
 from ..inputs import square_grid
+from ..models.description import square_side
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..tokens import min_side
 from ..verify import check_batched_parity
-from .base import Call, FileInputs, Layout, Shapes
+from .base import Call, FileInputs, Layout, Shapes, TowerGeometry
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -33,6 +34,14 @@ class Images(Layout):
     name = "images"
     input_names = tuple(INPUT_NAMES[:1])
     largest = MAX_SIDE ** 2  # per image
+
+    def geometry(self, encoder: LoadedEncoder) -> TowerGeometry:
+        """Native patches: the grid of the tower's position table (576 for CLIP-336)."""
+        batch, c = encoder.description.image_batch, encoder.vision_config
+        parts = batch.parts(encoder.module)
+        channels = c.in_channels if hasattr(c, "in_channels") else c.num_channels
+        return TowerGeometry(len(parts.blocks), batch.grid_multiple, parts.patch_size, channels, channels,
+                             batch.special_tokens, (square_side(c.image_size) // parts.patch_size) ** 2)
 
     def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:
         """Two images of 5 x 7 grid multiples of patches, or more where the file needs `smallest`

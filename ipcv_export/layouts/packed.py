@@ -17,7 +17,7 @@ from ..contract import INPUT_NAMES, MAX_IMAGES, MAX_TOKENS, output_names
 from ..inputs import check_grid, slice_lengths, square_grid
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..verify import check_parity
-from .base import Call, FileInputs, Layout, Shapes, processor_settings
+from .base import Call, FileInputs, Layout, Shapes, TowerGeometry, processor_settings
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -34,6 +34,11 @@ class Packed(Layout):
     name = "packed"
     input_names = tuple(INPUT_NAMES)
     largest = MAX_TOKENS
+
+    def geometry(self, encoder: LoadedEncoder) -> TowerGeometry:
+        c = encoder.vision_config
+        return TowerGeometry(c.depth, getattr(c, "spatial_merge_size", 1), c.patch_size, c.in_channels,
+                             c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size)
 
     def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1, grid_thw: torch.Tensor = EXAMPLE_GRID) -> Call:
         generator = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from ..contract import MAX_IMAGES, MAX_TOKENS, PADDED_INPUT_NAMES, output_names
 from ..inputs import real_patches, square_grid
 from ..lower.int32_check import UNBOUNDED, Bounded
 from ..verify import check_padded_parity
-from .base import Call, FileInputs, Layout, Shapes, processor_settings
+from .base import Call, FileInputs, Layout, Shapes, TowerGeometry, processor_settings
 
 if TYPE_CHECKING:
     from ..config import IpcvConfig, ShapeProfile
@@ -32,6 +32,14 @@ class Padded(Layout):
     name = "padded"
     input_names = tuple(PADDED_INPUT_NAMES)
     largest = MAX_TOKENS
+
+    def geometry(self, encoder: LoadedEncoder) -> TowerGeometry:
+        """Native patches: the processor pads every image to its budget of soft tokens."""
+        padded, c = encoder.description.padded, encoder.vision_config
+        merge = padded.grid_multiple(encoder.module.config)
+        native = encoder.preprocessing["kwargs"]["max_soft_tokens"] * merge ** 2
+        return TowerGeometry(c.num_hidden_layers, merge, c.patch_size, 3, 3 * c.patch_size * c.patch_size,
+                             native_patches=native, position_table=padded.position_table(encoder.module.config))
 
     def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:
         """Two images of 2 x 2 and 3 x 1 grid multiples padded to 7 squared multiples (neither is full)."""

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import IpcvConfig, UsageError
-from .description import ModelDescription, square_side
+from ..layouts import LAYOUTS
+from ..layouts.base import TowerGeometry
+from .description import ModelDescription
 
 
 @dataclass
@@ -25,13 +27,14 @@ class LoadedEncoder:
         return getattr(self.module.config, "vision_config", self.module.config)
 
     @property
+    def geometry(self) -> TowerGeometry:
+        """The tower's sizes, as its layout reads them (layouts/base.TowerGeometry)."""
+        return LAYOUTS[self.description.layout].geometry(self)
+
+    @property
     def depth(self) -> int:
         """Blocks in the exported graph (a LLaVA tower stops at its feature layer)."""
-        if self.description.image_batch:
-            return len(self.description.image_batch.parts(self.module).blocks)
-        if self.description.padded:
-            return self.vision_config.num_hidden_layers
-        return self.vision_config.depth
+        return self.geometry.depth
 
     @property
     def tap_blocks(self) -> tuple[int, ...]:
@@ -42,8 +45,7 @@ class LoadedEncoder:
     @property
     def special_tokens(self) -> int:
         """Tokens always kept (CLS); 0 for packed towers."""
-        batch = self.description.image_batch
-        return batch.special_tokens if batch else 0
+        return self.geometry.special_tokens
 
     def method_config(self, **given) -> IpcvConfig:
         """IpcvConfig from the values given (None = not given), else the family's defaults
@@ -66,49 +68,24 @@ class LoadedEncoder:
 
     @property
     def merge_size(self) -> int:
-        """Tokens the merger concatenates per side; 1 for towers without a merger. For a batched
-        tower, the multiple its grid sides must be (InternVL's pixel shuffle merges 2 x 2)."""
-        if self.description.image_batch:
-            return self.description.image_batch.grid_multiple
-        if self.description.padded:
-            return self.description.padded.grid_multiple(self.module.config)
-        return getattr(self.vision_config, "spatial_merge_size", 1)
+        return self.geometry.merge_size
 
     @property
     def patch_size(self) -> int:
-        if self.description.image_batch:
-            return self.description.image_batch.parts(self.module).patch_size
-        return self.vision_config.patch_size
+        return self.geometry.patch_size
 
     @property
     def native_patches(self) -> int | None:
-        """Patches of one image at the size a batched tower was trained for (its position table's
-        grid: 576 for CLIP-336); None for packed towers, whose images come in any size."""
-        if self.description.padded:  # the processor pads every image to its budget of soft tokens
-            return self.preprocessing["kwargs"]["max_soft_tokens"] * self.merge_size ** 2
-        if not self.description.image_batch:
-            return None
-        return (square_side(self.vision_config.image_size) // self.patch_size) ** 2
+        return self.geometry.native_patches
 
     @property
     def position_table(self) -> int | None:
-        """Rows per axis of a padded tower's position table: patch coordinates must be below it."""
-        padded = self.description.padded
-        return padded.position_table(self.module.config) if padded else None
+        return self.geometry.position_table
 
     @property
     def channels(self) -> int:
-        c = self.vision_config
-        if self.description.padded:
-            return 3
-        return c.in_channels if hasattr(c, "in_channels") else c.num_channels
+        return self.geometry.channels
 
     @property
     def input_width(self) -> int:
-        """Values per patch row of a packed tower's pixel_values; the channels of a batched one's."""
-        c = self.vision_config
-        if self.description.image_batch:
-            return self.channels
-        if self.description.padded:
-            return self.channels * c.patch_size * c.patch_size
-        return c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+        return self.geometry.input_width
