@@ -10,6 +10,7 @@ from . import __version__
 from .config import IpcvConfig, ShapeProfile
 from .layouts import layout_of
 from .models.encoder import LoadedEncoder
+from .strategies import strategy_of
 
 
 def build_manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, precision: str, opset: int,
@@ -20,7 +21,7 @@ def build_manifest(encoder: LoadedEncoder, config: IpcvConfig, format: str, prec
     import onnxruntime
     import transformers
 
-    inputs, outputs = layout_of(encoder).manifest_io(encoder, config, smallest)
+    inputs, outputs = strategy_of(config).manifest_io(layout_of(encoder), encoder, config, smallest)
     return {
         "tool": {"name": "ipcv-export", "version": __version__},
         "format": format,

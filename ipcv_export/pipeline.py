@@ -39,6 +39,7 @@ from .manifest import build_manifest
 from .models.encoder import LoadedEncoder
 from .passes import check_supported
 from .runtime import EncoderFile, OnnxEncoder, TensorRTEncoder, TorchEncoder
+from .strategies import strategy_of
 from .tokens import kept_count
 from .verify import TOLERANCES, ParityCheck, Tolerance
 
@@ -156,11 +157,11 @@ def verify(path: Path, runtime: str, manifest: dict, encoder: LoadedEncoder, con
     layout's verification calls against the eager reference; the record for the manifest, or
     ParityError on a mismatch."""
     runner = _open(path, runtime, manifest)
-    layout = layout_of(encoder)
-    calls = layout.verification_calls(encoder, config, min_patches(config), torch.Generator().manual_seed(1))
+    layout, strategy = layout_of(encoder), strategy_of(config)
+    calls = strategy.verification_calls(layout, encoder, config, min_patches(config), torch.Generator().manual_seed(1))
     checks: list[ParityCheck] = []
     for call in tqdm(calls, desc="verify", leave=False, disable=not sys.stderr.isatty()):
-        checks.append(layout.check_call(runner.run_all, encoder, config, call, tolerance))
+        checks.append(strategy.check_call(layout, runner.run_all, encoder, config, call, tolerance))
         if verbose:
             report(f"  {checks[-1].grid}: max abs diff {checks[-1].max_abs_diff:.2e} (limit {checks[-1].limit:.1e})")
     return {"verified": True, "runtime": runtime, "precision": precision, "tolerance": vars(tolerance),
@@ -178,13 +179,14 @@ def _resolve(encoder: LoadedEncoder, method: Method, target: Target,
     chosen = None
     if method.budget is not None:
         config, chosen = choose_setting(encoder, method.budget, opt_patches)
-        report(f"  budget {method.budget}: {_describe(config)}, {chosen['flop_ratio']:.3f} of the original FLOPs "
+        report(f"  budget {method.budget}: {strategy_of(config).describe(config)}, {chosen['flop_ratio']:.3f} of the "
+               f"original FLOPs "
                f"(measured worst-photo patch cosine {chosen['measured_worst_patch_cosine']:.3f})")
     config.check(encoder.depth)
     check_supported(config, encoder.description)
     group = encoder.merge_size ** 2  # the profile's defaults, rounded to the tower's multiple
     smallest = min_patches(config)
-    default_least = max(ShapeProfile.min_tokens, smallest if config.selection == "mixed" else 0)
+    default_least = max(ShapeProfile.min_tokens, strategy_of(config).default_min_patches(config))
     least = target.min_patches if target.min_patches is not None else -(-default_least // group) * group
     most = target.max_patches if target.max_patches is not None else ShapeProfile.max_tokens // group * group
     profile = ShapeProfile(least, opt_patches, most).check(encoder.merge_size, smallest, layout_of(encoder).largest)
@@ -227,11 +229,7 @@ def _as_run(config: IpcvConfig, encoder: LoadedEncoder, profile: ShapeProfile,
     past the last block is cut to the blocks there are (said in one line). UsageError for more
     neighbours than the neighbour search can use (TensorRT's TopK limit, or every kept token of
     the largest call in the profile: beyond that each extra column is padding at every size)."""
-    stabilised = encoder.depth - config.prune_layer
-    if config.as_depth > stabilised and config.selection != "mixed":  # mixed selection has no AS blocks
-        report(f"  AS depth {config.as_depth} reaches past the last block: the {stabilised} blocks after l_p="
-               f"{config.prune_layer} are stabilised (recorded as {stabilised})")
-        config = dataclasses.replace(config, as_depth=stabilised)
+    config = strategy_of(config).as_run(config, encoder.depth, report)
     batch = encoder.description.image_batch
     largest_kept = kept_count(profile.max_tokens, config.retention_e4) + (batch.special_tokens if batch else 0)
     usable = TOPK_MAX_K if batch and batch.neighbors_across_images else min(TOPK_MAX_K, largest_kept)
@@ -249,15 +247,6 @@ def _diagnostics_kept(format: str, asked: bool) -> bool:
     parity gate reads them from the compiled package, which cannot be trimmed after compiling."""
     fallback_onnx = format == "engine" and not tensorrt.tensorrt_available()
     return asked or not (format == "onnx" or fallback_onnx)
-
-
-def _describe(config: IpcvConfig) -> str:
-    if config.selection == "mixed":
-        return (f"rho={config.retention}, selection=mixed (mixed-resolution tokens, "
-                f"{config.mixed_cell} x {config.mixed_cell} cells)")
-    return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
-            f"selection={config.selection}, NGR weighting={config.ngr_weighting}, "
-            f"per-image selection={config.per_image_selection}")
 
 
 def _check_output(target: Target) -> None:

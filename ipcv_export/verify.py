@@ -69,13 +69,17 @@ def check_batched_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
                          special_tokens: int, config: IpcvConfig, pixel_values: torch.Tensor,
                          tolerance: Tolerance = TOLERANCES["fp32"], across_images: bool = False) -> ParityCheck:
     """The same checks for a tower that batches whole images: `run(pixel_values [B, C, H, W])`
-    gives per-image kept and neighbour indices, compared image by image (mixed selection: against
-    `mixed_reference`)."""
-    if config.selection == "mixed":
-        reference_of = partial(mixed_reference, parts, special_tokens, pixel_values, config.retention,
-                               cell=config.mixed_cell)
-    else:
-        reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
+    gives per-image kept and neighbour indices, compared image by image."""
+    reference_of = partial(batched_reference, parts, special_tokens, pixel_values, config, across_images=across_images)
+    return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
+
+
+def check_mixed_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], parts: TowerParts,
+                       special_tokens: int, config: IpcvConfig, pixel_values: torch.Tensor,
+                       tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
+    """The same checks for mixed-resolution tokens, against `mixed_reference`: the tokens computed
+    in full and the cell each other patch was rebuilt from, image by image."""
+    reference_of = partial(mixed_reference, parts, special_tokens, pixel_values, config.retention, cell=config.mixed_cell)
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
 
 

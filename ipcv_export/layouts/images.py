@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 VERIFY_BATCHES = ((1, 16, 16), (2, 12, 20), (3, 8, 8))
 """(images, rows, columns of patches) per check, none the capture example."""
-VERIFY_MIXED = ((1, 16, 16), (2, 12, 18), (3, 11, 13))
-"""With mixed selection: sides with every remainder modulo each cell side (patches outside every
-cell), each side raised to the file's smallest and rounded up to the grid multiple."""
 
 
 class Images(Layout):
@@ -80,8 +77,6 @@ class Images(Layout):
         names = output_names()
         features = {"name": names[0], "dtype": "float32", "shape": ["B", "T", "hidden"],
                     "meaning": "every token of every image (special tokens first), the original encoder's output"}
-        if config.selection == "mixed":
-            return inputs, [features, *_mixed_diagnostics(s, config.retention_e4, config.mixed_cell)]
         outputs = [features,
                    {"name": names[1], "dtype": "int64", "shape": ["B", f"{s} + P*{config.retention_e4}//10000"],
                     "meaning": "per image, ascending indices of the kept tokens (special tokens always kept)"},
@@ -122,7 +117,7 @@ class Images(Layout):
                            generator: torch.Generator) -> list[Call]:
         return [(torch.randn(images, encoder.channels, rows * encoder.patch_size, cols * encoder.patch_size,
                              generator=generator),)
-                for images, rows, cols in _batches(encoder, config, smallest)]
+                for images, rows, cols in VERIFY_BATCHES]
 
     def check_call(self, run: Callable[..., tuple[torch.Tensor, ...]], encoder: LoadedEncoder, config: IpcvConfig,
                    call: Call, tolerance: Tolerance) -> ParityCheck:
@@ -148,30 +143,6 @@ class Images(Layout):
 
         return {"pixel_values": (images(1, profile.min_tokens), images(1, profile.opt_tokens),
                                  images(most_images, profile.max_tokens))}
-
-
-def _batches(encoder: LoadedEncoder, config: IpcvConfig, smallest: int) -> tuple[tuple[int, int, int], ...]:
-    """The verification batches (VERIFY_BATCHES, VERIFY_MIXED)."""
-    if config.selection != "mixed":
-        return VERIFY_BATCHES
-    multiple, side = encoder.merge_size, min_side(smallest, encoder.merge_size)
-    fit = lambda patches: -(-max(patches, side) // multiple) * multiple  # noqa: E731
-    return tuple((images, fit(rows), fit(cols)) for images, rows, cols in VERIFY_MIXED)
-
-
-def _mixed_diagnostics(special_tokens: int, retention_e4: int, cell: int) -> list[dict]:
-    """The diagnostic outputs of a mixed-selection file (`mixed_resolution.selection_outputs`)."""
-    names = output_names()
-    square, coarse = cell * cell, (cell - 1) ** 2
-    fine = (f"F = C*{square * retention_e4 - coarse * 10_000}//{(square - coarse) * 10_000} of the "
-            f"C = (H/p//{cell})*(W/p//{cell}) cells of {cell} x {cell} patches")
-    return [{"name": names[1], "dtype": "int64", "shape": ["B", f"{special_tokens} + {square}F + X"],
-             "meaning": f"per image, ascending indices of the tokens computed at full resolution: the special tokens, "
-                        f"the patches of the {fine}, and the X patches outside every cell (the last rows and "
-                        f"columns beyond a multiple of {cell})"},
-            {"name": names[2], "dtype": "int64", "shape": ["B", f"P-{square}F-X", 1],
-             "meaning": f"per image, for each other patch (ascending), the cell (raster order) whose {coarse} token(s) "
-                        f"of the image shrunk by {cell - 1}/{cell} it was rebuilt from"}]
 
 
 IMAGES = Images()

@@ -23,7 +23,7 @@ __all__ = ["check_supported", "ipcv_passes", "run_passes", "RemoveNoOpCastsPass"
 
 
 EXPOSED = ("keep", "neighbors")
-"""Roles that `compress.expose_selection` turns into outputs after the passes: kept even when no
+"""Roles that `strategies.pruning.expose_selection` turns into outputs after the passes: kept even when no
 pass reads them (merging at Delta = 0 reads neither)."""
 
 
