@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ipcv_export import Method, Target, export, load
+from ipcv_export import Method, Target, UsageError, export, load
 from ipcv_export.cli import EXIT_USAGE, build_parser, main, method_and_target
 
 
@@ -82,15 +82,21 @@ def test_flags_map_onto_the_method_and_the_target():
     args = build_parser().parse_args(["--model", "m", "-o", "e.engine", "--retention", "0.3", "--prune-layer", "2",
                                       "--as-depth", "4", "--neighbors", "6", "--selection", "merge",
                                       "--ngr-weighting", "similarity", "--per-image-selection", "--mixed-cell", "3",
-                                      "--budget", "0.4",
                                       "--format", "engine", "--runtime", "tensorrt", "--precision", "fp16",
                                       "--opset", "20", "--min-patches", "128", "--opt-patches", "1024",
                                       "--max-patches", "4096", "--timing-cache", "t.cache", "--diagnostic-outputs",
                                       "--skip-verify", "--atol", "0.001"])
     assert method_and_target(args) == (
-        Method(0.3, 2, 4, 6, "merge", "similarity", True, 3, 0.4),
+        Method(0.3, 2, 4, 6, "merge", "similarity", True, 3),
         Target("e.engine", "engine", "tensorrt", "fp16", 20, 128, 1024, 4096, "t.cache", True, False, 0.001))
     assert method_and_target(build_parser().parse_args(["--model", "m", "-o", "e.onnx"])) == (Method(), Target("e.onnx"))
+    budget = build_parser().parse_args(["--model", "m", "-o", "e.onnx", "--budget", "0.4"])
+    assert method_and_target(budget) == (Method(budget=0.4), Target("e.onnx"))
+
+
+def test_the_api_refuses_a_budget_beside_settings_as_the_command_line_does():
+    with pytest.raises(UsageError, match="a budget chooses the method settings itself; drop retention, selection"):
+        Method(retention=0.3, selection="spread", budget=0.4)
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
