@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from .config import IpcvConfig
 from .inputs import check_grid, position_ids, real_patches, segment_ids
-from .models.description import ModelDescription, TowerParts
+from .models.description import ModelDescription, PaddedParts, TowerParts
+from .models.qwen2_vl import QWEN2_VL
 from .tokens import WEIGHT_EPSILON, area_weights, rankable, unit_rows
 
 
@@ -49,9 +49,10 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     file whose discrete choices differ from ours (equally distant neighbours; or, in fp16/bf16,
     scores computed from rounded states) can be compared value by value (see verify.py).
     """
-    block_segments, token_order, embed = ((description.block_segments, description.token_order, description.embed)
-                                          if description else (None, None, None))
-    taps = dict(description.taps(visual)) if description and description.taps else {}  # block -> its merger
+    description = description or QWEN2_VL
+    block_segments, token_order, embed = description.block_segments, description.token_order, description.embed
+    run_block, run_stabilized_block = description.run_block, description.run_stabilized_block
+    taps = dict(description.taps(visual)) if description.taps else {}  # block -> its merger
     tapped: dict[int, torch.Tensor] = {}  # block -> its merger's output, in token order
     grid = check_grid(grid_thw, visual.spatial_merge_size)
     positions, images = position_ids(grid, visual.spatial_merge_size), segment_ids(grid)
@@ -69,10 +70,10 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
 
     # Blocks before the pruning point run unchanged.
     for index, (block, seg) in enumerate(zip(blocks[:config.prune_layer - 1], segs)):
-        x = _stock_block(block, x, cos, sin, seg)
+        x = run_block(block, x, cos, sin, seg)
         if index in taps:
             tapped[index] = taps[index](x)
-    x_after = _stock_block(blocks[config.prune_layer - 1], x, cos, sin, segs[config.prune_layer - 1])
+    x_after = run_block(blocks[config.prune_layer - 1], x, cos, sin, segs[config.prune_layer - 1])
     if config.prune_layer - 1 in taps:
         tapped[config.prune_layer - 1] = taps[config.prune_layer - 1](x_after)
 
@@ -107,9 +108,9 @@ def ipcv_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw
     stabilized = range(config.prune_layer, min(config.prune_layer + config.as_depth, len(blocks)))
     for index in range(config.prune_layer, len(blocks)):
         if index in stabilized:
-            y = _stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, segs[index])
+            y = run_stabilized_block(blocks[index], full_sequence(y), y, keep, cos, sin, segs[index])
         else:
-            y = _stock_block(blocks[index], y, cos[keep], sin[keep], segs[index][keep])
+            y = run_block(blocks[index], y, cos[keep], sin[keep], segs[index][keep])
         if index in taps:  # a tap after l_p reads every token: rebuilt as at the end (ipcv.md)
             tapped[index] = taps[index](full_sequence(y))
 
@@ -144,33 +145,6 @@ def ngr_weights(removed: torch.Tensor, neighbor_states: torch.Tensor, config: Ip
 def mean_drift(drift: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """[..., R, D] average of the neighbours' drift [..., R, k', D]: plain, or weighted."""
     return drift.mean(-2) if weights is None else (drift * weights.unsqueeze(-1)).sum(-2)
-
-
-def _stock_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 seg: torch.Tensor) -> torch.Tensor:
-    """The block's own forward. Its attention takes contiguous runs (cu_seqlens), so tokens are
-    grouped by segment first (a stable sort: the identity when segments are already runs) and
-    put back after; everything else in a block acts on each token alone."""
-    order = torch.sort(seg, stable=True).indices
-    counts = torch.unique_consecutive(seg[order], return_counts=True)[1]
-    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    out = block(x[order], cu_seqlens=cu, position_embeddings=(cos[order], sin[order]))
-    return torch.empty_like(out).index_copy_(0, order, out)
-
-
-def _stabilized_block(block: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """AS block: keys and values from all N rows of z, queries and outputs for kept rows only."""
-    attn = block.attn
-    n, heads = z.shape[0], attn.num_heads
-    q, k, v = attn.qkv(block.norm1(z)).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q = q[keep]
-    mask = seg[keep][:, None] == seg[None, :]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=attn.scaling)
-    y = y + attn.proj(out.transpose(0, 1).reshape(len(keep), -1))
-    return y + block.mlp(block.norm2(y))
 
 
 def stock_reference(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -331,9 +305,9 @@ def spread_order(columns: int, patches: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def padded_reference(side: torch.nn.Module, pixel_values: torch.Tensor, position_ids: torch.Tensor, config: IpcvConfig,
+def padded_reference(parts: PaddedParts, pixel_values: torch.Tensor, position_ids: torch.Tensor, config: IpcvConfig,
                      neighbors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> ReferenceResult:
-    """IPCV on a padded tower (Gemma 4: `models/gemma4.py`) through its stock modules, image by image
+    """IPCV on a padded tower (Gemma 4: `models/gemma4.py`) through its stock parts, image by image
     on the real patches only: no padding enters any block, the selection or the neighbour search.
 
     Image b of V real patches keeps K_b = max((V * rho_e4) // 10^4, 1) of them; NGR and AS run over
@@ -344,40 +318,32 @@ def padded_reference(side: torch.nn.Module, pixel_values: torch.Tensor, position
     an image's own K_b), distances [B, R, K + 1] (inf for padding and for the "none" column), and
     embeddings [B, P / k^2, hidden] (image b's S_b soft tokens, then zeros).
     """
-    tower, n = side.vision_tower, pixel_values.shape[1]
+    n = pixel_values.shape[1]
     slots = (n * config.retention_e4) // 10_000
     k_prime = min(config.neighbors, slots)
-    kernel = tower.config.pooling_kernel_size
     results = []
     for image in range(pixel_values.shape[0]):
         real = int(real_patches(position_ids[image]).sum())
         image_keep = None if keep is None else keep[image][keep[image] < real]
         image_neighbors = None if neighbors is None else neighbors[image]
-        results.append(_padded_image(side, pixel_values[image, :real], position_ids[image, :real], n, slots, k_prime,
+        results.append(_padded_image(parts, pixel_values[image, :real], position_ids[image, :real], n, slots, k_prime,
                                      config, image_keep, image_neighbors))
     keeps, neighbor_rows, distance_rows, hidden = zip(*results)
-    padding = ~real_patches(position_ids)
-    pooled, filled = tower.pooler(torch.stack(hidden), position_ids, padding, n // kernel ** 2)
-    if tower.config.standardize:
-        pooled = (pooled - tower.std_bias.float()) * tower.std_scale.float()
-    features = side.embed_vision(pooled.to(pixel_values.dtype))
-    embeddings = torch.where(filled.unsqueeze(-1), features, torch.zeros_like(features))
+    embeddings = parts.head(torch.stack(hidden), position_ids)
     return ReferenceResult(embeddings, torch.stack(keeps), torch.stack(neighbor_rows), torch.stack(distance_rows))
 
 
-def _padded_image(side: torch.nn.Module, pixels: torch.Tensor, positions: torch.Tensor, n: int, slots: int, k_prime: int,
+def _padded_image(parts: PaddedParts, pixels: torch.Tensor, positions: torch.Tensor, n: int, slots: int, k_prime: int,
                   config: IpcvConfig, keep: torch.Tensor | None,
                   neighbors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image of `padded_reference`: (keep [K], neighbors [R, k'], distances [R, K + 1], the
     rebuilt last block's output [P, D] with zero padding rows), given its V real patches."""
-    tower = side.vision_tower
     real = pixels.shape[0]
-    x = tower.patch_embedder(pixels[None], positions[None], torch.zeros(1, real, dtype=torch.bool))
-    layers = list(tower.encoder.layers)
+    x = parts.embed(pixels, positions)
+    layers = parts.blocks
 
     def block(index: int, states: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # stock layer, no padding
-        return layers[index](states, position_embeddings=tower.encoder.rotary_emb(states, positions[None, at]),
-                             attention_mask=None, position_ids=positions[None, at])
+        return layers[index](states, positions[at])
 
     everything = torch.arange(real)
     for index in range(config.prune_layer - 1):

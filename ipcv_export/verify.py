@@ -17,7 +17,7 @@ import torch
 
 from .config import IpcvConfig
 from .inputs import real_patches
-from .models.description import ModelDescription, TowerParts
+from .models.description import ModelDescription, PaddedParts, TowerParts
 from .reference import ReferenceResult, batched_reference, ipcv_reference, mixed_reference, padded_reference
 
 NEIGHBOR_RTOL = 1e-5
@@ -83,13 +83,13 @@ def check_mixed_parity(run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], 
     return _check(run(pixel_values), reference_of, tolerance, list(pixel_values.shape))
 
 
-def check_padded_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], side: torch.nn.Module,
+def check_padded_parity(run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], parts: PaddedParts,
                         config: IpcvConfig, pixel_values: torch.Tensor, position_ids: torch.Tensor,
                         tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityCheck:
     """The same checks for a padded tower: `run(pixel_values [B, P, w], image_position_ids [B, P, 2])`
     against `padded_reference`, image by image; the check's grid records each image's real patches
     and the padded length."""
-    reference_of = partial(padded_reference, side, pixel_values, position_ids, config)
+    reference_of = partial(padded_reference, parts, pixel_values, position_ids, config)
     real = real_patches(position_ids).sum(-1).tolist()
     return _check(run(pixel_values, position_ids), reference_of, tolerance, [real, pixel_values.shape[1]])
 

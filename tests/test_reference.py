@@ -11,7 +11,8 @@ import torch
 from conftest import grid_inputs
 from ipcv_export.config import IpcvConfig
 from ipcv_export.inputs import check_grid, position_ids, segment_ids
-from ipcv_export.reference import _stock_block, ipcv_reference
+from ipcv_export.models.qwen2_vl import run_block
+from ipcv_export.reference import ipcv_reference
 
 
 def authors_formulation(visual, pixels, grid_thw, config):
@@ -21,7 +22,7 @@ def authors_formulation(visual, pixels, grid_thw, config):
     cos, sin = visual.rotary_pos_emb(x, position_ids(grid, visual.spatial_merge_size))
     blocks = list(visual.blocks)
     for block in blocks[:config.prune_layer]:
-        previous, x = x, _stock_block(block, x, cos, sin, seg)
+        previous, x = x, run_block(block, x, cos, sin, seg)
     n = x.shape[0]
     k = max(1, n * config.retention_e4 // 10_000)
     score = (x - previous).float().pow(2).sum(-1)
@@ -40,9 +41,9 @@ def authors_formulation(visual, pixels, grid_thw, config):
     y = kept_then
     for index in range(config.prune_layer, len(blocks)):
         if index < config.prune_layer + config.as_depth:
-            y = _stock_block(blocks[index], rebuild(y), cos, sin, seg)[keep]  # queries for all rows
+            y = run_block(blocks[index], rebuild(y), cos, sin, seg)[keep]  # queries for all rows
         else:
-            y = _stock_block(blocks[index], y, cos[keep], sin[keep], seg[keep])
+            y = run_block(blocks[index], y, cos[keep], sin[keep], seg[keep])
     return visual.merger(rebuild(y))
 
 

@@ -138,7 +138,8 @@ class Padded(Layout):
     def check_call(self, run: Callable[..., tuple[torch.Tensor, ...]], encoder: LoadedEncoder, config: IpcvConfig,
                    call: Call, tolerance: Tolerance) -> ParityCheck:
         pixels, positions = call
-        return check_padded_parity(run, encoder.module, config, pixels, positions, tolerance)
+        return check_padded_parity(run, encoder.description.padded.parts(encoder.module), config, pixels, positions,
+                                   tolerance)
 
     def extreme_calls(self, inputs: dict) -> dict[str, dict[str, np.ndarray | Bounded]]:
         """The longest row with one square image, and the most images of it with positions only bounded."""

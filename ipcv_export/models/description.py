@@ -57,6 +57,19 @@ class TowerParts:
 
 
 @dataclass(frozen=True)
+class PaddedParts:
+    """A padded tower's stock parts, for the eager reference, on one image's V real patches:
+    embed(pixels [V, w], positions [V, 2]) -> [1, V, D]; the blocks ((states [1, M, D], their
+    positions [M, 2]) -> [1, M, D]); the head that follows them (padded last-block states
+    [B, P, D] and image_position_ids [B, P, 2] -> the features [B, P / k^2, hidden], zero rows
+    after each image's own)."""
+
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    blocks: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class ImageBatch:
     """Marks a tower that takes a batch of whole images [B, C, H, W] (CLIP, SigLIP, InternViT,
     DINOv2; ipcv.md, towers with a CLS token): positions are added at the embedding, attention
@@ -86,10 +99,12 @@ class PaddedPatches:
     grid_multiple: config -> each side of an image's patch grid is a multiple of it (a pooler
         that averages k x k cells needs k), and P a multiple of its square.
     position_table: config -> rows per axis of the learned position table: coordinates must be below it.
+    parts: stock module -> PaddedParts.
     """
 
     grid_multiple: Callable[[Any], int]
     position_table: Callable[[Any], int]
+    parts: Callable[[torch.nn.Module], PaddedParts]
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,10 @@ class ModelDescription:
     embed: (stock module, pixel_values, grid_thw) -> the reference's [N, D] token states before
         block 0, for a packed tower that adds more than its patch embedding (a learned position
         table resampled to each grid); None: the module's patch_embed.
+    run_block: (block, tokens, cos, sin, segment ids) -> the block's own forward, for the reference
+        of a packed tower (attention within each segment).
+    run_stabilized_block: (block, all N states z, kept states y, keep, cos, sin, segment ids) -> the
+        block as an AS block (keys and values from z, queries for the kept rows), for that reference.
     taps: stock module -> (block index, merger) of each block whose output also leaves the tower
         through its own merger (Qwen3-VL's DeepStack), in the stock order of its outputs; None: none.
     image_processor: vision config -> {"class": transformers image processor class, "kwargs": its
@@ -150,6 +169,8 @@ class ModelDescription:
     token_order: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     embed: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     taps: Callable[[torch.nn.Module], list[tuple[int, torch.nn.Module]]] | None = None
+    run_block: Callable[..., torch.Tensor] | None = None
+    run_stabilized_block: Callable[..., torch.Tensor] | None = None
     image_batch: ImageBatch | None = None
     padded: PaddedPatches | None = None
     whole_config: bool = False

@@ -21,14 +21,16 @@ a comparison with an arange (whose length follows from P: `F.one_hot` would pin 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
 import torch
 from transformers.models.gemma4 import Gemma4Config
 from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder, Gemma4VisionModel
 
-from ..inputs import div
+from ..inputs import div, real_patches
 from . import attention
 from .cost import TowerShape
-from .description import ModelDescription, PaddedPatches
+from .description import ModelDescription, PaddedParts, PaddedPatches
 
 
 class Gemma4VisionSide(torch.nn.Module):
@@ -138,6 +140,31 @@ def tower_shape(config: Gemma4Config) -> TowerShape:
                       head_macs=d * config.text_config.hidden_size, head_group=square, pooled=square)
 
 
+def reference_parts(side: Gemma4VisionSide) -> PaddedParts:
+    """The stock patch embedder, encoder layers (no padding, so no mask), pooler, standardisation
+    and embedder, as `reference.padded_reference` runs them."""
+    tower = side.vision_tower
+
+    def embed(pixels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return tower.patch_embedder(pixels[None], positions[None], torch.zeros(1, len(pixels), dtype=torch.bool))
+
+    def layer(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def run(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return module(states, position_embeddings=tower.encoder.rotary_emb(states, positions[None]),
+                          attention_mask=None, position_ids=positions[None])
+        return run
+
+    def head(hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        padding = ~real_patches(position_ids)
+        pooled, filled = tower.pooler(hidden, position_ids, padding, hidden.shape[1] // tower.config.pooling_kernel_size ** 2)
+        if tower.config.standardize:
+            pooled = (pooled - tower.std_bias.float()) * tower.std_scale.float()
+        features = side.embed_vision(pooled.to(hidden.dtype))
+        return torch.where(filled.unsqueeze(-1), features, torch.zeros_like(features))
+
+    return PaddedParts(embed, [layer(module) for module in tower.encoder.layers], head)
+
+
 GEMMA4 = ModelDescription(
     architecture="gemma4",
     model_types=("gemma4",),
@@ -150,6 +177,7 @@ GEMMA4 = ModelDescription(
     query_projection=(r"self_attn\.q_proj\.linear$", 0, 1),
     tower_shape=tower_shape,
     padded=PaddedPatches(grid_multiple=lambda config: config.vision_config.pooling_kernel_size,
-                         position_table=lambda config: config.vision_config.position_embedding_size),
+                         position_table=lambda config: config.vision_config.position_embedding_size,
+                         parts=reference_parts),
     whole_config=True,
 )

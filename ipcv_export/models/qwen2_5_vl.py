@@ -23,7 +23,7 @@ from ..tokens import run_bounds
 from . import attention, cost
 from .cost import TowerShape, merger_macs
 from .description import BlockAttention, ModelDescription, sdpa_builder
-from .qwen2_vl import image_processor
+from .qwen2_vl import image_processor, run_block, run_stabilized_block
 
 def window_side(config: Qwen2_5_VLVisionConfig) -> int:
     """Patches per side of a window (8 in the released models)."""
@@ -174,4 +174,6 @@ QWEN2_5_VL = ModelDescription(
     stock_flops=stock_flops,
     block_segments=block_segments,
     token_order=window_order,
+    run_block=run_block,
+    run_stabilized_block=run_stabilized_block,
 )

@@ -11,9 +11,11 @@ what the processor gives: pixel_values and image_grid_thw.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VisionTransformerPretrainedModel,
+                                                            apply_rotary_pos_emb_vision)
 
 from . import attention, cost
 from .cost import TowerShape, merger_macs
@@ -57,6 +59,34 @@ def stock_flops(config: Qwen2VLVisionConfig, grid_thw: torch.Tensor) -> int:
     return cost.slice_attention_stock_flops(tower_shape(config), grid_thw)
 
 
+def run_block(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              seg: torch.Tensor) -> torch.Tensor:
+    """A Qwen vision block's own forward on tokens x with their rotary (cos, sin) and segment ids. Its attention takes contiguous runs (cu_seqlens), so tokens are
+    grouped by segment first (a stable sort: the identity when segments are already runs) and
+    put back after; everything else in a block acts on each token alone."""
+    order = torch.sort(seg, stable=True).indices
+    counts = torch.unique_consecutive(seg[order], return_counts=True)[1]
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    out = block(x[order], cu_seqlens=cu, position_embeddings=(cos[order], sin[order]))
+    return torch.empty_like(out).index_copy_(0, order, out)
+
+
+def run_stabilized_block(block: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """A Qwen vision block as an AS block (ipcv.md, step 3): keys and values from all N rows of z,
+    queries and outputs for the kept rows y only."""
+    attn = block.attn
+    n, heads = z.shape[0], attn.num_heads
+    q, k, v = attn.qkv(block.norm1(z)).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q = q[keep]
+    mask = seg[keep][:, None] == seg[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=attn.scaling)
+    y = y + attn.proj(out.transpose(0, 1).reshape(len(keep), -1))
+    return y + block.mlp(block.norm2(y))
+
+
 QWEN2_VL = ModelDescription(
     architecture="qwen2_vl",
     model_types=("qwen2_vl",),
@@ -69,4 +99,6 @@ QWEN2_VL = ModelDescription(
     query_projection=(r"attn\.qkv$", 0, 3),
     tower_shape=tower_shape,
     stock_flops=stock_flops,
+    run_block=run_block,
+    run_stabilized_block=run_stabilized_block,
 )

@@ -31,6 +31,7 @@ from ..inputs import patch_grid_sides
 from . import attention, cost
 from .cost import TowerShape, merger_macs
 from .description import ModelDescription, sdpa_builder
+from .qwen2_vl import run_block, run_stabilized_block
 
 Qwen3Vision = Qwen3VLVisionModel | Qwen3_5VisionModel
 
@@ -120,6 +121,8 @@ QWEN3_5 = ModelDescription(
     tower_shape=tower_shape,
     stock_flops=stock_flops,
     embed=embed,
+    run_block=run_block,
+    run_stabilized_block=run_stabilized_block,
 )
 
 QWEN3_VL = dataclasses.replace(QWEN3_5, architecture="qwen3_vl", model_types=("qwen3_vl",),
