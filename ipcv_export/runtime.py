@@ -33,6 +33,16 @@ class EncoderFile(ABC):
         self.layout = layout
         self.expected = inputs
 
+    @property
+    def merge_size(self) -> int:
+        """The multiple the file's grid sides must be (the merger's side, or a batched tower's grid multiple)."""
+        return self.expected.merge_size
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest patches per call (per image of a batched or padded file) the file takes."""
+        return self.expected.min_tokens
+
     def __call__(self, pixel_values: torch.Tensor | np.ndarray, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """The merged embeddings [N / merge^2, hidden], as the stock module's forward returns them;
         for a batched tower (no grid_thw), its tokens [B, T, D]; for a padded tower (its
