@@ -15,15 +15,18 @@ from .layouts import layout_of
 from .models.encoder import LoadedEncoder
 
 
-def export_symbolic(module: torch.nn.Module, example: tuple, shapes: tuple) -> torch.export.ExportedProgram:
-    """torch.export with sizes treated as >= 2 (no 0/1 specialisation of derived sizes such as K)."""
+def export_symbolic(module: torch.nn.Module, encoder: LoadedEncoder, smallest: int = 1) -> torch.export.ExportedProgram:
+    """torch.export of `module`, which takes the encoder's inputs, on its layout's example with its
+    layout's dynamic sizes from `smallest` patches on, sizes treated as >= 2 (no 0/1
+    specialisation of derived sizes such as K)."""
+    layout = layout_of(encoder)
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, example, dynamic_shapes=shapes)
+        return torch.export.export(module, layout.example_inputs(encoder, smallest),
+                                   dynamic_shapes=layout.dynamic_shapes(encoder, smallest))
 
 
 def capture(encoder: LoadedEncoder) -> torch.export.ExportedProgram:
     """The stock encoder as an ExportedProgram: the processor's inputs -> its outputs."""
     module = encoder.description.exportable(encoder.module).eval()
-    layout = layout_of(encoder)
     with encoder.description.attention_context(encoder.module):
-        return export_symbolic(module, layout.example_inputs(encoder), layout.dynamic_shapes(encoder))
+        return export_symbolic(module, encoder)

@@ -84,7 +84,6 @@ def export_file(model: str | LoadedEncoder, target: Target | str | Path, method:
                                   compute, min_patches(config), diagnostics)
         if chosen:
             manifest["ipcv"]["chosen_for_budget"] = chosen
-        tolerance = _tolerance(target, "fp32")
         with outputs.staging(output.parent) as staging:
             staged = staging / output.name
             lowered = "onnx" if format == "engine" else format  # engines are built from the checked ONNX file
@@ -95,13 +94,13 @@ def export_file(model: str | LoadedEncoder, target: Target | str | Path, method:
                 with _stage("check", timings, report):
                     check(lowered_path, manifest, profile, report, verbose)
             manifest["verification"] = _verify_stage(lowered_path, lowered, manifest, encoder, config, target,
-                                                     tolerance, timings, report, verbose)
+                                                     timings, report, verbose)
             if not diagnostics:  # an .onnx file (or the one kept for a missing TensorRT), after the gate
                 keep_outputs(lowered_path, feature_names(len(encoder.tap_blocks)))
             if format == "engine":
                 _build_engine(lowered_path, staged, output, manifest, profile, target, timings, report)
                 manifest["verification"] = _verify_stage(staged, "engine", manifest, encoder, config, target,
-                                                         _tolerance(target, target.precision), timings, report, verbose)
+                                                         timings, report, verbose)
             with _stage("write", timings, report):
                 manifest["timings_s"] = timings
                 outputs.write_manifest(staged, manifest)
@@ -194,21 +193,19 @@ def _resolve(encoder: LoadedEncoder, method: Method, target: Target,
 
 
 def _verify_stage(path: Path, runtime: str, manifest: dict, encoder: LoadedEncoder, config: IpcvConfig,
-                  target: Target, tolerance: Tolerance, timings: dict[str, float], report: Callable[[str], None],
-                  verbose: bool) -> dict:
-    """`verify` as a timed stage, or the record of its skipping (--skip-verify)."""
+                  target: Target, timings: dict[str, float], report: Callable[[str], None], verbose: bool) -> dict:
+    """`verify` as a timed stage at the file's precision (an engine's is the target's, every other
+    file's fp32), or the record of its skipping (--skip-verify)."""
     if not target.verify:
         report("verify: SKIPPED (--skip-verify): this file was NOT checked against the reference")
         return {"verified": False, "skipped_by_user": True}
     precision = "fp32" if runtime != "engine" else target.precision
+    tolerance = TOLERANCES[precision]
+    if target.atol is not None:
+        tolerance = dataclasses.replace(tolerance, atol=target.atol)
     with _stage("verify", timings, report, f"({runtime}, {precision})"):
         return verify(path, runtime, manifest, encoder, config, precision=precision, tolerance=tolerance, report=report,
                       verbose=verbose)
-
-
-def _tolerance(target: Target, precision: str) -> Tolerance:
-    """The precision's tolerance (TOLERANCES), its absolute part replaced by `target.atol` where given."""
-    return TOLERANCES[precision] if target.atol is None else dataclasses.replace(TOLERANCES[precision], atol=target.atol)
 
 
 def _build_engine(onnx_path: Path, staged: Path, output: Path, manifest: dict, profile: ShapeProfile, target: Target,

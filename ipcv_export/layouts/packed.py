@@ -40,10 +40,11 @@ class Packed(Layout):
         return TowerGeometry(c.depth, getattr(c, "spatial_merge_size", 1), c.patch_size, c.in_channels,
                              c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size)
 
-    def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1, grid_thw: torch.Tensor = EXAMPLE_GRID) -> Call:
+    def example_inputs(self, encoder: LoadedEncoder, smallest: int = 1) -> Call:
+        """The grid EXAMPLE_GRID, whatever `smallest`."""
         generator = torch.Generator().manual_seed(0)
-        patches = int(grid_thw.prod(1).sum())
-        return torch.randn(patches, encoder.input_width, generator=generator), grid_thw.to(torch.int64)
+        patches = int(EXAMPLE_GRID.prod(1).sum())
+        return torch.randn(patches, encoder.input_width, generator=generator), EXAMPLE_GRID.clone()
 
     def dynamic_shapes(self, encoder: LoadedEncoder, smallest: int = 1) -> tuple[dict, ...]:
         """N = merge^2 * groups rows of pixel_values, groups in [ceil(smallest / merge^2),

@@ -12,7 +12,6 @@ import torch
 
 from ..capture import export_symbolic
 from ..contract import output_names
-from ..layouts import layout_of
 from ..mixed_resolution import ExportableMixedResolution, min_grid_side
 from ..models import attention
 from ..tokens import min_side
@@ -43,11 +42,11 @@ class Mixed(Strategy):
                  config: IpcvConfig) -> torch.export.ExportedProgram:
         """No pass runs: the tokens change before the first block, so the tower is captured again
         from its stock parts with them (`mixed_resolution.ExportableMixedResolution`)."""
-        batch, layout, smallest = encoder.description.image_batch, layout_of(encoder), self.min_patches(config)
+        batch = encoder.description.image_batch
         module = ExportableMixedResolution(encoder.module, batch.parts, batch.special_tokens, config.retention_e4,
                                            config.mixed_cell).eval()
         with attention.batched_whole_queries(encoder.module):
-            return export_symbolic(module, layout.example_inputs(encoder, smallest), layout.dynamic_shapes(encoder, smallest))
+            return export_symbolic(module, encoder, self.min_patches(config))
 
     def describe(self, config: IpcvConfig) -> str:
         return (f"rho={config.retention}, selection=mixed (mixed-resolution tokens, "

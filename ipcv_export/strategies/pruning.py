@@ -12,7 +12,6 @@ import torch
 
 from .. import tokens
 from ..capture import export_symbolic
-from ..layouts import layout_of
 from ..passes import RemoveNoOpCastsPass, _graph, ipcv_passes, run_passes
 from .base import Strategy
 
@@ -37,8 +36,7 @@ class Pruning(Strategy):
             gm = run_passes(gm, [RemoveNoOpCastsPass(), *passes])
         batched = encoder.description.layout == "images"
         expose_selection(gm, config.neighbors, encoder.special_tokens, encoder.patch_size if batched else None)
-        layout, smallest = layout_of(encoder), self.min_patches(config)
-        return export_symbolic(gm, layout.example_inputs(encoder, smallest), layout.dynamic_shapes(encoder, smallest))
+        return export_symbolic(gm, encoder, self.min_patches(config))
 
     def describe(self, config: IpcvConfig) -> str:
         return (f"rho={config.retention}, l_p={config.prune_layer}, Delta={config.as_depth}, k={config.neighbors}, "
